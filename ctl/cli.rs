@@ -1,0 +1,136 @@
+//! The command line of capitctl (design.md, "capitctl").
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Debug, Parser)]
+#[command(name = "capitctl", version, about = "Control capitd: master keys, grants, prices and usage")]
+pub struct Cli {
+    /// The daemon's control socket (default: $CAPIT_SOCKET, else from $CAPIT_HOME or the platform default).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
+    /// Print one JSON document on stdout instead of a table or sentence.
+    #[arg(long, global = true)]
+    pub json: bool,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Master provider keys: the key is read from a no-echo prompt, or stdin when piped.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Upstream providers and their base URLs.
+    #[command(subcommand)]
+    Provider(ProviderCommand),
+    /// Model prices, USD per million tokens.
+    #[command(subcommand)]
+    Price(PriceCommand),
+    /// Give an agent a capped key: `capitctl grant claude 5.00`.
+    Grant(GrantArgs),
+    /// List grants with their spend.
+    Ls {
+        /// Include revoked grants.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Spend and tokens, in all or for one grant.
+    Usage(UsageArgs),
+    /// Kill a grant's key at once.
+    Revoke { grant: String },
+    /// Daemon version, uptime, addresses and counts.
+    Status,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeyCommand {
+    /// Store the master key of a provider.
+    Add { provider: String },
+    /// List stored keys (fingerprints only).
+    Ls,
+    /// Forget a provider's master key.
+    Rm { provider: String },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ProviderCommand {
+    Ls,
+    /// Change a provider's base URL or zero pricing.
+    Set {
+        name: String,
+        #[arg(long)]
+        base_url: Option<String>,
+        /// Price every request of this provider at zero (a local server).
+        #[arg(long)]
+        price_zero: Option<bool>,
+    },
+    /// Add a named OpenAI-compatible server (vLLM, Ollama, LM Studio, a gateway).
+    Add {
+        name: String,
+        #[arg(long, default_value = "openai-compatible")]
+        kind: String,
+        #[arg(long)]
+        base_url: String,
+        #[arg(long)]
+        price_zero: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PriceCommand {
+    Ls,
+    /// Override a model's prices (USD per million tokens).
+    Set {
+        model: String,
+        #[arg(long)]
+        input: String,
+        #[arg(long)]
+        output: String,
+        #[arg(long)]
+        cached_input: Option<String>,
+        /// Price of a cache write (the 5-minute one where a provider has two).
+        #[arg(long)]
+        cache_write: Option<String>,
+        #[arg(long)]
+        cache_write_1h: Option<String>,
+        #[arg(long)]
+        max_output_tokens: Option<u64>,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct GrantArgs {
+    /// The agent (claude, codex, ...) or any name for a script.
+    pub agent: String,
+    /// The spend cap in US dollars, e.g. 5.00.
+    pub amount: String,
+    #[arg(long)]
+    pub provider: Option<String>,
+    #[arg(long, default_value = "month")]
+    pub period: String,
+    /// When the key stops working: 7d, 12h, 2026-12-31 (through that day), or an RFC 3339 time.
+    #[arg(long)]
+    pub expires: Option<String>,
+    /// Allowed models, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Vec<String>,
+    /// Why this grant exists (kept with it).
+    #[arg(long, default_value = "")]
+    pub note: String,
+    /// Print the key and base URL instead of installing them into the agent's configuration.
+    #[arg(long)]
+    pub no_install: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct UsageArgs {
+    pub grant: Option<String>,
+    /// Only requests since: 7d (ago), 2026-11-01, or an RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Break the table down by model or by day.
+    #[arg(long, value_parser = ["model", "day"])]
+    pub by: Option<String>,
+}

@@ -1,0 +1,407 @@
+//! The commands: each turns its arguments into one or two RPCs and prints the answer.
+
+use std::io::{IsTerminal, Read};
+use std::path::PathBuf;
+
+use anyhow::{Context, anyhow, bail};
+use serde_json::{Value, json};
+use tonic::transport::{Channel, Endpoint};
+
+use capit::proto::v1 as pb;
+use capit::proto::v1::control_client::ControlClient;
+
+use crate::cli::{Cli, Command, GrantArgs, KeyCommand, PriceCommand, ProviderCommand, UsageArgs};
+use crate::output::{self, dollars, time_human, time_json};
+use crate::when;
+
+type Client = ControlClient<Channel>;
+
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let socket = socket_path(cli.socket)?;
+    let mut client = connect(&socket).await?;
+    let json = cli.json;
+    match cli.command {
+        Command::Key(cmd) => key(&mut client, cmd, json).await,
+        Command::Provider(cmd) => provider(&mut client, cmd, json).await,
+        Command::Price(cmd) => price(&mut client, cmd, json).await,
+        Command::Grant(args) => grant(&mut client, args, json).await,
+        Command::Ls { all } => list(&mut client, all, json).await,
+        Command::Usage(args) => usage(&mut client, args, json).await,
+        Command::Revoke { grant } => revoke(&mut client, &grant, json).await,
+        Command::Status => status(&mut client, json).await,
+    }
+}
+
+fn socket_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+    let env = capit::paths::PathEnv::from_process();
+    flag.or_else(|| env.socket_path()).context("cannot find the control socket: set CAPIT_SOCKET, CAPIT_HOME or HOME")
+}
+
+async fn connect(socket: &std::path::Path) -> anyhow::Result<Client> {
+    if !socket.exists() {
+        bail!("capitd is not running (no control socket at {}); start it with: capitd", socket.display());
+    }
+    let uri = format!("unix://{}", socket.display());
+    let channel = Endpoint::from_shared(uri)
+        .context("invalid socket path")?
+        .connect()
+        .await
+        .map_err(|e| anyhow!("cannot connect to capitd at {}: {e}", socket.display()))?;
+    Ok(ControlClient::new(channel))
+}
+
+/// Turns a gRPC status into the daemon's own message.
+fn rpc(status: tonic::Status) -> anyhow::Error {
+    let message = status.message();
+    if message.is_empty() { anyhow!("capitd: {:?}", status.code()) } else { anyhow!("{message}") }
+}
+
+/// Reads a secret: from a no-echo prompt on a terminal, else all of stdin. Never from argv.
+fn read_secret(prompt: &str) -> anyhow::Result<String> {
+    let text = if std::io::stdin().is_terminal() {
+        rpassword::prompt_password(prompt).context("reading the key")?
+    } else {
+        let mut text = String::new();
+        std::io::stdin().read_to_string(&mut text).context("reading the key from stdin")?;
+        text
+    };
+    let text = text.trim().to_string();
+    if text.is_empty() {
+        bail!("no key was given (type it at the prompt, or pipe it on stdin)");
+    }
+    Ok(text)
+}
+
+async fn key(client: &mut Client, cmd: KeyCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        KeyCommand::Add { provider } => {
+            let secret = read_secret(&format!("Master key for {provider} (input hidden): "))?;
+            let info = client.add_key(pb::AddKeyRequest { provider, secret }).await.map_err(rpc)?.into_inner().key.unwrap_or_default();
+            if json {
+                output::json(&json!({"provider": info.provider, "fingerprint": info.fingerprint, "added_at": time_json(info.added_at)}));
+            } else {
+                println!("stored the {} key {}", info.provider, info.fingerprint);
+            }
+        }
+        KeyCommand::Ls => {
+            let keys = client.list_keys(pb::ListKeysRequest {}).await.map_err(rpc)?.into_inner().keys;
+            if json {
+                output::json(&Value::Array(
+                    keys.iter().map(|k| json!({"provider": k.provider, "fingerprint": k.fingerprint, "added_at": time_json(k.added_at)})).collect(),
+                ));
+            } else if keys.is_empty() {
+                println!("no master keys stored; add one with: capitctl key add <provider>");
+            } else {
+                let mut rows = vec![vec!["PROVIDER".into(), "KEY".into(), "ADDED".into()]];
+                rows.extend(keys.iter().map(|k| vec![k.provider.clone(), k.fingerprint.clone(), time_human(k.added_at)]));
+                output::table(&rows);
+            }
+        }
+        KeyCommand::Rm { provider } => {
+            client.remove_key(pb::RemoveKeyRequest { provider: provider.clone() }).await.map_err(rpc)?;
+            if json {
+                output::json(&json!({"provider": provider, "removed": true}));
+            } else {
+                println!("removed the {provider} key");
+            }
+        }
+    }
+    Ok(())
+}
+
+fn provider_json(p: &pb::Provider) -> Value {
+    json!({"name": p.name, "kind": p.kind, "base_url": p.base_url, "price_zero": p.price_zero, "has_key": p.has_key})
+}
+
+async fn provider(client: &mut Client, cmd: ProviderCommand, json: bool) -> anyhow::Result<()> {
+    let changed = match cmd {
+        ProviderCommand::Ls => {
+            let providers = client.list_providers(pb::ListProvidersRequest {}).await.map_err(rpc)?.into_inner().providers;
+            if json {
+                output::json(&Value::Array(providers.iter().map(provider_json).collect()));
+            } else {
+                let mut rows = vec![vec!["NAME".into(), "KIND".into(), "BASE URL".into(), "KEY".into()]];
+                for p in &providers {
+                    let key = if p.price_zero { "priced at zero" } else if p.has_key { "stored" } else { "missing" };
+                    rows.push(vec![p.name.clone(), p.kind.clone(), p.base_url.clone(), key.into()]);
+                }
+                output::table(&rows);
+            }
+            return Ok(());
+        }
+        ProviderCommand::Set { name, base_url, price_zero } => {
+            if base_url.is_none() && price_zero.is_none() {
+                bail!("nothing to change; give --base-url or --price-zero");
+            }
+            client.set_provider(pb::SetProviderRequest { name, base_url, price_zero }).await.map_err(rpc)?.into_inner().provider
+        }
+        ProviderCommand::Add { name, kind, base_url, price_zero } => {
+            client.add_provider(pb::AddProviderRequest { name, kind, base_url, price_zero }).await.map_err(rpc)?.into_inner().provider
+        }
+    };
+    let p = changed.unwrap_or_default();
+    if json {
+        output::json(&provider_json(&p));
+    } else {
+        println!("provider {} ({}) at {}", p.name, p.kind, p.base_url);
+    }
+    Ok(())
+}
+
+fn price_json(p: &pb::Price) -> Value {
+    let opt = |s: &str| if s.is_empty() { Value::Null } else { Value::String(s.to_string()) };
+    json!({
+        "model": p.model, "input": p.input, "cached_input": opt(&p.cached_input),
+        "cache_write_5m": opt(&p.cache_write_5m), "cache_write_1h": opt(&p.cache_write_1h), "output": p.output,
+        "max_output_tokens": if p.max_output_tokens > 0 { json!(p.max_output_tokens) } else { Value::Null },
+        "long_context_threshold": if p.long_context_threshold > 0 { json!(p.long_context_threshold) } else { Value::Null },
+        "long_input": opt(&p.long_input), "long_output": opt(&p.long_output),
+        "source": p.source, "checked": opt(&p.checked),
+    })
+}
+
+async fn price(client: &mut Client, cmd: PriceCommand, json: bool) -> anyhow::Result<()> {
+    match cmd {
+        PriceCommand::Ls => {
+            let prices = client.list_prices(pb::ListPricesRequest {}).await.map_err(rpc)?.into_inner().prices;
+            if json {
+                output::json(&Value::Array(prices.iter().map(price_json).collect()));
+            } else {
+                let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
+                let mut rows = vec![["MODEL", "INPUT", "CACHED", "CACHE WRITE", "OUTPUT", "SOURCE", "CHECKED"].map(String::from).to_vec()];
+                for p in &prices {
+                    rows.push(vec![p.model.clone(), p.input.clone(), dash(&p.cached_input), dash(&p.cache_write_5m), p.output.clone(), p.source.clone(), dash(&p.checked)]);
+                }
+                output::table(&rows);
+                println!("(USD per million tokens)");
+            }
+        }
+        PriceCommand::Set { model, input, output: out, cached_input, cache_write, cache_write_1h, max_output_tokens } => {
+            let price = pb::Price {
+                model,
+                input,
+                output: out,
+                cached_input: cached_input.unwrap_or_default(),
+                cache_write_5m: cache_write.unwrap_or_default(),
+                cache_write_1h: cache_write_1h.unwrap_or_default(),
+                max_output_tokens: max_output_tokens.unwrap_or(0),
+                ..Default::default()
+            };
+            let p = client.set_price(pb::SetPriceRequest { price: Some(price) }).await.map_err(rpc)?.into_inner().price.unwrap_or_default();
+            if json {
+                output::json(&price_json(&p));
+            } else {
+                println!("{}: input ${} and output ${} per million tokens", p.model, p.input, p.output);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The provider an agent speaks by default; unknown agents get OpenAI's API, the most common.
+fn default_provider(agent: &str) -> &'static str {
+    match agent {
+        "claude" | "claude-code" | "opencode" | "openclaw" | "goose" | "continue" | "aider" => "anthropic",
+        "gemini" | "gemini-cli" => "gemini",
+        _ => "openai",
+    }
+}
+
+/// The environment lines that point an SDK of `kind` at the proxy.
+fn export_lines(kind: &str, base_url: &str, key: &str) -> Vec<String> {
+    let (url_var, key_var) = match kind {
+        "anthropic" => ("ANTHROPIC_BASE_URL", "ANTHROPIC_API_KEY"),
+        "gemini" => ("GOOGLE_GEMINI_BASE_URL", "GEMINI_API_KEY"),
+        _ => ("OPENAI_BASE_URL", "OPENAI_API_KEY"),
+    };
+    vec![format!("export {url_var}={base_url}"), format!("export {key_var}={key}")]
+}
+
+fn local_user() -> String {
+    std::env::var("USER")
+        .or_else(|_| std::env::var("LOGNAME"))
+        .unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }))
+}
+
+async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Result<()> {
+    let provider = args.provider.clone().unwrap_or_else(|| default_provider(&args.agent).to_string());
+    let now = chrono::Utc::now().timestamp();
+    let expires_at = match &args.expires {
+        Some(text) => when::parse_expiry(text, now)?,
+        None => 0,
+    };
+    let providers = client.list_providers(pb::ListProvidersRequest {}).await.map_err(rpc)?.into_inner().providers;
+    let Some(info) = providers.iter().find(|p| p.name == provider) else {
+        let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
+        bail!("unknown provider {provider:?}; known: {}", names.join(", "));
+    };
+    if !info.has_key && !info.price_zero {
+        // A first-time user needs one command: ask for the master key on the spot.
+        let secret = read_secret(&format!("No {provider} key is stored yet. Master key for {provider} (input hidden): "))
+            .with_context(|| format!("no master key is stored for {provider}; add one with: capitctl key add {provider}"))?;
+        client.add_key(pb::AddKeyRequest { provider: provider.clone(), secret }).await.map_err(rpc)?;
+    }
+    let request = pb::CreateGrantRequest {
+        name: args.agent.clone(),
+        provider: provider.clone(),
+        cap: args.amount.clone(),
+        period: args.period.clone(),
+        expires_at,
+        models: args.models.clone(),
+        note: args.note.clone(),
+        created_by: local_user(),
+    };
+    let created = client.create_grant(request).await.map_err(rpc)?.into_inner();
+    let g = created.grant.unwrap_or_default();
+    let exports = export_lines(&info.kind, &created.base_url, &created.key);
+    if json {
+        output::json(&json!({
+            "name": g.name, "provider": g.provider, "key": created.key, "base_url": created.base_url,
+            "cap": g.cap, "period": g.period, "expires_at": time_json(g.expires_at),
+            "models": g.models, "state": g.state, "created_by": g.created_by, "note": g.note,
+            "resets_at": time_json(g.resets_at), "exports": exports,
+        }));
+        return Ok(());
+    }
+    let per = if g.period == "total" { " in total".to_string() } else { format!("/{}", g.period) };
+    println!("${}{per} {} grant \"{}\" created; its key is shown only now:", g.cap, g.provider, g.name);
+    println!();
+    println!("  key:      {}", created.key);
+    println!("  base URL: {}", created.base_url);
+    println!();
+    for line in exports {
+        println!("{line}");
+    }
+    Ok(())
+}
+
+fn grant_json(g: &pb::Grant) -> Value {
+    json!({
+        "name": g.name, "provider": g.provider, "cap": g.cap, "spent": g.spent, "period": g.period,
+        "expires_at": time_json(g.expires_at), "state": g.state, "resets_at": time_json(g.resets_at),
+        "models": g.models, "created_at": time_json(g.created_at), "created_by": g.created_by, "note": g.note,
+        "revoked_at": time_json(g.revoked_at),
+    })
+}
+
+async fn list(client: &mut Client, all: bool, json: bool) -> anyhow::Result<()> {
+    let grants = client.list_grants(pb::ListGrantsRequest { include_revoked: all }).await.map_err(rpc)?.into_inner().grants;
+    if json {
+        output::json(&Value::Array(grants.iter().map(grant_json).collect()));
+        return Ok(());
+    }
+    if grants.is_empty() {
+        println!("no grants; make one with: capitctl grant <agent> <amount>");
+        return Ok(());
+    }
+    let mut rows = vec![["NAME", "PROVIDER", "SPENT / CAP", "PERIOD", "RESETS", "EXPIRES", "STATE", "BY", "NOTE"].map(String::from).to_vec()];
+    for g in &grants {
+        rows.push(vec![
+            g.name.clone(),
+            g.provider.clone(),
+            format!("{} / {}", dollars(&g.spent), dollars(&g.cap)),
+            g.period.clone(),
+            time_human(g.resets_at),
+            time_human(g.expires_at),
+            g.state.clone(),
+            g.created_by.clone(),
+            g.note.clone(),
+        ]);
+    }
+    output::table(&rows);
+    Ok(())
+}
+
+fn row_json(r: &pb::UsageRow) -> Value {
+    json!({
+        "key": r.key, "spent": r.spent, "requests": r.requests, "input_tokens": r.input_tokens,
+        "cached_input_tokens": r.cached_input_tokens, "cache_write_tokens": r.cache_write_tokens,
+        "output_tokens": r.output_tokens, "reasoning_tokens": r.reasoning_tokens,
+        "estimated": r.estimated, "errors": r.errors,
+    })
+}
+
+async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Result<()> {
+    let now = chrono::Utc::now().timestamp();
+    let since = match &args.since {
+        Some(text) => when::parse_since(text, now)?,
+        None => 0,
+    };
+    let grant = args.grant.clone().unwrap_or_default();
+    let u = client.get_usage(pb::GetUsageRequest { grant: grant.clone(), since }).await.map_err(rpc)?.into_inner();
+    let total = u.total.clone().unwrap_or_default();
+    let named = |rows: &[pb::UsageRow], key: &str| -> Vec<Value> {
+        rows.iter().map(|r| { let mut v = row_json(r); v[key] = Value::String(r.key.clone()); v }).collect()
+    };
+    if json {
+        let mut doc = json!({
+            "grant": if grant.is_empty() { Value::Null } else { Value::String(grant.clone()) },
+            "spent": total.spent, "requests": total.requests, "input_tokens": total.input_tokens,
+            "cached_input_tokens": total.cached_input_tokens, "cache_write_tokens": total.cache_write_tokens,
+            "output_tokens": total.output_tokens, "reasoning_tokens": total.reasoning_tokens,
+            "estimated": total.estimated, "errors": total.errors,
+            "by_model": named(&u.by_model, "model"), "by_day": named(&u.by_day, "day"),
+            "since": time_json(since),
+        });
+        if grant.is_empty() {
+            doc["by_grant"] = Value::Array(named(&u.by_grant, "grant"));
+        } else {
+            doc["period_spent"] = json!(u.period_spent);
+            doc["cap"] = json!(u.cap);
+            doc["period"] = json!(u.period);
+            doc["created_by"] = json!(u.created_by);
+            doc["note"] = json!(u.note);
+        }
+        output::json(&doc);
+        return Ok(());
+    }
+    if grant.is_empty() {
+        println!("all grants: {} in {} requests", dollars(&total.spent), total.requests);
+    } else {
+        println!("grant \"{grant}\": {} in {} requests; {} of {} this {} (by {}{})", dollars(&total.spent), total.requests,
+            dollars(&u.period_spent), dollars(&u.cap), u.period, u.created_by,
+            if u.note.is_empty() { String::new() } else { format!(": {}", u.note) });
+    }
+    let (label, rows) = match args.by.as_deref() {
+        Some("day") => ("DAY", &u.by_day),
+        Some(_) => ("MODEL", &u.by_model),
+        None if grant.is_empty() => ("GRANT", &u.by_grant),
+        None => ("MODEL", &u.by_model),
+    };
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let mut table = vec![[label, "SPENT", "REQUESTS", "INPUT", "CACHED", "OUTPUT", "REASONING", "ESTIMATED"].map(String::from).to_vec()];
+    for r in rows {
+        table.push(vec![r.key.clone(), dollars(&r.spent), r.requests.to_string(), r.input_tokens.to_string(), r.cached_input_tokens.to_string(), r.output_tokens.to_string(), r.reasoning_tokens.to_string(), r.estimated.to_string()]);
+    }
+    println!();
+    output::table(&table);
+    Ok(())
+}
+
+async fn revoke(client: &mut Client, name: &str, json: bool) -> anyhow::Result<()> {
+    let g = client.revoke_grant(pb::RevokeGrantRequest { name: name.to_string() }).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
+    if json {
+        output::json(&grant_json(&g));
+    } else {
+        println!("revoked grant \"{}\"; its key no longer works (it had spent {})", g.name, dollars(&g.spent));
+    }
+    Ok(())
+}
+
+async fn status(client: &mut Client, json: bool) -> anyhow::Result<()> {
+    let s = client.get_status(pb::GetStatusRequest {}).await.map_err(rpc)?.into_inner();
+    if json {
+        output::json(&json!({
+            "version": s.version, "uptime_seconds": s.uptime_seconds, "listen_addr": s.listen_addr, "home": s.home,
+            "grants_active": s.grants_active, "grants_total": s.grants_total, "keys": s.keys,
+            "providers": s.providers, "ledger_entries": s.ledger_entries,
+        }));
+    } else {
+        println!("capitd {} up {} s, proxy on http://{}", s.version, s.uptime_seconds, s.listen_addr);
+        println!("home {}", s.home);
+        println!("{} active grants ({} in all), {} master keys, {} providers, {} ledger entries", s.grants_active, s.grants_total, s.keys, s.providers, s.ledger_entries);
+    }
+    Ok(())
+}

@@ -1,0 +1,131 @@
+//! Wires the daemon together: directories, store, state, the proxy on TCP and the control
+//! service on a Unix socket, and an orderly stop.
+//!
+//! Shutdown order: stop accepting; let open proxy requests finish (bounded by the grace
+//! period) and their settlements reach the ledger; stop the control service; flush and close
+//! the store; remove the socket.
+
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use tokio::net::{TcpListener, UnixListener};
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::UnixListenerStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Config;
+use crate::control::{ControlServer, ControlService};
+use crate::state::State;
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("binding the proxy on {addr}: {source}")]
+    Listen { addr: std::net::SocketAddr, source: std::io::Error },
+    #[error("another capitd is already serving the socket {0}")]
+    SocketInUse(PathBuf),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    State(#[from] crate::state::StateError),
+    #[error("control service: {0}")]
+    Control(#[from] tonic::transport::Error),
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AppError + '_ {
+    move |source| AppError::Io { path: path.to_path_buf(), source }
+}
+
+/// Runs the daemon until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    private_dir(&config.home)?;
+    let (store, snapshot) = Store::open(&config.home.join("capit.redb"))?;
+    let state = Arc::new(State::new(store.clone(), snapshot, config.home.clone())?);
+
+    let proxy_listener = TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;
+    let proxy_addr = proxy_listener.local_addr().map_err(io(&config.home))?;
+    state.set_listen_addr(proxy_addr);
+    let control_listener = bind_socket(&config.socket).await?;
+    tracing::info!(proxy = %proxy_addr, control = %config.socket.display(), home = %config.home.display(), "capitd {} listening", env!("CARGO_PKG_VERSION"));
+
+    let stop = CancellationToken::new();
+    let proxy = tokio::spawn(crate::proxy::serve(proxy_listener, state.clone(), config.proxy.clone(), stop.clone()));
+    let control = tokio::spawn(serve_control(control_listener, state.clone(), stop.clone()));
+
+    shutdown.await;
+    stop.cancel();
+    match proxy.await {
+        Ok(Err(e)) => tracing::error!(error = %e, "proxy stopped with an error"),
+        Err(e) => tracing::error!(error = %e, "proxy task failed"),
+        Ok(Ok(())) => {}
+    }
+    let control_result = control.await;
+    drop(state);
+    store.close();
+    if let Err(e) = std::fs::remove_file(&config.socket) {
+        tracing::warn!(error = %e, "removing the control socket failed");
+    }
+    tracing::info!("capitd stopped");
+    match control_result {
+        Ok(result) => result,
+        Err(e) => {
+            tracing::error!(error = %e, "control task failed");
+            Ok(())
+        }
+    }
+}
+
+/// Creates `dir` (and parents) and makes it 0700.
+fn private_dir(dir: &Path) -> Result<(), AppError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
+    let mode = std::fs::metadata(dir).map_err(io(dir))?.permissions().mode() & 0o777;
+    if mode != 0o700 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
+/// Binds the control socket 0600 in a 0700 directory, replacing a stale socket file but never
+/// a live daemon's.
+async fn bind_socket(path: &Path) -> Result<UnixListener, AppError> {
+    if let Some(dir) = path.parent() {
+        private_dir(dir)?;
+    }
+    if path.exists() {
+        if tokio::net::UnixStream::connect(path).await.is_ok() {
+            return Err(AppError::SocketInUse(path.to_path_buf()));
+        }
+        std::fs::remove_file(path).map_err(io(path))?;
+    }
+    let listener = UnixListener::bind(path).map_err(io(path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io(path))?;
+    Ok(listener)
+}
+
+async fn serve_control(listener: UnixListener, state: Arc<State>, stop: CancellationToken) -> Result<(), AppError> {
+    // SAFETY: getuid has no preconditions and cannot fail.
+    let my_uid = unsafe { libc::getuid() };
+    let incoming = UnixListenerStream::new(listener).filter_map(move |conn| match conn {
+        Ok(stream) => match stream.peer_cred() {
+            Ok(cred) if cred.uid() == my_uid => Some(Ok(stream)),
+            Ok(cred) => {
+                tracing::warn!(uid = cred.uid(), "refused a control connection from another user");
+                None
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "refused a control connection whose peer is unknown");
+                None
+            }
+        },
+        Err(e) => Some(Err(e)),
+    });
+    tonic::transport::Server::builder()
+        .add_service(ControlServer::new(ControlService::new(state)))
+        .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,84 @@
+//! The daemon's validated configuration: flags over environment over defaults, checked once at
+//! start so that a bad value stops the daemon with a message naming it.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::paths::PathEnv;
+use crate::proxy::{BodyLimits, ProxyConfig};
+
+/// The raw command line of `capitd`.
+#[derive(Debug, clap::Parser)]
+#[command(name = "capitd", version, about = "capit daemon: holds master keys and proxies agents' LLM traffic with per-grant caps")]
+pub struct Cli {
+    /// Address of the proxy; loopback only. Port 0 picks a free port.
+    #[arg(long, env = "CAPIT_LISTEN", default_value = "127.0.0.1:8787")]
+    pub listen: String,
+    /// Data directory (database, and the socket unless --socket); default per platform.
+    #[arg(long, env = "CAPIT_HOME")]
+    pub home: Option<PathBuf>,
+    /// Control socket path.
+    #[arg(long, env = "CAPIT_SOCKET")]
+    pub socket: Option<PathBuf>,
+    /// Seconds to wait for an upstream's response headers, and the longest silence mid-reply.
+    #[arg(long, default_value_t = 600)]
+    pub upstream_timeout: u64,
+    /// Seconds to keep reading a reply whose client went away, to capture its usage.
+    #[arg(long, default_value_t = 120)]
+    pub drain_timeout: u64,
+    /// Largest request body accepted, in MiB.
+    #[arg(long, default_value_t = 32)]
+    pub max_body_mib: usize,
+    /// Seconds open requests get to finish at shutdown.
+    #[arg(long, default_value_t = 30)]
+    pub grace: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub home: PathBuf,
+    pub socket: PathBuf,
+    pub listen: SocketAddr,
+    pub proxy: ProxyConfig,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("--listen {0:?} is not an address such as 127.0.0.1:8787")]
+    BadListen(String),
+    #[error("{0}")]
+    NotLoopback(String),
+    #[error("no data directory: set CAPIT_HOME or HOME, or pass --home")]
+    NoHome,
+    #[error("{name} must be between {min} and {max}")]
+    OutOfRange { name: &'static str, min: u64, max: u64 },
+}
+
+impl Config {
+    pub fn load(cli: Cli, env: PathEnv) -> Result<Config, ConfigError> {
+        let listen: SocketAddr = cli.listen.trim().parse().map_err(|_| ConfigError::BadListen(cli.listen.clone()))?;
+        crate::proxy::check_listen_addr(listen).map_err(ConfigError::NotLoopback)?;
+        let env = PathEnv { capit_home: cli.home.or(env.capit_home), capit_socket: cli.socket.or(env.capit_socket), ..env };
+        let home = env.data_dir().ok_or(ConfigError::NoHome)?;
+        let socket = env.socket_path().ok_or(ConfigError::NoHome)?;
+        let range = |name, value: u64, min, max| {
+            if (min..=max).contains(&value) { Ok(value) } else { Err(ConfigError::OutOfRange { name, min, max }) }
+        };
+        let upstream_timeout = range("--upstream-timeout", cli.upstream_timeout, 1, 86_400)?;
+        let drain = range("--drain-timeout", cli.drain_timeout, 0, 3_600)?;
+        let max_body_mib = range("--max-body-mib", cli.max_body_mib as u64, 1, 1024)?;
+        let grace = range("--grace", cli.grace, 0, 3_600)?;
+        Ok(Config {
+            home,
+            socket,
+            listen,
+            proxy: ProxyConfig {
+                max_body_bytes: (max_body_mib as usize) * 1024 * 1024,
+                upstream_timeout: Duration::from_secs(upstream_timeout),
+                body_limits: BodyLimits { idle: Duration::from_secs(upstream_timeout), drain: Duration::from_secs(drain) },
+                grace: Duration::from_secs(grace),
+            },
+        })
+    }
+}

@@ -1,0 +1,138 @@
+//! Conversions between domain values and their protobuf counterparts. Money is a decimal
+//! string both ways; an empty string means "not set".
+
+use rust_decimal::Decimal;
+use tonic::Status;
+
+use crate::grants::money;
+use crate::ledger::Totals;
+use crate::pricing::{LongContext, Price, PriceSource};
+use crate::proto::v1 as pb;
+use crate::providers::Provider;
+use crate::state::{GrantView, StateError};
+
+pub fn status_from(error: StateError) -> Status {
+    match &error {
+        StateError::UnknownProvider(_) | StateError::UnknownGrant(_) | StateError::NoKey(_) => Status::not_found(error.to_string()),
+        StateError::ProviderExists(_) | StateError::GrantExists(_) => Status::already_exists(error.to_string()),
+        StateError::Invalid(_) | StateError::Provider(_) | StateError::Grant(_) | StateError::Price(_) => {
+            Status::invalid_argument(error.to_string())
+        }
+        StateError::Store(_) | StateError::Random(_) => {
+            tracing::error!(error = %error, "control request failed");
+            Status::internal("capitd could not complete the request; its log has the details")
+        }
+    }
+}
+
+pub fn decimal_string(value: Decimal) -> String {
+    value.normalize().to_string()
+}
+
+pub fn optional_decimal(value: Option<Decimal>) -> String {
+    value.map(decimal_string).unwrap_or_default()
+}
+
+/// Parses a decimal from the wire; `field` names it in the error.
+pub fn parse_decimal(text: &str, field: &str) -> Result<Option<Decimal>, Status> {
+    let text = text.trim();
+    if text.is_empty() {
+        return Ok(None);
+    }
+    text.parse::<Decimal>()
+        .or_else(|_| Decimal::from_scientific(text))
+        .map(Some)
+        .map_err(|_| Status::invalid_argument(format!("{field} {text:?} is not a decimal number")))
+}
+
+pub fn provider(p: &Provider, has_key: bool) -> pb::Provider {
+    pb::Provider { name: p.name.clone(), kind: p.kind.as_str().to_string(), base_url: p.base_url.clone(), price_zero: p.price_zero, has_key }
+}
+
+pub fn grant(view: &GrantView) -> pb::Grant {
+    let g = &view.grant;
+    pb::Grant {
+        name: g.name.clone(),
+        provider: g.provider.clone(),
+        cap: money(g.cap),
+        period: g.period.as_str().to_string(),
+        expires_at: g.expires_at.unwrap_or(0),
+        models: g.models.clone(),
+        spent: decimal_string(view.spent),
+        state: view.state.as_str().to_string(),
+        created_at: g.created_at,
+        created_by: g.created_by.clone(),
+        note: g.note.clone(),
+        resets_at: view.window.end.unwrap_or(0),
+        revoked_at: g.revoked_at.unwrap_or(0),
+        id: g.id.0,
+    }
+}
+
+pub fn price(model: &str, p: &Price, source: PriceSource) -> pb::Price {
+    let long = p.long_context.as_ref();
+    pb::Price {
+        model: model.to_string(),
+        input: decimal_string(p.input),
+        cached_input: optional_decimal(p.cached_input),
+        cache_write_5m: optional_decimal(p.cache_write_5m),
+        cache_write_1h: optional_decimal(p.cache_write_1h),
+        output: decimal_string(p.output),
+        max_output_tokens: p.max_output_tokens.unwrap_or(0),
+        source: match source {
+            PriceSource::Builtin => "builtin",
+            PriceSource::Override => "override",
+        }
+        .to_string(),
+        checked: p.checked.clone().unwrap_or_default(),
+        long_context_threshold: long.map_or(0, |l| l.threshold),
+        long_input: long.map(|l| decimal_string(l.input)).unwrap_or_default(),
+        long_cached_input: long.and_then(|l| l.cached_input).map(decimal_string).unwrap_or_default(),
+        long_output: long.map(|l| decimal_string(l.output)).unwrap_or_default(),
+    }
+}
+
+/// A price from `price set`: input and output are required, the rest optional.
+pub fn price_from(p: &pb::Price) -> Result<Price, Status> {
+    let required = |text: &str, field: &str| {
+        parse_decimal(text, field)?.ok_or_else(|| Status::invalid_argument(format!("the {field} price is required")))
+    };
+    let long_context = if p.long_context_threshold > 0 {
+        Some(LongContext {
+            threshold: p.long_context_threshold,
+            input: required(&p.long_input, "long-context input")?,
+            cached_input: parse_decimal(&p.long_cached_input, "long-context cached input")?,
+            cache_write_5m: None,
+            cache_write_1h: None,
+            output: required(&p.long_output, "long-context output")?,
+        })
+    } else {
+        None
+    };
+    Ok(Price {
+        input: required(&p.input, "input")?,
+        cached_input: parse_decimal(&p.cached_input, "cached input")?,
+        cache_write_5m: parse_decimal(&p.cache_write_5m, "cache write")?,
+        cache_write_1h: parse_decimal(&p.cache_write_1h, "1h cache write")?,
+        output: required(&p.output, "output")?,
+        max_output_tokens: (p.max_output_tokens > 0).then_some(p.max_output_tokens),
+        long_context,
+        checked: None,
+        provider: None,
+    })
+}
+
+pub fn usage_row(key: String, t: &Totals) -> pb::UsageRow {
+    pb::UsageRow {
+        key,
+        spent: decimal_string(t.spent),
+        requests: t.requests,
+        input_tokens: t.input_tokens,
+        cached_input_tokens: t.cached_input_tokens,
+        cache_write_tokens: t.cache_write_tokens,
+        output_tokens: t.output_tokens,
+        reasoning_tokens: t.reasoning_tokens,
+        estimated: t.estimated,
+        errors: t.errors,
+    }
+}

@@ -1,0 +1,188 @@
+//! The control API: a tonic service on a Unix socket that only the daemon's own user can reach.
+//! The only module that knows the protobuf types; it converts them to domain values at once.
+
+mod convert;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use tonic::{Request, Response, Status};
+
+use crate::grants::{Period, parse_cap};
+use crate::ledger::Totals;
+use crate::proto::v1 as pb;
+use crate::proto::v1::control_server::Control;
+use crate::secret::Secret;
+use crate::state::{GrantSpec, State};
+use convert::status_from;
+
+pub use crate::proto::v1::control_server::ControlServer;
+
+pub struct ControlService {
+    state: Arc<State>,
+}
+
+impl ControlService {
+    pub fn new(state: Arc<State>) -> ControlService {
+        ControlService { state }
+    }
+
+    fn base_url(&self, provider: &str) -> String {
+        let suffix = self.state.provider(provider).map_or("", |p| p.kind.client_base_suffix());
+        match self.state.listen_addr() {
+            Some(addr) => format!("http://{addr}/{provider}{suffix}"),
+            None => format!("http://127.0.0.1:8787/{provider}{suffix}"),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Control for ControlService {
+    async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let (active, total, keys, providers) = self.state.counts();
+        let store = self.state.store().clone();
+        let ledger_entries = tokio::task::spawn_blocking(move || store.ledger_len())
+            .await
+            .map_err(|e| Status::internal(e.to_string()))?
+            .map_err(|e| status_from(e.into()))?;
+        Ok(Response::new(pb::GetStatusResponse {
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            uptime_seconds: self.state.uptime_seconds(),
+            listen_addr: self.state.listen_addr().map(|a| a.to_string()).unwrap_or_default(),
+            home: self.state.home().display().to_string(),
+            grants_active: active as u32,
+            grants_total: total as u32,
+            keys: keys as u32,
+            providers: providers as u32,
+            ledger_entries,
+        }))
+    }
+
+    async fn add_key(&self, request: Request<pb::AddKeyRequest>) -> Result<Response<pb::AddKeyResponse>, Status> {
+        let req = request.into_inner();
+        let secret = Secret::new(req.secret);
+        let (fingerprint, added_at) = self.state.add_key(&req.provider, secret).await.map_err(status_from)?;
+        Ok(Response::new(pb::AddKeyResponse { key: Some(pb::KeyInfo { provider: req.provider, fingerprint, added_at }) }))
+    }
+
+    async fn list_keys(&self, _: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
+        let keys = self
+            .state
+            .list_keys()
+            .into_iter()
+            .map(|(provider, fingerprint, added_at)| pb::KeyInfo { provider, fingerprint, added_at })
+            .collect();
+        Ok(Response::new(pb::ListKeysResponse { keys }))
+    }
+
+    async fn remove_key(&self, request: Request<pb::RemoveKeyRequest>) -> Result<Response<pb::RemoveKeyResponse>, Status> {
+        self.state.remove_key(&request.into_inner().provider).await.map_err(status_from)?;
+        Ok(Response::new(pb::RemoveKeyResponse {}))
+    }
+
+    async fn list_providers(&self, _: Request<pb::ListProvidersRequest>) -> Result<Response<pb::ListProvidersResponse>, Status> {
+        let providers = self.state.list_providers().iter().map(|(p, has_key)| convert::provider(p, *has_key)).collect();
+        Ok(Response::new(pb::ListProvidersResponse { providers }))
+    }
+
+    async fn set_provider(&self, request: Request<pb::SetProviderRequest>) -> Result<Response<pb::SetProviderResponse>, Status> {
+        let req = request.into_inner();
+        let p = self.state.set_provider(&req.name, req.base_url.as_deref(), req.price_zero).await.map_err(status_from)?;
+        let has_key = self.state.list_keys().iter().any(|(name, _, _)| *name == p.name);
+        Ok(Response::new(pb::SetProviderResponse { provider: Some(convert::provider(&p, has_key)) }))
+    }
+
+    async fn add_provider(&self, request: Request<pb::AddProviderRequest>) -> Result<Response<pb::AddProviderResponse>, Status> {
+        let req = request.into_inner();
+        let p = self.state.add_provider(&req.name, &req.kind, &req.base_url, req.price_zero).await.map_err(status_from)?;
+        Ok(Response::new(pb::AddProviderResponse { provider: Some(convert::provider(&p, false)) }))
+    }
+
+    async fn list_prices(&self, _: Request<pb::ListPricesRequest>) -> Result<Response<pb::ListPricesResponse>, Status> {
+        let prices = self.state.list_prices().iter().map(|(m, p, s)| convert::price(m, p, *s)).collect();
+        Ok(Response::new(pb::ListPricesResponse { prices }))
+    }
+
+    async fn set_price(&self, request: Request<pb::SetPriceRequest>) -> Result<Response<pb::SetPriceResponse>, Status> {
+        let wire = request.into_inner().price.ok_or_else(|| Status::invalid_argument("a price is required"))?;
+        let price = convert::price_from(&wire)?;
+        let price = self.state.set_price(&wire.model, price).await.map_err(status_from)?;
+        Ok(Response::new(pb::SetPriceResponse { price: Some(convert::price(&wire.model, &price, crate::pricing::PriceSource::Override)) }))
+    }
+
+    async fn create_grant(&self, request: Request<pb::CreateGrantRequest>) -> Result<Response<pb::CreateGrantResponse>, Status> {
+        let req = request.into_inner();
+        let cap = parse_cap(&req.cap).map_err(|e| Status::invalid_argument(e.to_string()))?;
+        let period = if req.period.is_empty() { Period::Month } else {
+            Period::parse(&req.period).ok_or_else(|| Status::invalid_argument(crate::grants::GrantError::BadPeriod(req.period.clone()).to_string()))?
+        };
+        let spec = GrantSpec {
+            name: req.name,
+            provider: req.provider,
+            cap,
+            period,
+            expires_at: (req.expires_at > 0).then_some(req.expires_at),
+            models: req.models,
+            note: req.note,
+            created_by: req.created_by,
+        };
+        let (view, key) = self.state.create_grant(spec).await.map_err(status_from)?;
+        let base_url = self.base_url(&view.grant.provider);
+        Ok(Response::new(pb::CreateGrantResponse { grant: Some(convert::grant(&view)), key: key.expose().to_string(), base_url }))
+    }
+
+    async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> Result<Response<pb::ListGrantsResponse>, Status> {
+        let grants = self.state.list_grants(request.into_inner().include_revoked).iter().map(convert::grant).collect();
+        Ok(Response::new(pb::ListGrantsResponse { grants }))
+    }
+
+    async fn revoke_grant(&self, request: Request<pb::RevokeGrantRequest>) -> Result<Response<pb::RevokeGrantResponse>, Status> {
+        let view = self.state.revoke_grant(&request.into_inner().name).await.map_err(status_from)?;
+        Ok(Response::new(pb::RevokeGrantResponse { grant: Some(convert::grant(&view)) }))
+    }
+
+    async fn get_usage(&self, request: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {
+        let req = request.into_inner();
+        let slot = if req.grant.is_empty() {
+            None
+        } else {
+            Some(self.state.find_grant(&req.grant).ok_or_else(|| status_from(crate::state::StateError::UnknownGrant(req.grant.clone())))?)
+        };
+        let entries = self.state.usage(slot.as_ref().map(|s| s.id), req.since.saturating_mul(1000)).await.map_err(status_from)?;
+        let names = self.state.grant_names();
+        let mut total = Totals::default();
+        let mut by_model: BTreeMap<String, Totals> = BTreeMap::new();
+        let mut by_day: BTreeMap<String, Totals> = BTreeMap::new();
+        let mut by_grant: BTreeMap<String, Totals> = BTreeMap::new();
+        for entry in &entries {
+            total.add(entry);
+            by_model.entry(entry.model.clone()).or_default().add(entry);
+            by_day.entry(local_day(entry.at_seconds())).or_default().add(entry);
+            let name = names.get(&entry.grant).cloned().unwrap_or_else(|| format!("#{}", entry.grant.0));
+            by_grant.entry(name).or_default().add(entry);
+        }
+        let rows = |map: BTreeMap<String, Totals>| map.into_iter().map(|(k, t)| convert::usage_row(k, &t)).collect();
+        let mut response = pb::GetUsageResponse {
+            grant: req.grant,
+            total: Some(convert::usage_row("total".into(), &total)),
+            by_model: rows(by_model),
+            by_day: rows(by_day),
+            by_grant: rows(by_grant),
+            ..Default::default()
+        };
+        if let Some(slot) = slot {
+            let view = self.state.grant_view(&slot);
+            response.period_spent = convert::decimal_string(view.spent);
+            response.cap = crate::grants::money(view.grant.cap);
+            response.period = view.grant.period.as_str().to_string();
+            response.created_by = view.grant.created_by;
+            response.note = view.grant.note;
+        }
+        Ok(Response::new(response))
+    }
+}
+
+fn local_day(at: i64) -> String {
+    use chrono::TimeZone;
+    chrono::Local.timestamp_opt(at, 0).single().map(|t| t.format("%Y-%m-%d").to_string()).unwrap_or_default()
+}

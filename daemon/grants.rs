@@ -1,0 +1,379 @@
+//! Grants: a budget and limits given to one agent for one provider, and the rules that admit
+//! or refuse a request against them.
+//!
+//! Invariant: every decision is a pure function of the grant, its spend and an explicit `now`,
+//! so the rules are tested without clocks, sockets or disks. Calendar periods are computed in
+//! the time zone the caller passes (the user's local zone in the daemon).
+
+use chrono::{DateTime, Datelike, Duration, NaiveDate, TimeZone};
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::secret::KeyHash;
+
+/// A grant's stable identity; names can be reused after a revoke, ids never are.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct GrantId(pub u64);
+
+/// The window a spend cap applies to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Period {
+    Day,
+    Week,
+    Month,
+    Total,
+}
+
+impl Period {
+    pub fn parse(text: &str) -> Option<Period> {
+        Some(match text {
+            "day" | "daily" => Period::Day,
+            "week" | "weekly" => Period::Week,
+            "month" | "monthly" => Period::Month,
+            "total" => Period::Total,
+            _ => return None,
+        })
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Week => "week",
+            Period::Month => "month",
+            Period::Total => "total",
+        }
+    }
+
+    /// The word used in sentences: "monthly cap", "total cap".
+    pub fn adjective(self) -> &'static str {
+        match self {
+            Period::Day => "daily",
+            Period::Week => "weekly",
+            Period::Month => "monthly",
+            Period::Total => "total",
+        }
+    }
+
+    /// The period containing `now`: its start and its end (when it resets), as Unix seconds.
+    /// Days start at local midnight, weeks on Monday, months on the 1st; `Total` never resets.
+    pub fn window<Tz: TimeZone>(self, now: &DateTime<Tz>) -> Window {
+        let tz = now.timezone();
+        let date = now.date_naive();
+        let (start, end) = match self {
+            Period::Total => return Window { start: 0, end: None },
+            Period::Day => (date, date + Duration::days(1)),
+            Period::Week => {
+                let start = date - Duration::days(i64::from(date.weekday().num_days_from_monday()));
+                (start, start + Duration::days(7))
+            }
+            Period::Month => {
+                let start = date.with_day(1).unwrap_or(date);
+                (start, first_of_next_month(start))
+            }
+        };
+        Window { start: local_midnight(&tz, start), end: Some(local_midnight(&tz, end)) }
+    }
+}
+
+fn first_of_next_month(first: NaiveDate) -> NaiveDate {
+    let (year, month) = if first.month() == 12 { (first.year() + 1, 1) } else { (first.year(), first.month() + 1) };
+    NaiveDate::from_ymd_opt(year, month, 1).unwrap_or(first)
+}
+
+/// Unix seconds of the first instant of `date` in `tz` (the earliest, where a DST change makes
+/// midnight ambiguous; the first valid instant after it where midnight does not exist).
+fn local_midnight<Tz: TimeZone>(tz: &Tz, date: NaiveDate) -> i64 {
+    let mut naive = date.and_hms_opt(0, 0, 0).unwrap_or_default();
+    for _ in 0..24 * 4 {
+        if let Some(instant) = tz.from_local_datetime(&naive).earliest() {
+            return instant.timestamp();
+        }
+        naive += Duration::minutes(15);
+    }
+    naive.and_utc().timestamp()
+}
+
+/// One spend window, in Unix seconds; `end` is `None` for a total cap.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Window {
+    pub start: i64,
+    pub end: Option<i64>,
+}
+
+impl Window {
+    pub fn contains(&self, at: i64) -> bool {
+        at >= self.start && self.end.is_none_or(|end| at < end)
+    }
+}
+
+/// A grant as stored.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Grant {
+    pub id: GrantId,
+    pub name: String,
+    pub provider: String,
+    pub cap: Decimal,
+    pub period: Period,
+    /// Unix seconds after which the key stops working.
+    pub expires_at: Option<i64>,
+    /// Models the grant may use; empty means any priced model.
+    pub models: Vec<String>,
+    #[serde(with = "hash_hex")]
+    pub key_hash: KeyHash,
+    pub created_at: i64,
+    pub created_by: String,
+    pub note: String,
+    pub revoked_at: Option<i64>,
+}
+
+mod hash_hex {
+    use crate::secret::KeyHash;
+
+    pub fn serialize<S: serde::Serializer>(hash: &KeyHash, s: S) -> Result<S::Ok, S::Error> {
+        let hex: String = hash.0.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&hex)
+    }
+
+    pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<KeyHash, D::Error> {
+        let hex: String = serde::Deserialize::deserialize(d)?;
+        let mut out = [0u8; 32];
+        if hex.len() != 64 {
+            return Err(serde::de::Error::custom("key hash must be 64 hex digits"));
+        }
+        for (i, byte) in out.iter_mut().enumerate() {
+            *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(serde::de::Error::custom)?;
+        }
+        Ok(KeyHash(out))
+    }
+}
+
+/// The state `capitctl ls` shows.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GrantState {
+    Active,
+    Exhausted,
+    Expired,
+    Revoked,
+}
+
+impl GrantState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GrantState::Active => "active",
+            GrantState::Exhausted => "exhausted",
+            GrantState::Expired => "expired",
+            GrantState::Revoked => "revoked",
+        }
+    }
+}
+
+/// Why a request was refused; each has a sentence an agent can show its user.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Refusal {
+    #[error("capit: grant \"{grant}\" was revoked")]
+    Revoked { grant: String },
+    #[error("capit: grant \"{grant}\" expired on {}", format_time(*at))]
+    Expired { grant: String, at: i64 },
+    #[error("capit: grant \"{grant}\" may not use model \"{model}\" (allowed: {})", allowed.join(", "))]
+    ModelNotAllowed { grant: String, model: String, allowed: Vec<String> },
+    #[error("capit: grant \"{grant}\" has spent ${} of its ${} {} cap{}", money(*spent), money(*cap), period.adjective(), resets_phrase(*resets_at))]
+    Exhausted { grant: String, spent: Decimal, cap: Decimal, period: Period, resets_at: Option<i64> },
+}
+
+impl Grant {
+    pub fn state(&self, now: i64, spent: Decimal) -> GrantState {
+        if self.revoked_at.is_some() {
+            GrantState::Revoked
+        } else if self.expires_at.is_some_and(|at| now >= at) {
+            GrantState::Expired
+        } else if spent >= self.cap {
+            GrantState::Exhausted
+        } else {
+            GrantState::Active
+        }
+    }
+
+    /// Refuses a grant that is revoked or expired; enough for free calls such as model lists.
+    pub fn check_alive(&self, now: i64) -> Result<(), Refusal> {
+        if self.revoked_at.is_some() {
+            return Err(Refusal::Revoked { grant: self.name.clone() });
+        }
+        if let Some(at) = self.expires_at.filter(|at| now >= *at) {
+            return Err(Refusal::Expired { grant: self.name.clone(), at });
+        }
+        Ok(())
+    }
+
+    /// Admits or refuses a request for `model`, given the spend of the current window.
+    pub fn check(&self, now: i64, spent: Decimal, window: Window, model: &str) -> Result<(), Refusal> {
+        self.check_alive(now)?;
+        if !self.allows_model(model) {
+            return Err(Refusal::ModelNotAllowed { grant: self.name.clone(), model: model.to_string(), allowed: self.models.clone() });
+        }
+        if spent >= self.cap {
+            return Err(Refusal::Exhausted {
+                grant: self.name.clone(),
+                spent,
+                cap: self.cap,
+                period: self.period,
+                resets_at: window.end,
+            });
+        }
+        Ok(())
+    }
+
+    /// A model is allowed when the list is empty, names it, or names it without its dated
+    /// suffix (allowing `gpt-5-mini` allows `gpt-5-mini-2025-08-07`).
+    pub fn allows_model(&self, model: &str) -> bool {
+        self.models.is_empty()
+            || self.models.iter().any(|allowed| {
+                model == allowed
+                    || model.strip_prefix(allowed.as_str()).is_some_and(|rest| {
+                        let rest = rest.trim_start_matches('-');
+                        rest.len() >= 8 && rest.chars().all(|c| c.is_ascii_digit() || c == '-')
+                    })
+            })
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum GrantError {
+    #[error("grant name {0:?} must be 1-64 characters of letters, digits, '.', '-' or '_'")]
+    BadName(String),
+    #[error("cap {0} must be a positive amount of at most 1000000 dollars with at most 6 decimals")]
+    BadCap(String),
+    #[error("unknown period {0:?}; use day, week, month or total")]
+    BadPeriod(String),
+    #[error("expiry must be in the future")]
+    ExpiryInPast,
+}
+
+pub fn validate_name(name: &str) -> Result<(), GrantError> {
+    let ok = (1..=64).contains(&name.len())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    if ok { Ok(()) } else { Err(GrantError::BadName(name.to_string())) }
+}
+
+/// Parses a cap such as `5`, `5.00` or `$12.50`.
+pub fn parse_cap(text: &str) -> Result<Decimal, GrantError> {
+    let bad = || GrantError::BadCap(text.to_string());
+    let digits = text.trim().trim_start_matches('$');
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit() || b == b'.') {
+        return Err(bad());
+    }
+    let cap: Decimal = digits.parse().map_err(|_| bad())?;
+    if cap <= Decimal::ZERO || cap > Decimal::from(1_000_000) || cap.scale() > 6 {
+        return Err(bad());
+    }
+    Ok(cap)
+}
+
+/// Money for people: at least two decimals, more only when they carry value ($0.000375).
+pub fn money(amount: Decimal) -> String {
+    let normal = amount.normalize();
+    if normal.scale() <= 2 { format!("{:.2}", normal) } else { normal.to_string() }
+}
+
+fn resets_phrase(resets_at: Option<i64>) -> String {
+    match resets_at {
+        Some(at) => format!("; it resets on {}", format_time(at)),
+        None => String::new(),
+    }
+}
+
+/// A date (and time, when it is not midnight) in the local time zone.
+pub fn format_time(at: i64) -> String {
+    match chrono::Local.timestamp_opt(at, 0).single() {
+        Some(t) if t.format("%H:%M:%S").to_string() == "00:00:00" => t.format("%Y-%m-%d").to_string(),
+        Some(t) => t.format("%Y-%m-%d %H:%M %Z").to_string(),
+        None => at.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use chrono::FixedOffset;
+
+    fn at(tz: i32, y: i32, m: u32, d: u32, h: u32) -> DateTime<FixedOffset> {
+        FixedOffset::east_opt(tz * 3600).unwrap().with_ymd_and_hms(y, m, d, h, 0, 0).unwrap()
+    }
+
+    fn grant() -> Grant {
+        Grant {
+            id: GrantId(1),
+            name: "claude".into(),
+            provider: "openai".into(),
+            cap: "5".parse().unwrap(),
+            period: Period::Month,
+            expires_at: Some(2_000_000_000),
+            models: vec![],
+            key_hash: KeyHash([0; 32]),
+            created_at: 0,
+            created_by: "me".into(),
+            note: String::new(),
+            revoked_at: None,
+        }
+    }
+
+    #[test]
+    fn windows_follow_the_local_calendar() {
+        let now = at(2, 2026, 11, 23, 1); // Monday 01:00 at UTC+2.
+        let midnight = at(2, 2026, 11, 23, 0).timestamp();
+        assert_eq!(Period::Day.window(&now), Window { start: midnight, end: Some(midnight + 86400) });
+        assert_eq!(Period::Week.window(&now), Window { start: midnight, end: Some(midnight + 7 * 86400) });
+        let sunday = at(2, 2026, 11, 29, 23);
+        assert_eq!(Period::Week.window(&sunday).start, midnight);
+        let month = Period::Month.window(&now);
+        assert_eq!(month.start, at(2, 2026, 11, 1, 0).timestamp());
+        assert_eq!(month.end, Some(at(2, 2026, 12, 1, 0).timestamp()));
+        let december = Period::Month.window(&at(-5, 2026, 12, 31, 23));
+        assert_eq!(december.end, Some(at(-5, 2027, 1, 1, 0).timestamp()));
+        assert_eq!(Period::Total.window(&now), Window { start: 0, end: None });
+    }
+
+    #[test]
+    fn checks_in_order() {
+        let g = grant();
+        let w = Window { start: 0, end: Some(100) };
+        let five: Decimal = "5".parse().unwrap();
+        assert_eq!(g.check(10, Decimal::ZERO, w, "gpt-5"), Ok(()));
+        assert!(matches!(g.check(10, five, w, "gpt-5"), Err(Refusal::Exhausted { .. })));
+        assert!(matches!(g.check(2_000_000_000, Decimal::ZERO, w, "gpt-5"), Err(Refusal::Expired { .. })));
+        let mut limited = g.clone();
+        limited.models = vec!["gpt-5-mini".into()];
+        assert_eq!(limited.check(10, Decimal::ZERO, w, "gpt-5-mini-2025-08-07"), Ok(()));
+        assert!(matches!(limited.check(10, Decimal::ZERO, w, "gpt-5"), Err(Refusal::ModelNotAllowed { .. })));
+        assert!(matches!(limited.check(10, Decimal::ZERO, w, "gpt-5-mini-turbo"), Err(Refusal::ModelNotAllowed { .. })));
+        let mut revoked = g.clone();
+        revoked.revoked_at = Some(5);
+        assert!(matches!(revoked.check(10, Decimal::ZERO, w, "gpt-5"), Err(Refusal::Revoked { .. })));
+        assert_eq!(revoked.state(10, Decimal::ZERO), GrantState::Revoked);
+        assert_eq!(g.state(10, five), GrantState::Exhausted);
+    }
+
+    #[test]
+    fn exhausted_message_names_spent_cap_and_reset() {
+        let r = Refusal::Exhausted {
+            grant: "claude".into(),
+            spent: "4.98".parse().unwrap(),
+            cap: "5".parse().unwrap(),
+            period: Period::Month,
+            resets_at: None,
+        };
+        assert_eq!(r.to_string(), "capit: grant \"claude\" has spent $4.98 of its $5.00 monthly cap");
+    }
+
+    #[test]
+    fn caps_and_money() {
+        assert_eq!(parse_cap("5.00").unwrap(), "5".parse::<Decimal>().unwrap());
+        assert_eq!(parse_cap("$0.5").unwrap(), "0.5".parse::<Decimal>().unwrap());
+        for bad in ["0", "-1", "abc", "1e3", "", "2000000", "0.0000001"] {
+            assert!(parse_cap(bad).is_err(), "{bad}");
+        }
+        assert_eq!(money("5".parse().unwrap()), "5.00");
+        assert_eq!(money("0.000375".parse().unwrap()), "0.000375");
+        assert_eq!(money("4.9800".parse().unwrap()), "4.98");
+    }
+}

@@ -1,0 +1,35 @@
+//! capit: a user-level daemon that holds a person's LLM provider keys and lets agents spend
+//! them only through capped, metered virtual keys.
+//!
+//! Code map (see ARCHITECTURE.md for the flow and the invariants):
+//! - [`app`] wires everything and stops it in order; [`config`] validates flags; [`paths`] says
+//!   where files live; [`shutdown`] is the signal.
+//! - Domain, free of IO and of hyper, tonic and redb types: [`grants`] (limits and refusals),
+//!   [`ledger`] (entries and totals), [`pricing`] (the cost formula and price table), [`usage`]
+//!   (response parsers: bytes in, token counts out), [`providers`] (the upstream table and the
+//!   route allowlist), [`secret`] (keys).
+//! - [`store`]: the only module that knows redb; one writer thread, batched commits.
+//! - [`state`]: live state over the store, shared by the proxy and the control service.
+//! - [`proxy`]: the only module that knows hyper. [`control`]: the only one that knows protobuf.
+
+pub mod app;
+pub mod config;
+pub mod control;
+pub mod grants;
+pub mod ledger;
+pub mod paths;
+pub mod pricing;
+pub mod providers;
+pub mod proxy;
+pub mod secret;
+pub mod shutdown;
+pub mod state;
+pub mod store;
+pub mod usage;
+
+/// The generated protobuf types and gRPC stubs of `proto/capit/v1/control.proto`.
+pub mod proto {
+    pub mod v1 {
+        tonic::include_proto!("capit.v1");
+    }
+}

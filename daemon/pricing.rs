@@ -1,0 +1,346 @@
+//! Prices and the one cost formula: tokens × USD-per-million-token prices, in exact decimals.
+//!
+//! Invariant: money is `rust_decimal::Decimal` from the price text to the ledger; no float
+//! ever touches it. Prices come from a table compiled into the binary (`prices.json`), which
+//! per-model overrides (`capitctl price set`) shadow.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::Decimal;
+use serde::{Deserialize, Serialize};
+
+use crate::usage::Usage;
+
+/// One model's prices, USD per million tokens. Cache prices left out fall back to the input
+/// price (the most a cached token can cost).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    pub input: Decimal,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_5m: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h: Option<Decimal>,
+    pub output: Decimal,
+    /// The model's largest possible output, which bounds a request that sets no maximum.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_output_tokens: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub long_context: Option<LongContext>,
+    /// When the built-in price was last checked against the provider (YYYY-MM-DD).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checked: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<String>,
+}
+
+/// Prices that replace the base ones for a whole request whose input exceeds `threshold`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LongContext {
+    pub threshold: u64,
+    pub input: Decimal,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cached_input: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_5m: Option<Decimal>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache_write_1h: Option<Decimal>,
+    pub output: Decimal,
+}
+
+/// The rates that apply to one request, after choosing the tier.
+#[derive(Clone, Copy, Debug)]
+struct Rates {
+    input: Decimal,
+    cached_input: Decimal,
+    cache_write_5m: Decimal,
+    cache_write_1h: Decimal,
+    output: Decimal,
+}
+
+/// The largest price per million tokens accepted from a user; guards the arithmetic.
+pub const MAX_PRICE_PER_MILLION: u64 = 1_000_000;
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum PriceError {
+    #[error("{field} price {value} must be between 0 and {MAX_PRICE_PER_MILLION} USD per million tokens")]
+    OutOfRange { field: &'static str, value: Decimal },
+    #[error("model name must be 1-200 printable characters")]
+    BadModel,
+}
+
+impl Price {
+    fn rates(&self, input_tokens: u64) -> Rates {
+        match &self.long_context {
+            Some(long) if input_tokens > long.threshold => {
+                let cache_write_5m = long.cache_write_5m.unwrap_or(long.input);
+                Rates {
+                    input: long.input,
+                    cached_input: long.cached_input.unwrap_or(long.input),
+                    cache_write_5m,
+                    cache_write_1h: long.cache_write_1h.unwrap_or(cache_write_5m),
+                    output: long.output,
+                }
+            }
+            _ => {
+                let cache_write_5m = self.cache_write_5m.unwrap_or(self.input);
+                Rates {
+                    input: self.input,
+                    cached_input: self.cached_input.unwrap_or(self.input),
+                    cache_write_5m,
+                    cache_write_1h: self.cache_write_1h.unwrap_or(cache_write_5m),
+                    output: self.output,
+                }
+            }
+        }
+    }
+
+    /// Checks every rate is within range, so that [`cost`] cannot overflow.
+    pub fn validate(&self) -> Result<(), PriceError> {
+        let max = Decimal::from(MAX_PRICE_PER_MILLION);
+        let mut fields = vec![
+            ("input", Some(self.input)),
+            ("cached input", self.cached_input),
+            ("cache write 5m", self.cache_write_5m),
+            ("cache write 1h", self.cache_write_1h),
+            ("output", Some(self.output)),
+        ];
+        if let Some(long) = &self.long_context {
+            fields.extend([
+                ("long-context input", Some(long.input)),
+                ("long-context cached input", long.cached_input),
+                ("long-context cache write 5m", long.cache_write_5m),
+                ("long-context cache write 1h", long.cache_write_1h),
+                ("long-context output", Some(long.output)),
+            ]);
+        }
+        for (field, value) in fields {
+            if let Some(value) = value {
+                if value.is_sign_negative() || value > max {
+                    return Err(PriceError::OutOfRange { field, value });
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The cost of one request in USD: each token kind at its rate, nothing counted twice.
+///
+/// Cached reads and cache writes are subsets of `input_tokens`, so only the rest is billed at
+/// the input rate; reasoning is inside `output_tokens` and is not added again. Counts that
+/// contradict each other (more cached than input) are clamped rather than trusted.
+pub fn cost(usage: &Usage, price: &Price) -> Decimal {
+    let rates = price.rates(usage.input_tokens);
+    let cached = usage.cached_input_tokens.min(usage.input_tokens);
+    let write_5m = usage.cache_write_5m_tokens.min(usage.input_tokens - cached);
+    let write_1h = usage.cache_write_1h_tokens.min(usage.input_tokens - cached - write_5m);
+    let uncached = usage.input_tokens - cached - write_5m - write_1h;
+    let terms = [
+        (uncached, rates.input),
+        (cached, rates.cached_input),
+        (write_5m, rates.cache_write_5m),
+        (write_1h, rates.cache_write_1h),
+        (usage.output_tokens, rates.output),
+    ];
+    let mut per_million = Decimal::ZERO;
+    for (tokens, rate) in terms {
+        let term = Decimal::from(tokens).checked_mul(rate).unwrap_or(Decimal::MAX);
+        per_million = per_million.checked_add(term).unwrap_or(Decimal::MAX);
+    }
+    (per_million / Decimal::from(1_000_000u32)).normalize()
+}
+
+/// Built-in prices and user overrides, looked up by the model a response names.
+#[derive(Clone, Debug, Default)]
+pub struct PriceTable {
+    builtin: BTreeMap<String, Price>,
+    overrides: BTreeMap<String, Price>,
+}
+
+#[derive(Deserialize)]
+struct BuiltinFile {
+    models: BTreeMap<String, Price>,
+}
+
+/// Where a listed price comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PriceSource {
+    Builtin,
+    Override,
+}
+
+impl PriceTable {
+    /// The table compiled into this binary, with the given overrides on top.
+    pub fn with_overrides(overrides: BTreeMap<String, Price>) -> PriceTable {
+        let file: BuiltinFile = serde_json::from_str(include_str!("prices.json"))
+            .expect("the built-in price table is valid; a unit test parses it");
+        PriceTable { builtin: file.models, overrides }
+    }
+
+    pub fn set_override(&mut self, model: String, price: Price) {
+        self.overrides.insert(model, price);
+    }
+
+    /// Finds the price of `model`, trying the name as given, then without a provider prefix
+    /// (`openai/…`, `models/…`) and without a dated-snapshot suffix
+    /// (`gpt-5-mini-2025-08-07` → `gpt-5-mini`, `claude-sonnet-4-5-20250929` → `claude-sonnet-4-5`).
+    /// Returns the table's name for the model and its price.
+    pub fn lookup(&self, model: &str) -> Option<(&str, &Price)> {
+        for candidate in candidates(model) {
+            for table in [&self.overrides, &self.builtin] {
+                if let Some((name, price)) = table.get_key_value(candidate.as_str()) {
+                    return Some((name.as_str(), price));
+                }
+            }
+        }
+        None
+    }
+
+    /// Every priced model, overrides shadowing built-in rows, sorted by name.
+    pub fn entries(&self) -> Vec<(&str, &Price, PriceSource)> {
+        let mut rows: BTreeMap<&str, (&Price, PriceSource)> = BTreeMap::new();
+        for (name, price) in &self.builtin {
+            rows.insert(name, (price, PriceSource::Builtin));
+        }
+        for (name, price) in &self.overrides {
+            rows.insert(name, (price, PriceSource::Override));
+        }
+        rows.into_iter().map(|(name, (price, source))| (name, price, source)).collect()
+    }
+}
+
+pub fn validate_model_name(model: &str) -> Result<(), PriceError> {
+    if model.is_empty() || model.len() > 200 || model.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(PriceError::BadModel);
+    }
+    Ok(())
+}
+
+/// The names to try for a model, most specific first.
+fn candidates(model: &str) -> Vec<String> {
+    let mut out = vec![model.to_string()];
+    let unprefixed = model.rsplit_once('/').map_or(model, |(_, m)| m);
+    if unprefixed != model {
+        out.push(unprefixed.to_string());
+    }
+    if let Some(undated) = strip_date_suffix(unprefixed) {
+        out.push(undated.to_string());
+    }
+    out
+}
+
+/// `name-2025-08-07` or `name-20250807` → `name`.
+fn strip_date_suffix(model: &str) -> Option<&str> {
+    let is_digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
+    if let Some((head, tail)) = model.rsplit_once('-') {
+        if is_digits(tail, 8) {
+            return Some(head);
+        }
+    }
+    let parts: Vec<&str> = model.rsplitn(4, '-').collect();
+    if parts.len() == 4 && is_digits(parts[0], 2) && is_digits(parts[1], 2) && is_digits(parts[2], 4) {
+        return Some(parts[3]);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(text: &str) -> Decimal {
+        text.parse().unwrap()
+    }
+
+    fn table() -> PriceTable {
+        PriceTable::with_overrides(BTreeMap::new())
+    }
+
+    #[test]
+    fn builtin_table_parses_and_every_price_is_valid() {
+        let t = table();
+        assert!(t.entries().len() > 20);
+        for (name, price, _) in t.entries() {
+            price.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
+            assert!(price.checked.is_some(), "{name} has no checked date");
+            assert!(price.max_output_tokens.is_some(), "{name} has no max output");
+        }
+    }
+
+    #[test]
+    fn dated_snapshots_and_prefixes_match() {
+        let t = table();
+        assert_eq!(t.lookup("gpt-5-mini-2025-08-07").unwrap().0, "gpt-5-mini");
+        assert_eq!(t.lookup("gpt-5-mini").unwrap().0, "gpt-5-mini");
+        assert_eq!(t.lookup("claude-sonnet-4-5-20250929").unwrap().0, "claude-sonnet-4-5");
+        assert_eq!(t.lookup("models/gemini-2.5-flash").unwrap().0, "gemini-2.5-flash");
+        assert_eq!(t.lookup("openai/gpt-5").unwrap().0, "gpt-5");
+        assert!(t.lookup("gpt-5-mini-turbo").is_none());
+        assert!(t.lookup("no-such-model").is_none());
+    }
+
+    #[test]
+    fn overrides_shadow_builtin_prices() {
+        let mut t = table();
+        let mut p = t.lookup("gpt-5").unwrap().1.clone();
+        p.input = d("9");
+        t.set_override("gpt-5".into(), p);
+        assert_eq!(t.lookup("gpt-5-2025-08-07").unwrap().1.input, d("9"));
+    }
+
+    #[test]
+    fn openai_cost_does_not_count_cached_or_reasoning_twice() {
+        let t = table();
+        let price = t.lookup("gpt-5-mini").unwrap().1;
+        // 176 uncached × 0.25 + 1024 cached × 0.025 + 300 output × 2.00, per million.
+        let usage = Usage { input_tokens: 1200, cached_input_tokens: 1024, output_tokens: 300, reasoning_tokens: 256, ..Usage::default() };
+        assert_eq!(cost(&usage, price), d("0.0006696"));
+        let small = Usage { input_tokens: 12, output_tokens: 3, ..Usage::default() };
+        assert_eq!(cost(&small, price), d("0.000009"));
+    }
+
+    #[test]
+    fn long_context_tier_applies_to_the_whole_request() {
+        let t = table();
+        let price = t.lookup("gpt-5.4").unwrap().1;
+        let at = Usage { input_tokens: 272_000, output_tokens: 1000, ..Usage::default() };
+        assert_eq!(cost(&at, price), d("0.695"));
+        let over = Usage { input_tokens: 272_001, output_tokens: 1000, ..Usage::default() };
+        assert_eq!(cost(&over, price), d("1.382505"));
+    }
+
+    #[test]
+    fn cache_writes_at_their_rates() {
+        let t = table();
+        let price = t.lookup("claude-sonnet-4-5").unwrap().1;
+        let usage = Usage {
+            input_tokens: 50 + 2048 + 10000,
+            cached_input_tokens: 10000,
+            cache_write_5m_tokens: 2048,
+            output_tokens: 420,
+            ..Usage::default()
+        };
+        // 50×3 + 10000×0.30 + 2048×3.75 + 420×15 = 150 + 3000 + 7680 + 6300 = 17130.
+        assert_eq!(cost(&usage, price), d("0.01713"));
+    }
+
+    #[test]
+    fn contradictory_or_huge_counts_do_not_panic() {
+        let price = table().lookup("gpt-5").unwrap().1.clone();
+        let odd = Usage { input_tokens: 5, cached_input_tokens: 50, cache_write_5m_tokens: 9, output_tokens: 1, ..Usage::default() };
+        assert_eq!(cost(&odd, &price), d("0.000010625"));
+        let huge = Usage { input_tokens: u64::MAX, cached_input_tokens: u64::MAX, output_tokens: u64::MAX, ..Usage::default() };
+        assert!(cost(&huge, &price) > Decimal::ZERO);
+    }
+
+    #[test]
+    fn price_validation() {
+        let mut p = table().lookup("gpt-5").unwrap().1.clone();
+        p.output = d("-1");
+        assert!(p.validate().is_err());
+        assert!(validate_model_name("my model").is_err());
+        assert!(validate_model_name("my-model").is_ok());
+    }
+}

@@ -1,0 +1,283 @@
+//! Response bodies: the metered stream that carries an upstream reply to the client, chunk by
+//! chunk, and settles its cost when it ends.
+//!
+//! Invariants: nothing is buffered beyond one SSE event (and only when events are filtered);
+//! the final end-of-stream reaches the client only after its ledger entry is durable; and a
+//! client that goes away does not stop the metering: the rest of the upstream reply is read,
+//! for a bounded time, to capture its usage before the request is settled.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::{BodyExt, Full, combinators::BoxBody};
+use hyper::body::Incoming;
+use tokio::sync::oneshot;
+use tokio::time::{Instant, Sleep};
+use tokio_util::task::TaskTracker;
+
+use crate::ledger::{EntryStatus, LedgerEntry};
+use crate::providers::MeteredApi;
+use crate::state::{GrantSlot, State, now_millis};
+use crate::store::StoreError;
+use crate::usage::{Observed, ResponseMeter, Usage};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ProxyBody = BoxBody<Bytes, BoxError>;
+
+pub fn full(bytes: Bytes) -> ProxyBody {
+    Full::new(bytes).map_err(|never| match never {}).boxed()
+}
+
+/// Everything needed to turn what was observed into a ledger entry.
+pub struct Settlement {
+    pub state: Arc<State>,
+    pub slot: Arc<GrantSlot>,
+    pub api: MeteredApi,
+    pub request_model: String,
+    /// The provider prices nothing (a local server).
+    pub price_zero: bool,
+    /// The provider reports the cost itself (OpenRouter), and that figure is billed.
+    pub trust_reported_cost: bool,
+    /// Size of the request body, for estimating input when usage never arrives.
+    pub request_bytes: u64,
+    pub http_status: u16,
+}
+
+impl Settlement {
+    /// Prices what was observed and records it; the receiver resolves once it is durable.
+    pub fn settle(self, observed: Observed) -> oneshot::Receiver<Result<(), StoreError>> {
+        let entry = self.entry(observed);
+        tracing::debug!(grant = self.slot.id.0, model = %entry.model, cost = %entry.cost, status = entry.status.as_str(), "settled");
+        self.state.settle(&self.slot, entry)
+    }
+
+    /// Records a request the upstream refused with an error status: nothing generated, no cost.
+    pub fn settle_upstream_error(self) -> oneshot::Receiver<Result<(), StoreError>> {
+        let entry = LedgerEntry {
+            grant: self.slot.id,
+            at_ms: now_millis(),
+            model: self.request_model.clone(),
+            api: self.api.as_str().to_string(),
+            usage: Usage::default(),
+            cost: rust_decimal::Decimal::ZERO,
+            status: EntryStatus::UpstreamError,
+            http_status: self.http_status,
+            error: None,
+        };
+        self.state.settle(&self.slot, entry)
+    }
+
+    fn entry(&self, observed: Observed) -> LedgerEntry {
+        let (usage, mut status) = match observed.usage {
+            Some(usage) => (usage, EntryStatus::Metered),
+            None => (self.estimate(&observed), EntryStatus::Estimated),
+        };
+        let model = observed.model.clone().unwrap_or_else(|| self.request_model.clone());
+        let cost = if self.price_zero {
+            rust_decimal::Decimal::ZERO
+        } else if let (true, Some(reported)) = (self.trust_reported_cost, usage.reported_cost) {
+            reported
+        } else {
+            let price = self.state.price(&model).or_else(|| self.state.price(&self.request_model));
+            match price {
+                Some((_, price)) => crate::pricing::cost(&usage, &price),
+                None => {
+                    tracing::warn!(model = %model, "no price for the model a response named; recorded as estimated at zero");
+                    status = EntryStatus::Estimated;
+                    rust_decimal::Decimal::ZERO
+                }
+            }
+        };
+        LedgerEntry {
+            grant: self.slot.id,
+            at_ms: now_millis(),
+            model,
+            api: self.api.as_str().to_string(),
+            usage,
+            cost,
+            status,
+            http_status: self.http_status,
+            error: observed.error,
+        }
+    }
+
+    /// A stream cut before its usage: every request byte counted as a token (the most the
+    /// prompt can be, for text) and every four bytes of generated text as one output token.
+    fn estimate(&self, observed: &Observed) -> Usage {
+        Usage {
+            input_tokens: self.request_bytes.div_ceil(4).max(1),
+            output_tokens: observed.output_text_bytes.div_ceil(4),
+            ..Usage::default()
+        }
+    }
+}
+
+/// Bounds on reading an upstream reply.
+#[derive(Clone, Copy, Debug)]
+pub struct BodyLimits {
+    /// Longest silence between two chunks before the reply counts as broken.
+    pub idle: Duration,
+    /// How long to keep reading after the client left, to capture the final usage.
+    pub drain: Duration,
+}
+
+pub struct MeteredBody {
+    upstream: Option<Incoming>,
+    meter: Option<ResponseMeter>,
+    /// Held-back bytes owed to the client before the end.
+    tail: Option<Bytes>,
+    settlement: Option<Settlement>,
+    committing: Option<oneshot::Receiver<Result<(), StoreError>>>,
+    idle_timer: Pin<Box<Sleep>>,
+    limits: BodyLimits,
+    tracker: TaskTracker,
+    passthrough_size: bool,
+}
+
+impl MeteredBody {
+    pub fn new(upstream: Incoming, meter: ResponseMeter, settlement: Settlement, limits: BodyLimits, tracker: TaskTracker, passthrough_size: bool) -> MeteredBody {
+        MeteredBody {
+            upstream: Some(upstream),
+            meter: Some(meter),
+            tail: None,
+            settlement: Some(settlement),
+            committing: None,
+            idle_timer: Box::pin(tokio::time::sleep(limits.idle)),
+            limits,
+            tracker,
+            passthrough_size,
+        }
+    }
+
+    fn finish_meter(&mut self) -> (Observed, Bytes) {
+        match self.meter.as_mut() {
+            Some(meter) => meter.finish(),
+            None => (Observed::default(), Bytes::new()),
+        }
+    }
+}
+
+impl Body for MeteredBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.get_mut();
+        loop {
+            if let Some(tail) = this.tail.take().filter(|t| !t.is_empty()) {
+                return Poll::Ready(Some(Ok(Frame::data(tail))));
+            }
+            if let Some(committing) = this.committing.as_mut() {
+                return match Pin::new(committing).poll(cx) {
+                    Poll::Ready(result) => {
+                        this.committing = None;
+                        if let Ok(Err(e)) = result {
+                            tracing::error!(error = %e, "a ledger entry could not be written");
+                        }
+                        Poll::Ready(None)
+                    }
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            let Some(upstream) = this.upstream.as_mut() else {
+                return Poll::Ready(None);
+            };
+            match Pin::new(upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    this.idle_timer.as_mut().reset(Instant::now() + this.limits.idle);
+                    match frame.into_data() {
+                        Ok(data) => {
+                            let out = match this.meter.as_mut() {
+                                Some(meter) => meter.feed(data),
+                                None => data,
+                            };
+                            if out.is_empty() {
+                                continue;
+                            }
+                            return Poll::Ready(Some(Ok(Frame::data(out))));
+                        }
+                        Err(frame) => return Poll::Ready(Some(Ok(frame))),
+                    }
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.upstream = None;
+                    let (observed, _) = this.finish_meter();
+                    if let Some(settlement) = this.settlement.take() {
+                        drop(settlement.settle(observed));
+                    }
+                    return Poll::Ready(Some(Err(Box::new(e))));
+                }
+                Poll::Ready(None) => {
+                    this.upstream = None;
+                    let (observed, tail) = this.finish_meter();
+                    this.tail = Some(tail);
+                    if let Some(settlement) = this.settlement.take() {
+                        this.committing = Some(settlement.settle(observed));
+                    }
+                }
+                Poll::Pending => {
+                    if this.idle_timer.as_mut().poll(cx).is_ready() {
+                        this.upstream = None;
+                        let (observed, _) = this.finish_meter();
+                        if let Some(settlement) = this.settlement.take() {
+                            drop(settlement.settle(observed));
+                        }
+                        let idle = this.limits.idle.as_secs();
+                        return Poll::Ready(Some(Err(format!("the upstream sent nothing for {idle} s").into())));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.upstream.is_none() && self.committing.is_none() && self.tail.as_ref().is_none_or(Bytes::is_empty)
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match (&self.upstream, self.passthrough_size) {
+            (Some(upstream), true) => upstream.size_hint(),
+            _ => SizeHint::default(),
+        }
+    }
+}
+
+impl Drop for MeteredBody {
+    fn drop(&mut self) {
+        let Some(settlement) = self.settlement.take() else {
+            return;
+        };
+        // The client went away before the reply ended. Keep reading the upstream (it bills for
+        // what it generates) for a bounded time, then settle with what was seen.
+        let upstream = self.upstream.take();
+        let meter = self.meter.take();
+        let drain = self.limits.drain;
+        let task = async move {
+            let mut meter = meter;
+            if let (Some(mut upstream), Some(meter)) = (upstream, meter.as_mut()) {
+                let read_rest = async {
+                    while let Some(Ok(frame)) = upstream.frame().await {
+                        if let Ok(data) = frame.into_data() {
+                            meter.feed(data);
+                        }
+                    }
+                };
+                if tokio::time::timeout(drain, read_rest).await.is_err() {
+                    tracing::debug!("stopped draining an abandoned reply after {drain:?}");
+                }
+            }
+            let observed = meter.map(|mut m| m.finish().0).unwrap_or_default();
+            let _ = settlement.settle(observed).await;
+        };
+        if tokio::runtime::Handle::try_current().is_ok() {
+            self.tracker.spawn(task);
+        } else {
+            tracing::warn!("a reply was dropped outside the runtime; settling what was seen");
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Secrets: master provider keys and the virtual keys handed to agents.
+//!
+//! Invariant: a secret's text is reachable only through [`Secret::expose`]; `Debug` prints
+//! `***`, and the bytes are zeroed when the value is dropped. Virtual keys are kept only as
+//! SHA-256 hashes ([`KeyHash`]) and compared in constant time.
+
+use std::fmt;
+
+use ring::digest;
+use ring::rand::{SecureRandom, SystemRandom};
+
+/// Every virtual key starts with this; the `sk-` keeps clients that check for it happy.
+pub const VIRTUAL_KEY_PREFIX: &str = "sk-capit-";
+
+/// Random base62 characters after the prefix: 43 of them carry about 256 bits.
+const VIRTUAL_KEY_RANDOM_CHARS: usize = 43;
+
+const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+
+/// A secret string (a master key or a freshly minted virtual key).
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: String) -> Self {
+        Secret(text)
+    }
+
+    /// The secret itself: call this only where it leaves for the upstream or, once, for the user.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// What may be shown of a secret: at most a 4-character prefix and the last 4 characters.
+    pub fn fingerprint(&self) -> String {
+        fingerprint(&self.0)
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("***")
+    }
+}
+
+impl Drop for Secret {
+    fn drop(&mut self) {
+        // SAFETY: zero bytes are valid UTF-8, so the string stays well-formed until it is freed.
+        for byte in unsafe { self.0.as_bytes_mut() } {
+            // A volatile write keeps the compiler from dropping the zeroing as a dead store.
+            unsafe { std::ptr::write_volatile(byte, 0) };
+        }
+    }
+}
+
+/// Shows a 4-character prefix and the last 4 characters of a long secret, less of a short one,
+/// so that a person can tell keys apart without the secret being recoverable.
+pub fn fingerprint(text: &str) -> String {
+    let chars: Vec<char> = text.chars().collect();
+    if chars.len() >= 16 {
+        let head: String = chars[..4].iter().collect();
+        let tail: String = chars[chars.len() - 4..].iter().collect();
+        format!("{head}…{tail}")
+    } else {
+        let shown = chars.len() / 4;
+        let tail: String = chars[chars.len() - shown..].iter().collect();
+        format!("…{tail}")
+    }
+}
+
+/// The SHA-256 hash of a virtual key: the only form in which the daemon keeps it.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct KeyHash(pub [u8; 32]);
+
+impl fmt::Debug for KeyHash {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "KeyHash({:02x}{:02x}…)", self.0[0], self.0[1])
+    }
+}
+
+impl KeyHash {
+    pub fn of(key: &str) -> KeyHash {
+        let digest = digest::digest(&digest::SHA256, key.as_bytes());
+        let mut out = [0u8; 32];
+        out.copy_from_slice(digest.as_ref());
+        KeyHash(out)
+    }
+
+    /// Constant-time equality, so that a comparison does not leak where two hashes differ.
+    pub fn ct_eq(&self, other: &KeyHash) -> bool {
+        let mut diff = 0u8;
+        for (a, b) in self.0.iter().zip(other.0.iter()) {
+            diff |= a ^ b;
+        }
+        diff == 0
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("the system random number generator failed")]
+pub struct RandomError;
+
+/// Mints a new virtual key: the prefix and 43 uniformly random base62 characters.
+pub fn generate_virtual_key() -> Result<Secret, RandomError> {
+    let rng = SystemRandom::new();
+    let mut key = String::with_capacity(VIRTUAL_KEY_PREFIX.len() + VIRTUAL_KEY_RANDOM_CHARS);
+    key.push_str(VIRTUAL_KEY_PREFIX);
+    let mut buf = [0u8; 64];
+    while key.len() < VIRTUAL_KEY_PREFIX.len() + VIRTUAL_KEY_RANDOM_CHARS {
+        rng.fill(&mut buf).map_err(|_| RandomError)?;
+        for &byte in &buf {
+            // Rejection sampling: 248 = 4 * 62, so the accepted bytes map onto base62 uniformly.
+            if byte < 248 && key.len() < VIRTUAL_KEY_PREFIX.len() + VIRTUAL_KEY_RANDOM_CHARS {
+                key.push(BASE62[(byte % 62) as usize] as char);
+            }
+        }
+    }
+    Ok(Secret::new(key))
+}
+
+/// True when `text` has the shape of a capit virtual key.
+pub fn looks_like_virtual_key(text: &str) -> bool {
+    text.strip_prefix(VIRTUAL_KEY_PREFIX)
+        .is_some_and(|rest| rest.len() >= 32 && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtual_keys_have_the_contract_shape_and_differ() {
+        let a = generate_virtual_key().unwrap();
+        let b = generate_virtual_key().unwrap();
+        assert!(looks_like_virtual_key(a.expose()), "{}", a.expose());
+        assert_eq!(a.expose().len(), VIRTUAL_KEY_PREFIX.len() + 43);
+        assert_ne!(a, b);
+    }
+
+    #[test]
+    fn fingerprints_hide_the_middle() {
+        assert_eq!(fingerprint("sk-proj-abcdefghijklmnopWXYZ"), "sk-p…WXYZ");
+        assert_eq!(fingerprint("short-key"), "…ey");
+        assert_eq!(fingerprint(""), "…");
+    }
+
+    #[test]
+    fn debug_never_shows_the_secret() {
+        let s = Secret::new("sk-very-secret".into());
+        assert_eq!(format!("{s:?}"), "***");
+    }
+
+    #[test]
+    fn hashes_compare_in_constant_time() {
+        let a = KeyHash::of("sk-capit-a");
+        assert!(a.ct_eq(&KeyHash::of("sk-capit-a")));
+        assert!(!a.ct_eq(&KeyHash::of("sk-capit-b")));
+    }
+}

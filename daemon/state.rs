@@ -1,0 +1,524 @@
+//! The daemon's live state: providers, master keys, prices and grants in memory, with their
+//! spend, kept in step with the store. The control service and the proxy both work through it.
+//!
+//! Invariants:
+//! - A change is committed to the store before memory shows it, so a failed write leaves
+//!   nothing half-done and what the daemon acts on is always what it would reload.
+//! - A grant's spend lives behind its own small mutex ([`GrantSlot`]); admission and
+//!   settlement lock only that grant, never a disk.
+//! - Control-plane changes are serialised by one async mutex, so checks such as "this name is
+//!   free" hold until the write lands.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex, OnceLock, RwLock};
+use std::time::Instant;
+
+use rust_decimal::Decimal;
+
+use crate::grants::{Grant, GrantError, GrantId, GrantState, Period, Refusal, Window};
+use crate::ledger::{LedgerEntry, Totals};
+use crate::pricing::{Price, PriceError, PriceSource, PriceTable};
+use crate::providers::{self, Provider, ProviderError, ProviderKind};
+use crate::secret::{self, KeyHash, Secret};
+use crate::store::{Snapshot, Store, StoreError, StoredKey, WriteOp};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("unknown provider {0:?}")]
+    UnknownProvider(String),
+    #[error("provider {0:?} already exists")]
+    ProviderExists(String),
+    #[error("no master key is stored for provider {0:?}; add one with: capitctl key add {0}")]
+    NoKey(String),
+    #[error("unknown grant {0:?}")]
+    UnknownGrant(String),
+    #[error("an active grant named {0:?} already exists; revoke it first")]
+    GrantExists(String),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(transparent)]
+    Provider(#[from] ProviderError),
+    #[error(transparent)]
+    Grant(#[from] GrantError),
+    #[error(transparent)]
+    Price(#[from] PriceError),
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("generating a key: {0}")]
+    Random(#[from] secret::RandomError),
+}
+
+/// The time source; tests of the proxy run on the real clock, domain tests pass `now` directly.
+pub fn now_seconds() -> i64 {
+    chrono::Utc::now().timestamp()
+}
+
+pub fn now_millis() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// The spend window of `period` containing `at` in the user's local time zone.
+pub fn local_window(period: Period, at: i64) -> Window {
+    use chrono::TimeZone;
+    match chrono::Local.timestamp_opt(at, 0).single() {
+        Some(local) => period.window(&local),
+        None => Window { start: 0, end: None },
+    }
+}
+
+/// A master key in memory.
+#[derive(Clone)]
+pub struct MasterKey {
+    pub secret: Arc<Secret>,
+    pub added_at: i64,
+}
+
+/// One grant and its spend in the current window.
+pub struct GrantSlot {
+    pub id: GrantId,
+    live: Mutex<GrantLive>,
+}
+
+struct GrantLive {
+    grant: Grant,
+    window: Window,
+    spent: Decimal,
+}
+
+/// A grant as listings show it.
+#[derive(Clone, Debug)]
+pub struct GrantView {
+    pub grant: Grant,
+    pub spent: Decimal,
+    pub state: GrantState,
+    pub window: Window,
+}
+
+struct Registry {
+    providers: BTreeMap<String, Provider>,
+    keys: BTreeMap<String, MasterKey>,
+    prices: PriceTable,
+    grants: BTreeMap<GrantId, Arc<GrantSlot>>,
+    /// Virtual key hash → grant, for grants that are not revoked.
+    by_hash: HashMap<KeyHash, GrantId>,
+    /// Name → grant, for grants that are not revoked.
+    by_name: HashMap<String, GrantId>,
+    next_grant_id: u64,
+}
+
+pub struct State {
+    store: Store,
+    registry: RwLock<Registry>,
+    admin: tokio::sync::Mutex<()>,
+    started: Instant,
+    listen_addr: OnceLock<SocketAddr>,
+    home: PathBuf,
+}
+
+/// What the proxy needs to forward a request for one provider.
+pub struct Upstream {
+    pub provider: Provider,
+    pub key: Arc<Secret>,
+}
+
+/// Why a presented virtual key does not open the proxy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AuthFailure {
+    Missing,
+    Unknown,
+    WrongProvider { grant: String, provider: String },
+}
+
+impl State {
+    pub fn new(store: Store, snapshot: Snapshot, home: PathBuf) -> Result<State, StateError> {
+        let mut providers: BTreeMap<String, Provider> =
+            providers::builtin_providers().into_iter().map(|p| (p.name.clone(), p)).collect();
+        for p in snapshot.providers {
+            providers.insert(p.name.clone(), p);
+        }
+        let keys = snapshot
+            .keys
+            .into_iter()
+            .map(|(name, k)| (name, MasterKey { secret: Arc::new(Secret::new(k.secret)), added_at: k.added_at }))
+            .collect();
+        let prices = PriceTable::with_overrides(snapshot.prices.into_iter().collect());
+        let now = now_seconds();
+        let mut registry = Registry {
+            providers,
+            keys,
+            prices,
+            grants: BTreeMap::new(),
+            by_hash: HashMap::new(),
+            by_name: HashMap::new(),
+            next_grant_id: 1,
+        };
+        for grant in snapshot.grants {
+            let window = local_window(grant.period, now);
+            let spent = store.totals(grant.id, window.start)?.spent;
+            registry.next_grant_id = registry.next_grant_id.max(grant.id.0 + 1);
+            if grant.revoked_at.is_none() {
+                registry.by_hash.insert(grant.key_hash, grant.id);
+                registry.by_name.insert(grant.name.clone(), grant.id);
+            }
+            let slot = GrantSlot { id: grant.id, live: Mutex::new(GrantLive { grant, window, spent }) };
+            registry.grants.insert(slot.id, Arc::new(slot));
+        }
+        Ok(State {
+            store,
+            registry: RwLock::new(registry),
+            admin: tokio::sync::Mutex::new(()),
+            started: Instant::now(),
+            listen_addr: OnceLock::new(),
+            home,
+        })
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    pub fn set_listen_addr(&self, addr: SocketAddr) {
+        let _ = self.listen_addr.set(addr);
+    }
+
+    pub fn listen_addr(&self) -> Option<SocketAddr> {
+        self.listen_addr.get().copied()
+    }
+
+    pub fn home(&self) -> &PathBuf {
+        &self.home
+    }
+
+    pub fn uptime_seconds(&self) -> u64 {
+        self.started.elapsed().as_secs()
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Registry> {
+        self.registry.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Registry> {
+        self.registry.write().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    // ---- master keys ----
+
+    pub async fn add_key(&self, provider: &str, secret: Secret) -> Result<(String, i64), StateError> {
+        let text = secret.expose().trim().to_string();
+        if text.is_empty() || text.len() > 4096 || text.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return Err(StateError::Invalid("the key is empty or has spaces or control characters".into()));
+        }
+        if secret::looks_like_virtual_key(&text) {
+            return Err(StateError::Invalid("that is a capit virtual key, not the provider's own key".into()));
+        }
+        let _admin = self.admin.lock().await;
+        if !self.read().providers.contains_key(provider) {
+            return Err(StateError::UnknownProvider(provider.to_string()));
+        }
+        let added_at = now_seconds();
+        let stored = StoredKey { secret: text.clone(), added_at };
+        self.store.write(WriteOp::PutKey { provider: provider.to_string(), key: stored }).await?;
+        let secret = Secret::new(text);
+        let fingerprint = secret.fingerprint();
+        self.write().keys.insert(provider.to_string(), MasterKey { secret: Arc::new(secret), added_at });
+        Ok((fingerprint, added_at))
+    }
+
+    pub async fn remove_key(&self, provider: &str) -> Result<(), StateError> {
+        let _admin = self.admin.lock().await;
+        if !self.read().keys.contains_key(provider) {
+            return Err(StateError::NoKey(provider.to_string()));
+        }
+        self.store.write(WriteOp::DeleteKey { provider: provider.to_string() }).await?;
+        self.write().keys.remove(provider);
+        Ok(())
+    }
+
+    /// (provider, fingerprint, added_at) of every stored key.
+    pub fn list_keys(&self) -> Vec<(String, String, i64)> {
+        self.read().keys.iter().map(|(p, k)| (p.clone(), k.secret.fingerprint(), k.added_at)).collect()
+    }
+
+    // ---- providers ----
+
+    pub fn list_providers(&self) -> Vec<(Provider, bool)> {
+        let registry = self.read();
+        registry.providers.values().map(|p| (p.clone(), registry.keys.contains_key(&p.name))).collect()
+    }
+
+    pub fn provider(&self, name: &str) -> Option<Provider> {
+        self.read().providers.get(name).cloned()
+    }
+
+    pub async fn set_provider(&self, name: &str, base_url: Option<&str>, price_zero: Option<bool>) -> Result<Provider, StateError> {
+        let _admin = self.admin.lock().await;
+        let mut provider = self.provider(name).ok_or_else(|| StateError::UnknownProvider(name.to_string()))?;
+        if let Some(url) = base_url {
+            provider.base_url = providers::normalize_base_url(url)?;
+        }
+        if let Some(zero) = price_zero {
+            provider.price_zero = zero;
+        }
+        self.store.write(WriteOp::PutProvider(provider.clone())).await?;
+        self.write().providers.insert(name.to_string(), provider.clone());
+        Ok(provider)
+    }
+
+    pub async fn add_provider(&self, name: &str, kind: &str, base_url: &str, price_zero: bool) -> Result<Provider, StateError> {
+        providers::validate_name(name)?;
+        let kind = match ProviderKind::parse(kind) {
+            Some(ProviderKind::OpenAiCompatible) => ProviderKind::OpenAiCompatible,
+            _ => return Err(ProviderError::BadKind(kind.to_string()).into()),
+        };
+        let base_url = providers::normalize_base_url(base_url)?;
+        let _admin = self.admin.lock().await;
+        if self.read().providers.contains_key(name) {
+            return Err(StateError::ProviderExists(name.to_string()));
+        }
+        let provider = Provider { name: name.to_string(), kind, base_url, price_zero };
+        self.store.write(WriteOp::PutProvider(provider.clone())).await?;
+        self.write().providers.insert(name.to_string(), provider.clone());
+        Ok(provider)
+    }
+
+    // ---- prices ----
+
+    pub fn list_prices(&self) -> Vec<(String, Price, PriceSource)> {
+        self.read().prices.entries().into_iter().map(|(m, p, s)| (m.to_string(), p.clone(), s)).collect()
+    }
+
+    pub fn price(&self, model: &str) -> Option<(String, Price)> {
+        self.read().prices.lookup(model).map(|(name, price)| (name.to_string(), price.clone()))
+    }
+
+    pub async fn set_price(&self, model: &str, price: Price) -> Result<Price, StateError> {
+        crate::pricing::validate_model_name(model)?;
+        price.validate()?;
+        let _admin = self.admin.lock().await;
+        self.store.write(WriteOp::PutPrice { model: model.to_string(), price: price.clone() }).await?;
+        self.write().prices.set_override(model.to_string(), price.clone());
+        Ok(price)
+    }
+
+    // ---- grants ----
+
+    /// Mints a grant and its virtual key; the key is returned once and only its hash is kept.
+    pub async fn create_grant(&self, spec: GrantSpec) -> Result<(GrantView, Secret), StateError> {
+        crate::grants::validate_name(&spec.name)?;
+        let now = now_seconds();
+        if spec.expires_at.is_some_and(|at| at <= now) {
+            return Err(GrantError::ExpiryInPast.into());
+        }
+        let models: Vec<String> = spec.models.iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect();
+        for model in &models {
+            crate::pricing::validate_model_name(model)?;
+        }
+        if spec.note.len() > 1000 || spec.created_by.len() > 200 {
+            return Err(StateError::Invalid("the note must be at most 1000 bytes".into()));
+        }
+        let _admin = self.admin.lock().await;
+        let (id, key) = {
+            let registry = self.read();
+            if !registry.providers.contains_key(&spec.provider) {
+                return Err(StateError::UnknownProvider(spec.provider));
+            }
+            if registry.by_name.contains_key(&spec.name) {
+                return Err(StateError::GrantExists(spec.name));
+            }
+            (GrantId(registry.next_grant_id), secret::generate_virtual_key()?)
+        };
+        let grant = Grant {
+            id,
+            name: spec.name,
+            provider: spec.provider,
+            cap: spec.cap,
+            period: spec.period,
+            expires_at: spec.expires_at,
+            models,
+            key_hash: KeyHash::of(key.expose()),
+            created_at: now,
+            created_by: spec.created_by,
+            note: spec.note,
+            revoked_at: None,
+        };
+        self.store.write(WriteOp::PutGrant(grant.clone())).await?;
+        let window = local_window(grant.period, now);
+        let view = GrantView { state: grant.state(now, Decimal::ZERO), spent: Decimal::ZERO, window, grant: grant.clone() };
+        let mut registry = self.write();
+        registry.next_grant_id = id.0 + 1;
+        registry.by_hash.insert(grant.key_hash, id);
+        registry.by_name.insert(grant.name.clone(), id);
+        let slot = GrantSlot { id, live: Mutex::new(GrantLive { grant, window, spent: Decimal::ZERO }) };
+        registry.grants.insert(id, Arc::new(slot));
+        Ok((view, key))
+    }
+
+    pub fn list_grants(&self, include_revoked: bool) -> Vec<GrantView> {
+        let now = now_seconds();
+        let slots: Vec<Arc<GrantSlot>> = self.read().grants.values().cloned().collect();
+        slots
+            .iter()
+            .map(|slot| slot.view(now, &self.store))
+            .filter(|view| include_revoked || view.state != GrantState::Revoked)
+            .collect()
+    }
+
+    /// The grant by name: the active one, or else the most recent revoked one.
+    pub fn find_grant(&self, name: &str) -> Option<Arc<GrantSlot>> {
+        let registry = self.read();
+        if let Some(id) = registry.by_name.get(name) {
+            return registry.grants.get(id).cloned();
+        }
+        registry.grants.values().rev().find(|slot| slot.name() == name).cloned()
+    }
+
+    pub fn grant_view(&self, slot: &GrantSlot) -> GrantView {
+        slot.view(now_seconds(), &self.store)
+    }
+
+    /// Kills a grant's key at once. The record and its ledger stay.
+    pub async fn revoke_grant(&self, name: &str) -> Result<GrantView, StateError> {
+        let _admin = self.admin.lock().await;
+        let slot = {
+            let registry = self.read();
+            let id = registry.by_name.get(name).ok_or_else(|| StateError::UnknownGrant(name.to_string()))?;
+            registry.grants.get(id).cloned().ok_or_else(|| StateError::UnknownGrant(name.to_string()))?
+        };
+        let mut revoked = slot.grant();
+        revoked.revoked_at = Some(now_seconds());
+        self.store.write(WriteOp::PutGrant(revoked.clone())).await?;
+        {
+            let mut registry = self.write();
+            registry.by_hash.remove(&revoked.key_hash);
+            registry.by_name.remove(&revoked.name);
+        }
+        slot.lock().grant = revoked;
+        Ok(self.grant_view(&slot))
+    }
+
+    // ---- the proxy's side ----
+
+    /// Finds the grant a presented virtual key belongs to, for a request to `provider`.
+    pub fn authenticate(&self, presented: Option<&str>, provider: &str) -> Result<Arc<GrantSlot>, AuthFailure> {
+        let presented = presented.ok_or(AuthFailure::Missing)?;
+        let hash = KeyHash::of(presented);
+        let registry = self.read();
+        let id = registry.by_hash.get(&hash).ok_or(AuthFailure::Unknown)?;
+        let slot = registry.grants.get(id).ok_or(AuthFailure::Unknown)?;
+        let live = slot.lock();
+        if !live.grant.key_hash.ct_eq(&hash) {
+            return Err(AuthFailure::Unknown);
+        }
+        if live.grant.provider != provider {
+            return Err(AuthFailure::WrongProvider { grant: live.grant.name.clone(), provider: live.grant.provider.clone() });
+        }
+        drop(live);
+        Ok(slot.clone())
+    }
+
+    /// The provider and its master key, for forwarding.
+    pub fn upstream(&self, provider: &str) -> Result<Upstream, StateError> {
+        let registry = self.read();
+        let provider = registry.providers.get(provider).cloned().ok_or_else(|| StateError::UnknownProvider(provider.to_string()))?;
+        let key = registry.keys.get(&provider.name).map(|k| k.secret.clone()).ok_or_else(|| StateError::NoKey(provider.name.clone()))?;
+        Ok(Upstream { provider, key })
+    }
+
+    /// Checks a request for `model` against the grant's limits at `now`.
+    pub fn admit(&self, slot: &GrantSlot, model: &str, now: i64) -> Result<(), Refusal> {
+        let mut live = slot.lock();
+        live.roll(now, slot.id, &self.store);
+        live.grant.check(now, live.spent, live.window, model)
+    }
+
+    /// Checks that a grant may make free calls (model lists): not revoked, not expired.
+    pub fn admit_free(&self, slot: &GrantSlot, now: i64) -> Result<(), Refusal> {
+        slot.lock().grant.check_alive(now)
+    }
+
+    /// Records a finished request: its cost counts against the grant at once, and the returned
+    /// receiver resolves when the entry (with its running total) is durable.
+    pub fn settle(&self, slot: &GrantSlot, entry: LedgerEntry) -> tokio::sync::oneshot::Receiver<Result<(), StoreError>> {
+        let window_start = {
+            let mut live = slot.lock();
+            live.roll(entry.at_seconds(), slot.id, &self.store);
+            live.spent += entry.cost;
+            live.window.start
+        };
+        self.store.submit(WriteOp::AppendEntry { entry, window_start })
+    }
+
+    // ---- reports ----
+
+    pub fn counts(&self) -> (usize, usize, usize, usize) {
+        let registry = self.read();
+        (registry.by_name.len(), registry.grants.len(), registry.keys.len(), registry.providers.len())
+    }
+
+    /// Sums of ledger entries since `since_ms`, for one grant or all.
+    pub async fn usage(&self, grant: Option<GrantId>, since_ms: i64) -> Result<Vec<LedgerEntry>, StateError> {
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || store.entries(grant, since_ms))
+            .await
+            .map_err(|e| StateError::Invalid(format!("usage query failed: {e}")))?
+            .map_err(StateError::from)
+    }
+
+    pub fn grant_names(&self) -> HashMap<GrantId, String> {
+        let slots: Vec<Arc<GrantSlot>> = self.read().grants.values().cloned().collect();
+        slots.iter().map(|s| (s.id, s.name())).collect()
+    }
+}
+
+/// What a new grant is made of, as the control API hands it over (validated by `create_grant`).
+#[derive(Clone, Debug)]
+pub struct GrantSpec {
+    pub name: String,
+    pub provider: String,
+    pub cap: Decimal,
+    pub period: Period,
+    pub expires_at: Option<i64>,
+    pub models: Vec<String>,
+    pub note: String,
+    pub created_by: String,
+}
+
+impl GrantSlot {
+    fn lock(&self) -> std::sync::MutexGuard<'_, GrantLive> {
+        self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn grant(&self) -> Grant {
+        self.lock().grant.clone()
+    }
+
+    pub fn name(&self) -> String {
+        self.lock().grant.name.clone()
+    }
+
+    fn view(&self, now: i64, store: &Store) -> GrantView {
+        let mut live = self.lock();
+        live.roll(now, self.id, store);
+        GrantView { grant: live.grant.clone(), spent: live.spent, state: live.grant.state(now, live.spent), window: live.window }
+    }
+}
+
+impl GrantLive {
+    /// Moves to the window containing `at` when the period has turned over, taking that
+    /// window's spend from the store's running totals (zero for a window not yet used).
+    fn roll(&mut self, at: i64, id: GrantId, store: &Store) {
+        if self.window.contains(at) {
+            return;
+        }
+        self.window = local_window(self.grant.period, at);
+        self.spent = match store.totals(id, self.window.start) {
+            Ok(Totals { spent, .. }) => spent,
+            Err(e) => {
+                tracing::error!(error = %e, grant = id.0, "reading a grant's totals failed; counting from zero");
+                Decimal::ZERO
+            }
+        };
+    }
+}

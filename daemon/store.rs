@@ -1,0 +1,338 @@
+//! The durable state in one redb file: master keys, providers, grants, price overrides, the
+//! ledger and its running totals. The only module that knows redb.
+//!
+//! Invariants:
+//! - All writes go through one writer thread, which commits every job waiting in its queue in
+//!   one transaction (`Durability::Immediate`: fsync before anyone is told it is done). So one
+//!   commit serves every request that settled meanwhile, and no async thread waits on a disk.
+//! - A ledger entry and its grant's running total are written in the same transaction, so the
+//!   totals always equal the sum of the entries.
+
+use std::fs::OpenOptions;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, mpsc};
+use std::thread::JoinHandle;
+
+use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
+use serde::{Deserialize, Serialize, de::DeserializeOwned};
+use tokio::sync::oneshot;
+
+use crate::grants::{Grant, GrantId};
+use crate::ledger::{LedgerEntry, Totals};
+use crate::pricing::Price;
+use crate::providers::Provider;
+
+const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
+const MASTER_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("master_keys");
+const PROVIDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("providers");
+const GRANTS: TableDefinition<u64, &[u8]> = TableDefinition::new("grants");
+const PRICES: TableDefinition<&str, &[u8]> = TableDefinition::new("prices");
+/// (grant id, ledger sequence number) → entry. Sequence numbers are global and never reused.
+const LEDGER: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("ledger");
+/// (grant id, window start in Unix seconds; 0 for a total cap) → running totals.
+const TOTALS: TableDefinition<(u64, i64), &[u8]> = TableDefinition::new("totals");
+
+const SCHEMA_VERSION: &[u8] = b"1";
+const NEXT_SEQ: &str = "next_ledger_seq";
+
+/// At most this many jobs share one commit, so one batch cannot grow without bound.
+const MAX_BATCH: usize = 8192;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database: {0}")]
+    Redb(#[from] redb::Error),
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("the database at {0} is in use by another capitd")]
+    InUse(PathBuf),
+    #[error("database record {what} is unreadable: {detail}")]
+    Corrupt { what: String, detail: String },
+    #[error("database schema version {0:?} is not one this capitd knows")]
+    Schema(String),
+    #[error("the store is closed")]
+    Closed,
+    #[error("{0}")]
+    Batch(Arc<StoreError>),
+}
+
+macro_rules! from_redb {
+    ($($t:ty),*) => {$(
+        impl From<$t> for StoreError {
+            fn from(e: $t) -> Self { StoreError::Redb(e.into()) }
+        }
+    )*};
+}
+from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
+
+/// A master key as stored. The database file is 0600 in a 0700 directory.
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StoredKey {
+    pub secret: String,
+    pub added_at: i64,
+}
+
+/// Everything the daemon holds in memory, read once at start.
+pub struct Snapshot {
+    pub keys: Vec<(String, StoredKey)>,
+    pub providers: Vec<Provider>,
+    pub grants: Vec<Grant>,
+    pub prices: Vec<(String, Price)>,
+}
+
+/// One write. The writer applies a batch of these in a single transaction.
+pub enum WriteOp {
+    PutKey { provider: String, key: StoredKey },
+    DeleteKey { provider: String },
+    PutProvider(Provider),
+    PutGrant(Grant),
+    PutPrice { model: String, price: Price },
+    /// Appends an entry and adds it to the totals of the window starting at `window_start`.
+    AppendEntry { entry: LedgerEntry, window_start: i64 },
+}
+
+struct Job {
+    op: WriteOp,
+    done: oneshot::Sender<Result<(), StoreError>>,
+}
+
+/// A cheap handle to the database and its writer thread.
+#[derive(Clone)]
+pub struct Store {
+    db: Arc<Database>,
+    writer: Arc<Writer>,
+}
+
+struct Writer {
+    /// `None` once closed; sending under the lock never blocks (the channel is unbounded).
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    thread: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Store {
+    /// Opens (creating, 0600) the database and starts the writer thread.
+    pub fn open(path: &Path) -> Result<(Store, Snapshot), StoreError> {
+        let io = |source| StoreError::Io { path: path.to_path_buf(), source };
+        OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io)?;
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+        let db = match Database::create(path) {
+            Ok(db) => db,
+            Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.to_path_buf())),
+            Err(e) => return Err(e.into()),
+        };
+        init_schema(&db)?;
+        let snapshot = read_snapshot(&db)?;
+        let db = Arc::new(db);
+        let (jobs, rx) = mpsc::channel();
+        let writer_db = db.clone();
+        let writer = std::thread::Builder::new()
+            .name("capit-store-writer".into())
+            .spawn(move || writer_loop(&writer_db, rx))
+            .map_err(io)?;
+        let writer = Writer { jobs: Mutex::new(Some(jobs)), thread: Mutex::new(Some(writer)) };
+        Ok((Store { db, writer: Arc::new(writer) }, snapshot))
+    }
+
+    /// Queues a write and waits until it is committed to disk.
+    pub async fn write(&self, op: WriteOp) -> Result<(), StoreError> {
+        self.submit(op).await.unwrap_or(Err(StoreError::Closed))
+    }
+
+    /// Queues a write; the returned receiver resolves once it is committed. Usable from sync
+    /// code (a response body's last poll) without blocking.
+    pub fn submit(&self, op: WriteOp) -> oneshot::Receiver<Result<(), StoreError>> {
+        let (done, rx) = oneshot::channel();
+        let job = Job { op, done };
+        let unsent = match self.writer.jobs.lock() {
+            Ok(guard) => match guard.as_ref() {
+                Some(jobs) => jobs.send(job).err().map(|mpsc::SendError(job)| job),
+                None => Some(job),
+            },
+            Err(_) => Some(job),
+        };
+        if let Some(job) = unsent {
+            let _ = job.done.send(Err(StoreError::Closed));
+        }
+        rx
+    }
+
+    /// Finishes every queued write and stops the writer. Later writes fail with `Closed`.
+    pub fn close(&self) {
+        if let Ok(mut jobs) = self.writer.jobs.lock() {
+            jobs.take();
+        }
+        let thread = self.writer.thread.lock().ok().and_then(|mut t| t.take());
+        if let Some(thread) = thread {
+            let _ = thread.join();
+        }
+    }
+
+    /// The running totals of `grant` for the window starting at `window_start`.
+    pub fn totals(&self, grant: GrantId, window_start: i64) -> Result<Totals, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(TOTALS)?;
+        match table.get((grant.0, window_start))? {
+            Some(value) => decode("totals", value.value()),
+            None => Ok(Totals::default()),
+        }
+    }
+
+    /// Ledger entries of one grant (or all) settled at or after `since_ms`, oldest first per grant.
+    pub fn entries(&self, grant: Option<GrantId>, since_ms: i64) -> Result<Vec<LedgerEntry>, StoreError> {
+        let txn = self.db.begin_read()?;
+        let table = txn.open_table(LEDGER)?;
+        let range = match grant {
+            Some(g) => table.range((g.0, 0)..=(g.0, u64::MAX))?,
+            None => table.range::<(u64, u64)>(..)?,
+        };
+        let mut out = Vec::new();
+        for item in range {
+            let (_, value) = item?;
+            let entry: LedgerEntry = decode("ledger entry", value.value())?;
+            if entry.at_ms >= since_ms {
+                out.push(entry);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn ledger_len(&self) -> Result<u64, StoreError> {
+        let txn = self.db.begin_read()?;
+        Ok(txn.open_table(LEDGER)?.len()?)
+    }
+}
+
+fn init_schema(db: &Database) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        let existing = meta.get("schema_version")?.map(|v| v.value().to_vec());
+        match existing {
+            None => {
+                meta.insert("schema_version", SCHEMA_VERSION)?;
+            }
+            Some(v) if v == SCHEMA_VERSION => {}
+            Some(v) => return Err(StoreError::Schema(String::from_utf8_lossy(&v).into_owned())),
+        }
+        txn.open_table(MASTER_KEYS)?;
+        txn.open_table(PROVIDERS)?;
+        txn.open_table(GRANTS)?;
+        txn.open_table(PRICES)?;
+        txn.open_table(LEDGER)?;
+        txn.open_table(TOTALS)?;
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
+    let txn = db.begin_read()?;
+    let mut keys = Vec::new();
+    for item in txn.open_table(MASTER_KEYS)?.iter()? {
+        let (name, value) = item?;
+        keys.push((name.value().to_string(), decode("master key", value.value())?));
+    }
+    let mut providers = Vec::new();
+    for item in txn.open_table(PROVIDERS)?.iter()? {
+        providers.push(decode("provider", item?.1.value())?);
+    }
+    let mut grants = Vec::new();
+    for item in txn.open_table(GRANTS)?.iter()? {
+        grants.push(decode("grant", item?.1.value())?);
+    }
+    let mut prices = Vec::new();
+    for item in txn.open_table(PRICES)?.iter()? {
+        let (model, value) = item?;
+        prices.push((model.value().to_string(), decode("price", value.value())?));
+    }
+    Ok(Snapshot { keys, providers, grants, prices })
+}
+
+fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|e| StoreError::Corrupt { what: what.to_string(), detail: e.to_string() })
+}
+
+fn encode<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).expect("store records serialise: plain structs of strings and numbers")
+}
+
+fn writer_loop(db: &Database, jobs: mpsc::Receiver<Job>) {
+    while let Ok(first) = jobs.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match jobs.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let result = apply_batch(db, &batch);
+        match result {
+            Ok(()) => {
+                for job in batch {
+                    let _ = job.done.send(Ok(()));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, jobs = batch.len(), "store write failed");
+                let shared = Arc::new(e);
+                for job in batch {
+                    let _ = job.done.send(Err(StoreError::Batch(shared.clone())));
+                }
+            }
+        }
+    }
+}
+
+fn apply_batch(db: &Database, batch: &[Job]) -> Result<(), StoreError> {
+    let txn = db.begin_write()?;
+    {
+        let mut meta = txn.open_table(META)?;
+        let mut next_seq = match meta.get(NEXT_SEQ)? {
+            Some(v) => decode::<u64>("ledger sequence", v.value())?,
+            None => 0,
+        };
+        let seq_before = next_seq;
+        let mut master_keys = txn.open_table(MASTER_KEYS)?;
+        let mut providers = txn.open_table(PROVIDERS)?;
+        let mut grants = txn.open_table(GRANTS)?;
+        let mut prices = txn.open_table(PRICES)?;
+        let mut ledger = txn.open_table(LEDGER)?;
+        let mut totals = txn.open_table(TOTALS)?;
+        for job in batch {
+            match &job.op {
+                WriteOp::PutKey { provider, key } => {
+                    master_keys.insert(provider.as_str(), encode(key).as_slice())?;
+                }
+                WriteOp::DeleteKey { provider } => {
+                    master_keys.remove(provider.as_str())?;
+                }
+                WriteOp::PutProvider(p) => {
+                    providers.insert(p.name.as_str(), encode(p).as_slice())?;
+                }
+                WriteOp::PutGrant(g) => {
+                    grants.insert(g.id.0, encode(g).as_slice())?;
+                }
+                WriteOp::PutPrice { model, price } => {
+                    prices.insert(model.as_str(), encode(price).as_slice())?;
+                }
+                WriteOp::AppendEntry { entry, window_start } => {
+                    ledger.insert((entry.grant.0, next_seq), encode(entry).as_slice())?;
+                    next_seq += 1;
+                    let key = (entry.grant.0, *window_start);
+                    let mut sum: Totals = match totals.get(key)? {
+                        Some(v) => decode("totals", v.value())?,
+                        None => Totals::default(),
+                    };
+                    sum.add(entry);
+                    totals.insert(key, encode(&sum).as_slice())?;
+                }
+            }
+        }
+        if next_seq != seq_before {
+            meta.insert(NEXT_SEQ, encode(&next_seq).as_slice())?;
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}

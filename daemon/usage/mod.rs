@@ -1,0 +1,217 @@
+//! Usage parsing: response bytes in, token counts out. No IO, and no input can make it panic.
+//!
+//! Each provider reports usage in its own shape and with its own counting rules (is the cache
+//! inside the input count? is reasoning inside the output count?). The parsers normalise all of
+//! them into one [`Usage`] whose fields have a single meaning, so that pricing has one formula.
+//! A parser never fails the request: what it cannot read it reports in [`Observed`] and the
+//! proxy records the request as estimated.
+
+pub mod openai;
+pub mod sse;
+
+use bytes::Bytes;
+use rust_decimal::Decimal;
+
+use crate::providers::MeteredApi;
+use sse::{SseEvent, SseFramer};
+
+/// Token counts of one request, normalised across providers.
+///
+/// `input_tokens` is every input token, including those read from or written to a cache;
+/// `cached_input_tokens` and the cache writes are subsets of it. `output_tokens` is every
+/// generated token, reasoning included; `reasoning_tokens` is a subset of it.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Usage {
+    pub input_tokens: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cached_input_tokens: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_5m_tokens: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub cache_write_1h_tokens: u64,
+    pub output_tokens: u64,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub reasoning_tokens: u64,
+    /// The cost as the provider itself reported it (OpenRouter), which then wins over prices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reported_cost: Option<Decimal>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+impl Usage {
+    pub fn cache_write_tokens(&self) -> u64 {
+        self.cache_write_5m_tokens.saturating_add(self.cache_write_1h_tokens)
+    }
+}
+
+/// What a parser learnt from one response.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Observed {
+    /// The last usage report seen (reports are running totals: the last one is the whole).
+    pub usage: Option<Usage>,
+    /// The model the response names (a dated snapshot, often), which is what gets priced.
+    pub model: Option<String>,
+    /// An error the upstream reported inside a successful response (a mid-stream error event).
+    pub error: Option<String>,
+    /// Bytes of generated text seen, for estimating output when usage never arrives.
+    pub output_text_bytes: u64,
+    /// The response reached its normal end marker.
+    pub complete: bool,
+}
+
+/// Meters one response body as it streams past, optionally holding back events the client
+/// must not see (the usage chunk the proxy asked for on the client's behalf).
+#[derive(Debug)]
+pub struct ResponseMeter {
+    api: MeteredApi,
+    body: BodyState,
+    observed: Observed,
+    /// Drop the usage-only chunk that exists only because the proxy injected `include_usage`.
+    hide_injected_usage: bool,
+}
+
+#[derive(Debug)]
+enum BodyState {
+    /// A JSON body, accumulated (up to a bound) and parsed once complete.
+    Json { buf: Vec<u8>, overflowed: bool },
+    Sse(SseFramer),
+}
+
+/// JSON responses bigger than this are forwarded but not parsed (they are not chat replies).
+const MAX_JSON_BYTES: usize = 64 * 1024 * 1024;
+
+impl ResponseMeter {
+    /// `is_sse`: the response's content type is `text/event-stream`.
+    pub fn new(api: MeteredApi, is_sse: bool, hide_injected_usage: bool) -> ResponseMeter {
+        let body = if is_sse {
+            BodyState::Sse(SseFramer::new(hide_injected_usage))
+        } else {
+            BodyState::Json { buf: Vec::new(), overflowed: false }
+        };
+        ResponseMeter { api, body, observed: Observed::default(), hide_injected_usage }
+    }
+
+    /// Feeds one chunk of the response and returns the bytes to pass on to the client: the
+    /// chunk itself, or, when events are being filtered, the complete events it finished.
+    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        match &mut self.body {
+            BodyState::Json { buf, overflowed } => {
+                if !*overflowed {
+                    if buf.len() + chunk.len() > MAX_JSON_BYTES {
+                        *overflowed = true;
+                        *buf = Vec::new();
+                    } else {
+                        buf.extend_from_slice(&chunk);
+                    }
+                }
+                chunk
+            }
+            BodyState::Sse(framer) => {
+                let api = self.api;
+                let hide = self.hide_injected_usage;
+                let observed = &mut self.observed;
+                if hide {
+                    let mut out = Vec::new();
+                    framer.push(&chunk, &mut |event| {
+                        if observe_event(api, observed, &event) == Verdict::Forward {
+                            out.extend_from_slice(&event.raw);
+                        }
+                    });
+                    Bytes::from(out)
+                } else {
+                    framer.push(&chunk, &mut |event| {
+                        observe_event(api, observed, &event);
+                    });
+                    chunk
+                }
+            }
+        }
+    }
+
+    /// Ends the response: returns what was observed and any held-back bytes still owed to the
+    /// client.
+    pub fn finish(&mut self) -> (Observed, Bytes) {
+        let mut tail = Vec::new();
+        match &mut self.body {
+            BodyState::Json { buf, overflowed } => {
+                if !*overflowed {
+                    match self.api {
+                        MeteredApi::OpenAiChat => openai::observe_chat_json(&mut self.observed, buf),
+                    }
+                }
+                *buf = Vec::new();
+            }
+            BodyState::Sse(framer) => {
+                let api = self.api;
+                let hide = self.hide_injected_usage;
+                let observed = &mut self.observed;
+                let rest = framer.finish(&mut |event| {
+                    if observe_event(api, observed, &event) == Verdict::Forward && hide {
+                        tail.extend_from_slice(&event.raw);
+                    }
+                });
+                if hide {
+                    tail.extend_from_slice(&rest);
+                }
+            }
+        }
+        (std::mem::take(&mut self.observed), Bytes::from(tail))
+    }
+
+    /// What has been observed so far (for a response cut short).
+    pub fn observed(&self) -> &Observed {
+        &self.observed
+    }
+}
+
+/// Whether an event goes on to the client.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    Forward,
+    Hide,
+}
+
+fn observe_event(api: MeteredApi, observed: &mut Observed, event: &SseEvent) -> Verdict {
+    match api {
+        MeteredApi::OpenAiChat => openai::observe_chat_event(observed, event),
+    }
+}
+
+/// Reads a JSON number as a token count; absent, null, negative or fractional values count as 0
+/// (a malformed count must not become a panic or a wrapped-around huge number).
+pub(crate) fn count(value: Option<&serde_json::Value>) -> u64 {
+    value.and_then(serde_json::Value::as_u64).unwrap_or(0)
+}
+
+#[cfg(test)]
+pub(crate) mod test_support {
+    use super::*;
+
+    /// Runs a whole response through a meter in the given chunks; returns what was observed and
+    /// the bytes the client would have received.
+    pub fn meter_chunks(api: MeteredApi, is_sse: bool, hide: bool, chunks: &[&[u8]]) -> (Observed, Vec<u8>) {
+        let mut meter = ResponseMeter::new(api, is_sse, hide);
+        let mut out = Vec::new();
+        for chunk in chunks {
+            out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(chunk)));
+        }
+        let (observed, tail) = meter.finish();
+        out.extend_from_slice(&tail);
+        (observed, out)
+    }
+
+    /// Splits `stream` at `cuts` sorted positions.
+    pub fn split_at_positions<'a>(stream: &'a [u8], cuts: &[usize]) -> Vec<&'a [u8]> {
+        let mut parts = Vec::new();
+        let mut last = 0;
+        for &cut in cuts {
+            parts.push(&stream[last..cut]);
+            last = cut;
+        }
+        parts.push(&stream[last..]);
+        parts
+    }
+}

@@ -84,16 +84,16 @@ pub enum PriceCommand {
     /// Override a model's prices (USD per million tokens).
     Set {
         model: String,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         input: String,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         output: String,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         cached_input: Option<String>,
         /// Price of a cache write (the 5-minute one where a provider has two).
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         cache_write: Option<String>,
-        #[arg(long)]
+        #[arg(long, allow_hyphen_values = true)]
         cache_write_1h: Option<String>,
         #[arg(long)]
         max_output_tokens: Option<u64>,
@@ -105,6 +105,7 @@ pub struct GrantArgs {
     /// The agent (claude, codex, ...) or any name for a script.
     pub agent: String,
     /// The spend cap in US dollars, e.g. 5.00.
+    #[arg(allow_hyphen_values = true)]
     pub amount: String,
     #[arg(long)]
     pub provider: Option<String>,

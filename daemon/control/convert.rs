@@ -42,7 +42,7 @@ pub fn parse_decimal(text: &str, field: &str) -> Result<Option<Decimal>, Status>
     text.parse::<Decimal>()
         .or_else(|_| Decimal::from_scientific(text))
         .map(Some)
-        .map_err(|_| Status::invalid_argument(format!("{field} {text:?} is not a decimal number")))
+        .map_err(|_| Status::invalid_argument(format!("{field} price {text:?} is not a decimal number")))
 }
 
 pub fn provider(p: &Provider, has_key: bool) -> pb::Provider {

@@ -1,1 +1,10 @@
+//! End-to-end tests: the real capitd and capitctl over the real socket and proxy, against fake
+//! upstreams that speak each provider's wire format. Only the upstream is fake.
 
+mod support;
+
+mod cli;
+mod lifecycle;
+mod metering;
+mod refusals;
+mod sdk;

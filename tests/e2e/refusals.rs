@@ -1,0 +1,173 @@
+//! Every refusal answers in OpenAI's error format with a readable message and a fitting status,
+//! and a refused request never reaches the upstream.
+
+use std::time::Duration;
+
+use ::http::Method;
+
+use crate::metering::{chat_url, setup};
+use crate::support::daemon::Daemon;
+use crate::support::http::{self, post_json};
+use crate::support::upstream::Fake;
+use crate::support::{dec, runtime, wait_for};
+
+const PLAIN: &str = r#"{"model":"test-model","messages":[{"role":"user","content":"hi"}]}"#;
+
+#[test]
+fn bad_keys_are_refused_with_401() {
+    let (daemon, fake) = setup();
+    let key = daemon.grant("script", "5.00", &["--provider", "openai"]);
+    let rt = runtime();
+    let url = chat_url(&daemon);
+    let none = rt.block_on(http::send(Method::POST, &url, &[], PLAIN));
+    assert_eq!(none.status, 401);
+    assert!(none.error_message().contains("no key"), "{}", none.text());
+    let wrong = rt.block_on(post_json(&url, "sk-capit-0000000000000000000000000000000000000000000", PLAIN));
+    assert_eq!(wrong.status, 401);
+    assert_eq!(wrong.json()["error"]["code"], "invalid_api_key");
+    let master = rt.block_on(post_json(&url, crate::metering::MASTER, PLAIN));
+    assert_eq!(master.status, 401, "the master key itself does not open the proxy");
+    // x-api-key works as well as Bearer.
+    let via_header = rt.block_on(http::send(Method::POST, &url, &[("x-api-key", &key)], PLAIN));
+    assert_eq!(via_header.status, 200);
+    assert_eq!(fake.received().len(), 1);
+
+    daemon.ctl_ok(&["revoke", "script"]);
+    let revoked = rt.block_on(post_json(&url, &key, PLAIN));
+    assert_eq!(revoked.status, 401);
+    assert_eq!(fake.received().len(), 1, "refused requests never reach the upstream");
+    let listed = daemon.ctl_json(&["ls", "--all"]);
+    assert_eq!(listed[0]["state"], "revoked");
+    assert!(daemon.ctl_json(&["ls"]).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn an_expired_grant_is_refused() {
+    let (daemon, fake) = setup();
+    let expires = chrono::Utc::now() + chrono::Duration::seconds(2);
+    let key = daemon.grant("script", "5.00", &["--provider", "openai", "--expires", &expires.to_rfc3339()]);
+    let rt = runtime();
+    let url = chat_url(&daemon);
+    assert_eq!(rt.block_on(post_json(&url, &key, PLAIN)).status, 200);
+    let reply = wait_for("the grant to expire", Duration::from_secs(10), || {
+        let reply = rt.block_on(post_json(&url, &key, PLAIN));
+        (reply.status != 200).then_some(reply)
+    });
+    assert_eq!(reply.status, 401);
+    assert!(reply.error_message().contains("expired"), "{}", reply.text());
+    assert_eq!(daemon.ctl_json(&["ls"])[0]["state"], "expired");
+    let billed = fake.billed_requests();
+    assert_eq!(rt.block_on(post_json(&url, &key, PLAIN)).status, 401);
+    assert_eq!(fake.billed_requests(), billed);
+}
+
+#[test]
+fn models_outside_the_grant_are_refused_with_403() {
+    let (daemon, fake) = setup();
+    let key = daemon.grant("script", "5.00", &["--provider", "openai", "--models", "test-model,gpt-5-mini"]);
+    let rt = runtime();
+    let reply = rt.block_on(post_json(&chat_url(&daemon), &key, r#"{"model":"gpt-5","messages":[]}"#));
+    assert_eq!(reply.status, 403);
+    let message = reply.error_message();
+    assert!(message.contains("gpt-5") && message.contains("test-model, gpt-5-mini"), "{message}");
+    assert!(fake.received().is_empty());
+    assert_eq!(rt.block_on(post_json(&chat_url(&daemon), &key, PLAIN)).status, 200);
+}
+
+#[test]
+fn a_spent_budget_is_refused_with_429_naming_spent_cap_and_reset() {
+    let (daemon, fake) = setup();
+    // Each request costs 1000 × 1.10 + 1000 × 4.40 per million = $0.0055; the cap fits 3 and a bit.
+    let key = daemon.grant("script", "0.02", &["--provider", "openai", "--period", "day"]);
+    fake.script(|s| {
+        s.prompt_tokens = 1000;
+        s.completion_tokens = 1000;
+    });
+    let rt = runtime();
+    let mut statuses = Vec::new();
+    for _ in 0..6 {
+        statuses.push(rt.block_on(post_json(&chat_url(&daemon), &key, PLAIN)));
+    }
+    let codes: Vec<u16> = statuses.iter().map(|r| r.status).collect();
+    assert_eq!(codes, [200, 200, 200, 200, 429, 429]);
+    let message = statuses[4].error_message();
+    assert!(message.contains("has spent $0.022 of its $0.02 daily cap; it resets on"), "{message}");
+    assert_eq!(statuses[4].json()["error"]["type"], "insufficient_quota");
+    assert_eq!(fake.billed_requests(), 4);
+    assert_eq!(daemon.spent("script"), fake.bill());
+    let listed = daemon.ctl_json(&["ls"]);
+    assert_eq!(listed[0]["state"], "exhausted");
+    assert!(listed[0]["resets_at"].is_string());
+}
+
+#[test]
+fn unknown_prices_paths_and_providers_are_refused() {
+    let (daemon, fake) = setup();
+    let key = daemon.grant("script", "5.00", &["--provider", "openai"]);
+    let rt = runtime();
+    let auth = format!("Bearer {key}");
+    let headers = [("authorization", auth.as_str())];
+
+    let reply = rt.block_on(post_json(&chat_url(&daemon), &key, r#"{"model":"mystery-model-9","messages":[]}"#));
+    assert_eq!(reply.status, 400);
+    assert!(reply.error_message().contains("mystery-model-9"), "{}", reply.text());
+
+    let reply = rt.block_on(http::send(Method::POST, &daemon.url("/openai/v1/images/generations"), &headers, "{}"));
+    assert_eq!(reply.status, 403);
+    assert!(reply.error_message().contains("not an API capit meters"));
+
+    let reply = rt.block_on(http::send(Method::POST, &daemon.url("/nowhere/v1/chat/completions"), &headers, PLAIN));
+    assert_eq!(reply.status, 404);
+    assert!(reply.error_message().contains("unknown provider \"nowhere\""));
+
+    let reply = rt.block_on(http::send(Method::POST, &daemon.url("/openrouter/v1/chat/completions"), &headers, PLAIN));
+    assert_eq!(reply.status, 403, "a grant works only for its own provider: {}", reply.text());
+
+    assert!(fake.received().is_empty());
+}
+
+#[test]
+fn malformed_bodies_are_refused_with_400_and_huge_ones_with_413() {
+    let fake = Fake::openai();
+    let daemon = Daemon::start_with(&["--max-body-mib", "1"]);
+    daemon.setup_provider("openai", &fake.base_url(), crate::metering::MASTER);
+    let key = daemon.grant("script", "5.00", &["--provider", "openai"]);
+    let rt = runtime();
+    let url = chat_url(&daemon);
+    let bad = rt.block_on(post_json(&url, &key, r#"{"model":"gpt-5","messages":["#));
+    assert_eq!(bad.status, 400);
+    assert!(bad.error_message().contains("not valid JSON"));
+    let missing = rt.block_on(post_json(&url, &key, r#"{"messages":[]}"#));
+    assert_eq!(missing.status, 400);
+    assert!(missing.error_message().contains("model"));
+    let big = format!(r#"{{"model":"gpt-5","messages":[{{"role":"user","content":"{}"}}]}}"#, "x".repeat(2 * 1024 * 1024));
+    let huge = rt.block_on(post_json(&url, &key, &big));
+    assert_eq!(huge.status, 413);
+    assert!(fake.received().is_empty());
+    assert_eq!(daemon.ctl_json(&["usage", "script"])["requests"], 0);
+}
+
+#[test]
+fn an_unreachable_upstream_is_502_and_a_silent_one_504() {
+    let (daemon, fake) = setup();
+    let key = daemon.grant("script", "5.00", &["--provider", "openai"]);
+    let rt = runtime();
+    // A port that was free a moment ago: nothing listens there.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    daemon.ctl_ok(&["provider", "set", "openai", "--base-url", &format!("http://{closed}")]);
+    let reply = rt.block_on(post_json(&chat_url(&daemon), &key, PLAIN));
+    assert_eq!(reply.status, 502);
+    assert!(reply.error_message().contains("could not reach openai"), "{}", reply.text());
+    assert_eq!(daemon.spent("script"), dec("0"));
+    drop((daemon, fake));
+
+    let fake = Fake::openai();
+    let daemon = Daemon::start_with(&["--upstream-timeout", "1"]);
+    daemon.setup_provider("openai", &fake.base_url(), crate::metering::MASTER);
+    daemon.ctl_ok(&["price", "set", "test-model", "--input", "1", "--output", "1"]);
+    let key = daemon.grant("script", "5.00", &["--provider", "openai"]);
+    fake.script(|s| s.head_delay = Duration::from_secs(3));
+    let reply = rt.block_on(post_json(&chat_url(&daemon), &key, PLAIN));
+    assert_eq!(reply.status, 504);
+    assert!(reply.error_message().contains("did not answer within 1 s"), "{}", reply.text());
+}

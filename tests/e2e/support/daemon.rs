@@ -22,6 +22,7 @@ pub struct Daemon {
     pub log: PathBuf,
     pub proxy: SocketAddr,
     args: Vec<String>,
+    log_filter: String,
 }
 
 impl Daemon {
@@ -31,6 +32,11 @@ impl Daemon {
 
     /// Starts capitd with extra flags and waits until its socket answers.
     pub fn start_with(args: &[&str]) -> Daemon {
+        Daemon::start_logging(args, "debug")
+    }
+
+    /// Starts capitd with extra flags and a `CAPIT_LOG` filter.
+    pub fn start_logging(args: &[&str], log_filter: &str) -> Daemon {
         let dir = TempDir::new();
         let home = dir.path().join("home");
         let socket = home.join("capitd.sock");
@@ -43,6 +49,7 @@ impl Daemon {
             log,
             proxy: "127.0.0.1:0".parse().unwrap(),
             args: args.iter().map(|s| s.to_string()).collect(),
+            log_filter: log_filter.to_string(),
         };
         daemon.launch("127.0.0.1:0");
         daemon
@@ -56,7 +63,7 @@ impl Daemon {
             .args(&self.args)
             .env_remove("CAPIT_SOCKET")
             .env_remove("CAPIT_LISTEN")
-            .env("CAPIT_LOG", "debug")
+            .env("CAPIT_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

@@ -192,6 +192,9 @@ async fn serve(inner: Arc<Inner>, addr_tx: std::sync::mpsc::Sender<SocketAddr>, 
             _ = &mut stop => return,
             accepted = listener.accept() => match accepted { Ok(a) => a, Err(_) => continue },
         };
+        // Real servers (Go's net, nginx) disable Nagle; without it a pooled connection stalls
+        // on delayed ACKs between the response head and the first event.
+        let _ = stream.set_nodelay(true);
         let inner = inner.clone();
         let service = hyper::service::service_fn(move |req| {
             let inner = inner.clone();

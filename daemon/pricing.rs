@@ -11,10 +11,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::usage::Usage;
 
-/// One model's prices, USD per million tokens. Cache prices left out fall back to the input
-/// price (the most a cached token can cost).
+/// The five rates of one pricing tier, USD per million tokens. Cache prices left out fall back
+/// to the input price (the most a cached token can cost); a 1-hour write to the 5-minute one.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Price {
+pub struct TierPrices {
     pub input: Decimal,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cached_input: Option<Decimal>,
@@ -23,6 +23,13 @@ pub struct Price {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_write_1h: Option<Decimal>,
     pub output: Decimal,
+}
+
+/// One model's prices: a base tier and, for some models, a long-context tier.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Price {
+    #[serde(flatten)]
+    pub base: TierPrices,
     /// The model's largest possible output, which bounds a request that sets no maximum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_tokens: Option<u64>,
@@ -39,17 +46,11 @@ pub struct Price {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LongContext {
     pub threshold: u64,
-    pub input: Decimal,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cached_input: Option<Decimal>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_write_5m: Option<Decimal>,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cache_write_1h: Option<Decimal>,
-    pub output: Decimal,
+    #[serde(flatten)]
+    pub prices: TierPrices,
 }
 
-/// The rates that apply to one request, after choosing the tier.
+/// The rates that apply to one request, after choosing the tier and filling the fallbacks.
 #[derive(Clone, Copy, Debug)]
 struct Rates {
     input: Decimal,
@@ -65,64 +66,56 @@ pub const MAX_PRICE_PER_MILLION: u64 = 1_000_000;
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum PriceError {
     #[error("{field} price {value} must be between 0 and {MAX_PRICE_PER_MILLION} USD per million tokens")]
-    OutOfRange { field: &'static str, value: Decimal },
+    OutOfRange { field: String, value: Decimal },
     #[error("model name must be 1-200 printable characters")]
     BadModel,
 }
 
-impl Price {
-    fn rates(&self, input_tokens: u64) -> Rates {
-        match &self.long_context {
-            Some(long) if input_tokens > long.threshold => {
-                let cache_write_5m = long.cache_write_5m.unwrap_or(long.input);
-                Rates {
-                    input: long.input,
-                    cached_input: long.cached_input.unwrap_or(long.input),
-                    cache_write_5m,
-                    cache_write_1h: long.cache_write_1h.unwrap_or(cache_write_5m),
-                    output: long.output,
-                }
-            }
-            _ => {
-                let cache_write_5m = self.cache_write_5m.unwrap_or(self.input);
-                Rates {
-                    input: self.input,
-                    cached_input: self.cached_input.unwrap_or(self.input),
-                    cache_write_5m,
-                    cache_write_1h: self.cache_write_1h.unwrap_or(cache_write_5m),
-                    output: self.output,
-                }
-            }
+impl TierPrices {
+    fn rates(&self) -> Rates {
+        let cache_write_5m = self.cache_write_5m.unwrap_or(self.input);
+        Rates {
+            input: self.input,
+            cached_input: self.cached_input.unwrap_or(self.input),
+            cache_write_5m,
+            cache_write_1h: self.cache_write_1h.unwrap_or(cache_write_5m),
+            output: self.output,
         }
     }
 
-    /// Checks every rate is within range, so that [`cost`] cannot overflow.
-    pub fn validate(&self) -> Result<(), PriceError> {
+    fn validate(&self, tier: &str) -> Result<(), PriceError> {
         let max = Decimal::from(MAX_PRICE_PER_MILLION);
-        let mut fields = vec![
+        let fields = [
             ("input", Some(self.input)),
             ("cached input", self.cached_input),
             ("cache write 5m", self.cache_write_5m),
             ("cache write 1h", self.cache_write_1h),
             ("output", Some(self.output)),
         ];
-        if let Some(long) = &self.long_context {
-            fields.extend([
-                ("long-context input", Some(long.input)),
-                ("long-context cached input", long.cached_input),
-                ("long-context cache write 5m", long.cache_write_5m),
-                ("long-context cache write 1h", long.cache_write_1h),
-                ("long-context output", Some(long.output)),
-            ]);
-        }
         for (field, value) in fields {
-            if let Some(value) = value {
-                if value.is_sign_negative() || value > max {
-                    return Err(PriceError::OutOfRange { field, value });
-                }
+            if let Some(value) = value.filter(|v| v.is_sign_negative() || *v > max) {
+                return Err(PriceError::OutOfRange { field: format!("{tier}{field}"), value });
             }
         }
         Ok(())
+    }
+}
+
+impl Price {
+    fn rates(&self, input_tokens: u64) -> Rates {
+        match &self.long_context {
+            Some(long) if input_tokens > long.threshold => long.prices.rates(),
+            _ => self.base.rates(),
+        }
+    }
+
+    /// Checks every rate is within range, so that [`cost`] cannot overflow.
+    pub fn validate(&self) -> Result<(), PriceError> {
+        self.base.validate("")?;
+        match &self.long_context {
+            Some(long) => long.prices.validate("long-context "),
+            None => Ok(()),
+        }
     }
 }
 
@@ -285,9 +278,9 @@ mod tests {
     fn overrides_shadow_builtin_prices() {
         let mut t = table();
         let mut p = t.lookup("gpt-5").unwrap().1.clone();
-        p.input = d("9");
+        p.base.input = d("9");
         t.set_override("gpt-5".into(), p);
-        assert_eq!(t.lookup("gpt-5-2025-08-07").unwrap().1.input, d("9"));
+        assert_eq!(t.lookup("gpt-5-2025-08-07").unwrap().1.base.input, d("9"));
     }
 
     #[test]
@@ -338,8 +331,11 @@ mod tests {
     #[test]
     fn price_validation() {
         let mut p = table().lookup("gpt-5").unwrap().1.clone();
-        p.output = d("-1");
-        assert!(p.validate().is_err());
+        p.base.output = d("-1");
+        assert_eq!(p.validate(), Err(PriceError::OutOfRange { field: "output".into(), value: d("-1") }));
+        let mut long = table().lookup("gpt-5.4").unwrap().1.clone();
+        long.long_context.as_mut().unwrap().prices.input = d("2000000");
+        assert!(long.validate().unwrap_err().to_string().starts_with("long-context input price"));
         assert!(validate_model_name("my model").is_err());
         assert!(validate_model_name("my-model").is_ok());
     }

@@ -6,7 +6,7 @@ use tonic::Status;
 
 use crate::grants::money;
 use crate::ledger::Totals;
-use crate::pricing::{LongContext, Price, PriceSource};
+use crate::pricing::{LongContext, Price, PriceSource, TierPrices};
 use crate::proto::v1 as pb;
 use crate::providers::Provider;
 use crate::state::{GrantView, StateError};
@@ -73,11 +73,11 @@ pub fn price(model: &str, p: &Price, source: PriceSource) -> pb::Price {
     let long = p.long_context.as_ref();
     pb::Price {
         model: model.to_string(),
-        input: decimal_string(p.input),
-        cached_input: optional_decimal(p.cached_input),
-        cache_write_5m: optional_decimal(p.cache_write_5m),
-        cache_write_1h: optional_decimal(p.cache_write_1h),
-        output: decimal_string(p.output),
+        input: decimal_string(p.base.input),
+        cached_input: optional_decimal(p.base.cached_input),
+        cache_write_5m: optional_decimal(p.base.cache_write_5m),
+        cache_write_1h: optional_decimal(p.base.cache_write_1h),
+        output: decimal_string(p.base.output),
         max_output_tokens: p.max_output_tokens.unwrap_or(0),
         source: match source {
             PriceSource::Builtin => "builtin",
@@ -86,9 +86,9 @@ pub fn price(model: &str, p: &Price, source: PriceSource) -> pb::Price {
         .to_string(),
         checked: p.checked.clone().unwrap_or_default(),
         long_context_threshold: long.map_or(0, |l| l.threshold),
-        long_input: long.map(|l| decimal_string(l.input)).unwrap_or_default(),
-        long_cached_input: long.and_then(|l| l.cached_input).map(decimal_string).unwrap_or_default(),
-        long_output: long.map(|l| decimal_string(l.output)).unwrap_or_default(),
+        long_input: long.map(|l| decimal_string(l.prices.input)).unwrap_or_default(),
+        long_cached_input: long.and_then(|l| l.prices.cached_input).map(decimal_string).unwrap_or_default(),
+        long_output: long.map(|l| decimal_string(l.prices.output)).unwrap_or_default(),
     }
 }
 
@@ -100,21 +100,25 @@ pub fn price_from(p: &pb::Price) -> Result<Price, Status> {
     let long_context = if p.long_context_threshold > 0 {
         Some(LongContext {
             threshold: p.long_context_threshold,
-            input: required(&p.long_input, "long-context input")?,
-            cached_input: parse_decimal(&p.long_cached_input, "long-context cached input")?,
-            cache_write_5m: None,
-            cache_write_1h: None,
-            output: required(&p.long_output, "long-context output")?,
+            prices: TierPrices {
+                input: required(&p.long_input, "long-context input")?,
+                cached_input: parse_decimal(&p.long_cached_input, "long-context cached input")?,
+                cache_write_5m: None,
+                cache_write_1h: None,
+                output: required(&p.long_output, "long-context output")?,
+            },
         })
     } else {
         None
     };
     Ok(Price {
-        input: required(&p.input, "input")?,
-        cached_input: parse_decimal(&p.cached_input, "cached input")?,
-        cache_write_5m: parse_decimal(&p.cache_write_5m, "cache write")?,
-        cache_write_1h: parse_decimal(&p.cache_write_1h, "1h cache write")?,
-        output: required(&p.output, "output")?,
+        base: TierPrices {
+            input: required(&p.input, "input")?,
+            cached_input: parse_decimal(&p.cached_input, "cached input")?,
+            cache_write_5m: parse_decimal(&p.cache_write_5m, "cache write")?,
+            cache_write_1h: parse_decimal(&p.cache_write_1h, "1h cache write")?,
+            output: required(&p.output, "output")?,
+        },
         max_output_tokens: (p.max_output_tokens > 0).then_some(p.max_output_tokens),
         long_context,
         checked: None,

@@ -2,7 +2,8 @@
 //! chunk, and settles its cost when it ends.
 //!
 //! Invariants: nothing is buffered beyond one SSE event (and only when events are filtered);
-//! the final end-of-stream reaches the client only after its ledger entry is durable; and a
+//! the final end-of-stream reaches the client only after its ledger entry is durable (replies
+//! carry no content-length, so the client waits for that end); and a
 //! client that goes away does not stop the metering: the rest of the upstream reply is read,
 //! for a bounded time, to capture its usage before the request is settled.
 
@@ -12,7 +13,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
 use tokio::sync::oneshot;
@@ -135,11 +136,10 @@ pub struct MeteredBody {
     idle_timer: Pin<Box<Sleep>>,
     limits: BodyLimits,
     tracker: TaskTracker,
-    passthrough_size: bool,
 }
 
 impl MeteredBody {
-    pub fn new(upstream: Incoming, meter: ResponseMeter, settlement: Settlement, limits: BodyLimits, tracker: TaskTracker, passthrough_size: bool) -> MeteredBody {
+    pub fn new(upstream: Incoming, meter: ResponseMeter, settlement: Settlement, limits: BodyLimits, tracker: TaskTracker) -> MeteredBody {
         MeteredBody {
             upstream: Some(upstream),
             meter: Some(meter),
@@ -149,7 +149,6 @@ impl MeteredBody {
             idle_timer: Box::pin(tokio::time::sleep(limits.idle)),
             limits,
             tracker,
-            passthrough_size,
         }
     }
 
@@ -237,13 +236,6 @@ impl Body for MeteredBody {
 
     fn is_end_stream(&self) -> bool {
         self.upstream.is_none() && self.committing.is_none() && self.tail.as_ref().is_none_or(Bytes::is_empty)
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match (&self.upstream, self.passthrough_size) {
-            (Some(upstream), true) => upstream.size_hint(),
-            _ => SizeHint::default(),
-        }
     }
 }
 

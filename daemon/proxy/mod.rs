@@ -242,8 +242,11 @@ impl Proxy {
             http_status: head.status.as_u16(),
         };
         if !head.status.is_success() {
-            // The upstream refused: nothing was generated. Record it at zero and pass its error on.
-            drop(settlement.settle_upstream_error());
+            // The upstream refused: nothing was generated. Record it at zero, durably before the
+            // client hears of it (as for every settled request), and pass the error on.
+            if let Ok(Err(e)) = settlement.settle_upstream_error().await {
+                tracing::error!(error = %e, "a ledger entry could not be written");
+            }
             let mut out = Response::new(incoming.map_err(|e| Box::new(e) as body::BoxError).boxed());
             *out.status_mut() = head.status;
             *out.headers_mut() = request::client_headers(&head.headers, false);
@@ -256,10 +259,12 @@ impl Proxy {
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
         let hide = is_sse && chat.injected_usage;
         let meter = ResponseMeter::new(api, is_sse, hide);
-        let body = MeteredBody::new(incoming, meter, settlement, self.config.body_limits, self.settlements.clone(), !hide);
+        let body = MeteredBody::new(incoming, meter, settlement, self.config.body_limits, self.settlements.clone());
         let mut out = Response::new(body.boxed());
         *out.status_mut() = head.status;
-        *out.headers_mut() = request::client_headers(&head.headers, hide);
+        // No content-length: the client's end of the reply is the one that comes after the
+        // ledger entry is durable, not the last byte of the upstream's body.
+        *out.headers_mut() = request::client_headers(&head.headers, true);
         Ok(out)
     }
 

@@ -227,7 +227,11 @@ fn an_error_event_after_200_is_recorded_with_its_usage() {
 fn a_stream_cut_before_its_usage_is_charged_an_estimate_never_zero() {
     let (daemon, fake) = setup();
     let key = daemon.grant("script", "5.00", &["--provider", "openai"]);
-    fake.script(|s| s.cut_before_usage = true);
+    fake.script(|s| {
+        s.cut_before_usage = true;
+        // Paced like a real stream, so the head and first events are on the wire before the cut.
+        s.chunk_delay = Duration::from_millis(20);
+    });
     let rt = runtime();
     rt.block_on(async {
         let auth = format!("Bearer {key}");

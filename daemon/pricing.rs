@@ -35,6 +35,9 @@ pub struct Price {
     pub max_output_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub long_context: Option<LongContext>,
+    /// USD per 1,000 server-side web searches (Anthropic's `server_tool_use`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub web_search_per_1k: Option<Decimal>,
     /// When the built-in price was last checked against the provider (YYYY-MM-DD).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checked: Option<String>,
@@ -142,7 +145,12 @@ pub fn cost(usage: &Usage, price: &Price) -> Decimal {
         let term = Decimal::from(tokens).checked_mul(rate).unwrap_or(Decimal::MAX);
         per_million = per_million.checked_add(term).unwrap_or(Decimal::MAX);
     }
-    (per_million / Decimal::from(1_000_000u32)).normalize()
+    let tokens = per_million / Decimal::from(1_000_000u32);
+    let searches = match (usage.web_search_requests, price.web_search_per_1k) {
+        (0, _) | (_, None) => Decimal::ZERO,
+        (n, Some(per_1k)) => Decimal::from(n).checked_mul(per_1k).unwrap_or(Decimal::MAX) / Decimal::from(1000u32),
+    };
+    tokens.checked_add(searches).unwrap_or(Decimal::MAX).normalize()
 }
 
 /// Built-in prices and user overrides, looked up by the model a response names.
@@ -317,12 +325,17 @@ mod tests {
         };
         // 50×3 + 10000×0.30 + 2048×3.75 + 420×15 = 150 + 3000 + 7680 + 6300 = 17130.
         assert_eq!(cost(&usage, price), d("0.01713"));
+        let split = Usage { cache_write_5m_tokens: 1024, cache_write_1h_tokens: 1024, web_search_requests: 2, ..usage };
+        // 1024×3.75 + 1024×6 = 9984 replaces 2048×3.75 = 7680 (+2304); two searches at $10 per 1,000: +$0.02.
+        assert_eq!(cost(&split, price), d("0.039434"));
     }
 
     #[test]
     fn contradictory_or_huge_counts_do_not_panic() {
         let price = table().lookup("gpt-5").unwrap().1.clone();
         let odd = Usage { input_tokens: 5, cached_input_tokens: 50, cache_write_5m_tokens: 9, output_tokens: 1, ..Usage::default() };
+        let searches = Usage { web_search_requests: u64::MAX, ..Usage::default() };
+        assert_eq!(cost(&searches, &price), d("0"), "no search price, no search cost");
         assert_eq!(cost(&odd, &price), d("0.000010625"));
         let huge = Usage { input_tokens: u64::MAX, cached_input_tokens: u64::MAX, output_tokens: u64::MAX, ..Usage::default() };
         assert!(cost(&huge, &price) > Decimal::ZERO);

@@ -173,20 +173,30 @@ pub fn normalize_base_url(url: &str) -> Result<String, ProviderError> {
 pub enum Endpoint {
     /// Billable: forwarded with metering of the given usage format.
     Metered(MeteredApi),
-    /// Free to call (model lists): forwarded without metering.
+    /// Free to call (model lists, token counting): forwarded without metering.
     Free,
+    /// Answered by the proxy itself without going upstream (Claude Code's telemetry batch).
+    Local,
 }
 
 /// The billable APIs, each with its own request fields and usage shape.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MeteredApi {
     OpenAiChat,
+    OpenAiResponses,
+    OpenAiEmbeddings,
+    AnthropicMessages,
+    GeminiGenerate,
 }
 
 impl MeteredApi {
     pub fn as_str(self) -> &'static str {
         match self {
             MeteredApi::OpenAiChat => "chat.completions",
+            MeteredApi::OpenAiResponses => "responses",
+            MeteredApi::OpenAiEmbeddings => "embeddings",
+            MeteredApi::AnthropicMessages => "messages",
+            MeteredApi::GeminiGenerate => "generateContent",
         }
     }
 }
@@ -194,20 +204,49 @@ impl MeteredApi {
 /// Routes `method path` (the part after `/<provider>/`, without the query) for a provider kind.
 /// `None` means refused: the path is not known to be free and is not metered.
 pub fn route(kind: ProviderKind, method: &http::Method, path: &str) -> Option<Endpoint> {
+    use http::Method as M;
     let path = path.trim_end_matches('/');
+    let metered = |api| Some(Endpoint::Metered(api));
+    let models = |p: &str, prefix: &str| p == prefix.trim_end_matches('/') || is_single_segment(p, prefix);
     match kind {
-        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::OpenRouter => {
-            match (method, path) {
-                (&http::Method::POST, "v1/chat/completions") => {
-                    Some(Endpoint::Metered(MeteredApi::OpenAiChat))
-                }
-                (&http::Method::GET, "v1/models") => Some(Endpoint::Free),
-                (&http::Method::GET, p) if is_single_segment(p, "v1/models/") => Some(Endpoint::Free),
+        ProviderKind::OpenAi | ProviderKind::OpenAiCompatible | ProviderKind::OpenRouter => match (method, path) {
+            (&M::POST, "v1/chat/completions") => metered(MeteredApi::OpenAiChat),
+            (&M::POST, "v1/embeddings") => metered(MeteredApi::OpenAiEmbeddings),
+            (&M::POST, "v1/responses") if kind != ProviderKind::OpenRouter => metered(MeteredApi::OpenAiResponses),
+            (&M::GET, p) if models(p, "v1/models/") => Some(Endpoint::Free),
+            _ => None,
+        },
+        ProviderKind::Anthropic => match (method, path) {
+            (&M::POST, "v1/messages") => metered(MeteredApi::AnthropicMessages),
+            (&M::POST, "v1/messages/count_tokens") => Some(Endpoint::Free),
+            (&M::GET, p) if models(p, "v1/models/") => Some(Endpoint::Free),
+            (&M::POST, "api/event_logging/batch") => Some(Endpoint::Local),
+            _ => None,
+        },
+        ProviderKind::Gemini => {
+            let version_rest = path.strip_prefix("v1beta/").or_else(|| path.strip_prefix("v1/"))?;
+            match (method, gemini_call(version_rest)) {
+                (&M::POST, Some((_, "generateContent" | "streamGenerateContent"))) => metered(MeteredApi::GeminiGenerate),
+                (&M::POST, Some((_, "countTokens"))) => Some(Endpoint::Free),
+                (&M::GET, None) if models(version_rest, "models/") => Some(Endpoint::Free),
                 _ => None,
             }
         }
-        ProviderKind::Anthropic | ProviderKind::Gemini => None,
     }
+}
+
+/// Splits a Gemini `models/{model}:{method}` path (after the version) into model and method.
+pub fn gemini_call(path: &str) -> Option<(&str, &str)> {
+    let rest = path.strip_prefix("models/")?;
+    let (model, method) = rest.split_once(':')?;
+    (!model.is_empty() && !model.contains('/')).then_some((model, method))
+}
+
+/// The model a Gemini path names, e.g. `gemini-2.5-flash` in
+/// `v1beta/models/gemini-2.5-flash:streamGenerateContent`.
+pub fn gemini_model(path: &str) -> Option<&str> {
+    let rest = path.strip_prefix("v1beta/").or_else(|| path.strip_prefix("v1/"))?;
+    gemini_call(rest).map(|(model, _)| model)
 }
 
 fn is_single_segment(path: &str, prefix: &str) -> bool {
@@ -228,7 +267,36 @@ mod tests {
         assert_eq!(route(k, &Method::GET, "v1/chat/completions"), None);
         assert_eq!(route(k, &Method::POST, "v1/images/generations"), None);
         assert_eq!(route(k, &Method::GET, "v1/models/a/b"), None);
-        assert_eq!(route(ProviderKind::Anthropic, &Method::POST, "v1/messages"), None);
+        assert_eq!(route(k, &Method::POST, "v1/responses"), Some(Endpoint::Metered(MeteredApi::OpenAiResponses)));
+        assert_eq!(route(k, &Method::POST, "v1/embeddings"), Some(Endpoint::Metered(MeteredApi::OpenAiEmbeddings)));
+        assert_eq!(route(ProviderKind::OpenRouter, &Method::POST, "v1/responses"), None);
+        assert_eq!(route(k, &Method::POST, "v1/completions"), None);
+    }
+
+    #[test]
+    fn anthropic_routes() {
+        let k = ProviderKind::Anthropic;
+        assert_eq!(route(k, &Method::POST, "v1/messages"), Some(Endpoint::Metered(MeteredApi::AnthropicMessages)));
+        assert_eq!(route(k, &Method::POST, "v1/messages/count_tokens"), Some(Endpoint::Free));
+        assert_eq!(route(k, &Method::GET, "v1/models"), Some(Endpoint::Free));
+        assert_eq!(route(k, &Method::POST, "api/event_logging/batch"), Some(Endpoint::Local));
+        assert_eq!(route(k, &Method::POST, "v1/messages/batches"), None);
+        assert_eq!(route(k, &Method::POST, "v1/complete"), None);
+    }
+
+    #[test]
+    fn gemini_routes() {
+        let k = ProviderKind::Gemini;
+        let generate = Some(Endpoint::Metered(MeteredApi::GeminiGenerate));
+        assert_eq!(route(k, &Method::POST, "v1beta/models/gemini-2.5-flash:generateContent"), generate);
+        assert_eq!(route(k, &Method::POST, "v1/models/gemini-2.5-flash:streamGenerateContent"), generate);
+        assert_eq!(route(k, &Method::POST, "v1beta/models/gemini-2.5-flash:countTokens"), Some(Endpoint::Free));
+        assert_eq!(route(k, &Method::GET, "v1beta/models"), Some(Endpoint::Free));
+        assert_eq!(route(k, &Method::GET, "v1beta/models/gemini-2.5-flash"), Some(Endpoint::Free));
+        assert_eq!(route(k, &Method::POST, "v1beta/models/gemini-2.5-flash:batchGenerateContent"), None);
+        assert_eq!(route(k, &Method::POST, "v1beta/tunedModels/x:generateContent"), None);
+        assert_eq!(route(k, &Method::POST, "v1beta/cachedContents"), None);
+        assert_eq!(gemini_model("v1beta/models/gemini-3.5-flash:generateContent"), Some("gemini-3.5-flash"));
     }
 
     #[test]

@@ -121,6 +121,7 @@ pub fn price_from(p: &pb::Price) -> Result<Price, Status> {
         },
         max_output_tokens: (p.max_output_tokens > 0).then_some(p.max_output_tokens),
         long_context,
+        web_search_per_1k: None,
         checked: None,
         provider: None,
     })

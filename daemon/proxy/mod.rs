@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 use crate::providers::{Endpoint, ErrorFormat, MeteredApi, Provider, ProviderKind};
 use crate::state::{AuthFailure, GrantSlot, State, StateError, now_seconds};
-use crate::usage::ResponseMeter;
+use crate::usage::{BodyFormat, ResponseMeter};
 pub use body::BodyLimits;
 use body::{MeteredBody, ProxyBody, Settlement};
 use errors::ProxyError;
@@ -156,9 +156,14 @@ impl Proxy {
         tracing::Span::current().record("provider", target.provider.name.as_str());
         let fail = |e: ProxyError| (format, e);
 
+        let endpoint = crate::providers::route(target.provider.kind, req.method(), &target.rest);
+        if endpoint == Some(Endpoint::Local) {
+            // Claude Code's telemetry batch: acknowledged here, never sent anywhere.
+            return Ok(local_ack());
+        }
         let presented = request::presented_key(req.headers(), req.uri().query());
         let slot = self.state.authenticate(presented.as_deref(), &target.provider.name).map_err(|e| fail(auth_error(e)))?;
-        let endpoint = crate::providers::route(target.provider.kind, req.method(), &target.rest).ok_or_else(|| {
+        let endpoint = endpoint.ok_or_else(|| {
             fail(ProxyError::new(
                 StatusCode::FORBIDDEN,
                 "capit_path_not_metered",
@@ -172,6 +177,7 @@ impl Proxy {
                 self.forward_free(req, &target, &upstream).await.map_err(fail)
             }
             Endpoint::Metered(api) => self.forward_metered(req, target, upstream, slot, api).await.map_err(fail),
+            Endpoint::Local => Ok(local_ack()),
         }
     }
 
@@ -213,12 +219,12 @@ impl Proxy {
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
         let request_bytes = body.len() as u64;
-        let chat = match api {
-            MeteredApi::OpenAiChat => request::prepare_chat(body).map_err(body_error)?,
-        };
+        let path_model = crate::providers::gemini_model(&target.rest);
+        let chat = request::prepare(api, body, path_model).map_err(body_error)?;
         tracing::Span::current().record("grant", slot.id.0);
         self.state.admit(&slot, &chat.model, now_seconds()).map_err(refusal_error)?;
-        if !upstream.provider.price_zero && self.state.price(&chat.model).is_none() {
+        let reports_cost = upstream.provider.kind == ProviderKind::OpenRouter;
+        if !upstream.provider.price_zero && !reports_cost && self.state.price(&chat.model).is_none() {
             return Err(ProxyError::new(
                 StatusCode::BAD_REQUEST,
                 "capit_unknown_price",
@@ -237,7 +243,7 @@ impl Proxy {
             api,
             request_model: chat.model,
             price_zero: upstream.provider.price_zero,
-            trust_reported_cost: upstream.provider.kind == ProviderKind::OpenRouter,
+            trust_reported_cost: reports_cost,
             request_bytes,
             http_status: head.status.as_u16(),
         };
@@ -257,8 +263,13 @@ impl Proxy {
             .get(http::header::CONTENT_TYPE)
             .and_then(|v| v.to_str().ok())
             .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        let format = match (is_sse, target.rest.ends_with(":streamGenerateContent")) {
+            (true, _) => BodyFormat::Sse,
+            (false, true) => BodyFormat::JsonArray,
+            (false, false) => BodyFormat::Json,
+        };
         let hide = is_sse && chat.injected_usage;
-        let meter = ResponseMeter::new(api, is_sse, hide);
+        let meter = ResponseMeter::new(api, format, hide);
         let body = MeteredBody::new(incoming, meter, settlement, self.config.body_limits, self.settlements.clone());
         let mut out = Response::new(body.boxed());
         *out.status_mut() = head.status;
@@ -315,6 +326,13 @@ impl Proxy {
             )),
         }
     }
+}
+
+/// The reply to a call the proxy answers itself.
+fn local_ack() -> Response<ProxyBody> {
+    let mut response = Response::new(body::full(Bytes::from_static(b"{}")));
+    response.headers_mut().insert(http::header::CONTENT_TYPE, http::HeaderValue::from_static("application/json"));
+    response
 }
 
 fn error_chain(error: &dyn std::error::Error) -> String {

@@ -6,7 +6,7 @@ use http::{HeaderMap, HeaderName, HeaderValue, header};
 use serde::Deserialize;
 use serde_json::Value;
 
-use crate::providers::AuthStyle;
+use crate::providers::{AuthStyle, MeteredApi};
 use crate::secret::Secret;
 
 /// Headers that carry a client credential; every one is removed before forwarding.
@@ -120,9 +120,9 @@ struct ChatFields {
     stream_options: Option<Value>,
 }
 
-/// A chat request as the proxy will forward it.
+/// A billable request as the proxy will forward it.
 #[derive(Debug)]
-pub struct ChatRequest {
+pub struct Prepared {
     pub model: String,
     /// The body to send upstream (with `include_usage` added when the client did not ask).
     pub body: Bytes,
@@ -130,8 +130,31 @@ pub struct ChatRequest {
     pub injected_usage: bool,
 }
 
+/// The fields every other billable API's body needs: a model (unless the path names it).
+#[derive(Deserialize)]
+struct ModelFields {
+    #[serde(default)]
+    model: Option<Value>,
+}
+
+/// Reads a billable request body. Chat Completions streams get `include_usage` added; other
+/// APIs' bodies go upstream unchanged. Gemini names the model in the path (`path_model`).
+pub fn prepare(api: MeteredApi, body: Bytes, path_model: Option<&str>) -> Result<Prepared, BodyError> {
+    if api == MeteredApi::OpenAiChat {
+        return prepare_chat(body);
+    }
+    let fields: ModelFields = serde_json::from_slice(&body).map_err(|e| BodyError::Malformed(e.to_string()))?;
+    let model = match (path_model, fields.model) {
+        (Some(model), _) => model.to_string(),
+        (None, Some(Value::String(m))) if !m.trim().is_empty() => m,
+        (None, Some(Value::String(_)) | Some(Value::Null) | None) => return Err(BodyError::MissingModel),
+        (None, Some(_)) => return Err(BodyError::Malformed("\"model\" must be a string".into())),
+    };
+    Ok(Prepared { model, body, injected_usage: false })
+}
+
 /// Reads a Chat Completions body and, for a stream without `include_usage`, asks for usage.
-pub fn prepare_chat(body: Bytes) -> Result<ChatRequest, BodyError> {
+fn prepare_chat(body: Bytes) -> Result<Prepared, BodyError> {
     let fields: ChatFields = serde_json::from_slice(&body).map_err(|e| BodyError::Malformed(e.to_string()))?;
     let model = match fields.model {
         Some(Value::String(m)) if !m.trim().is_empty() => m,
@@ -145,16 +168,16 @@ pub fn prepare_chat(body: Bytes) -> Result<ChatRequest, BodyError> {
         Some(_) => return Err(BodyError::Malformed("\"stream\" must be true or false".into())),
     };
     if !stream {
-        return Ok(ChatRequest { model, body, injected_usage: false });
+        return Ok(Prepared { model, body, injected_usage: false });
     }
     match fields.stream_options {
         None | Some(Value::Null) if fields_absent(&body, "stream_options") => {
             let body = splice_first_member(&body, br#""stream_options":{"include_usage":true}"#)
                 .ok_or_else(|| BodyError::Malformed("the body is not a JSON object".into()))?;
-            Ok(ChatRequest { model, body, injected_usage: true })
+            Ok(Prepared { model, body, injected_usage: true })
         }
         Some(Value::Object(opts)) if opts.get("include_usage") == Some(&Value::Bool(true)) => {
-            Ok(ChatRequest { model, body, injected_usage: false })
+            Ok(Prepared { model, body, injected_usage: false })
         }
         Some(Value::Object(_)) | Some(Value::Null) | None => {
             // Rare: options present without include_usage. Rewrite the whole object.
@@ -168,7 +191,7 @@ pub fn prepare_chat(body: Bytes) -> Result<ChatRequest, BodyError> {
                 options.insert("include_usage".into(), Value::Bool(true));
             }
             let body = serde_json::to_vec(&value).map_err(|e| BodyError::Malformed(e.to_string()))?;
-            Ok(ChatRequest { model, body: Bytes::from(body), injected_usage: true })
+            Ok(Prepared { model, body: Bytes::from(body), injected_usage: true })
         }
         Some(_) => Err(BodyError::Malformed("\"stream_options\" must be an object".into())),
     }
@@ -203,8 +226,19 @@ fn splice_first_member(body: &[u8], member: &[u8]) -> Option<Bytes> {
 mod tests {
     use super::*;
 
-    fn parse(body: &str) -> Result<ChatRequest, BodyError> {
-        prepare_chat(Bytes::copy_from_slice(body.as_bytes()))
+    fn parse(body: &str) -> Result<Prepared, BodyError> {
+        prepare(MeteredApi::OpenAiChat, Bytes::copy_from_slice(body.as_bytes()), None)
+    }
+
+    #[test]
+    fn other_apis_need_a_model_unless_the_path_names_it() {
+        let body = |s: &str| Bytes::copy_from_slice(s.as_bytes());
+        let r = prepare(MeteredApi::AnthropicMessages, body(r#"{"model":"claude-haiku-4-5","max_tokens":10,"stream":true}"#), None).unwrap();
+        assert_eq!((r.model.as_str(), r.injected_usage), ("claude-haiku-4-5", false));
+        assert_eq!(prepare(MeteredApi::OpenAiResponses, body(r#"{"input":"hi"}"#), None).unwrap_err(), BodyError::MissingModel);
+        let r = prepare(MeteredApi::GeminiGenerate, body(r#"{"contents":[]}"#), Some("gemini-2.5-flash")).unwrap();
+        assert_eq!(r.model, "gemini-2.5-flash");
+        assert!(matches!(prepare(MeteredApi::GeminiGenerate, body("[1"), Some("g")), Err(BodyError::Malformed(_))));
     }
 
     fn json(bytes: &Bytes) -> Value {

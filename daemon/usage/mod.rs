@@ -6,6 +6,8 @@
 //! A parser never fails the request: what it cannot read it reports in [`Observed`] and the
 //! proxy records the request as estimated.
 
+pub mod anthropic;
+pub mod gemini;
 pub mod openai;
 pub mod sse;
 
@@ -32,6 +34,9 @@ pub struct Usage {
     pub output_tokens: u64,
     #[serde(default, skip_serializing_if = "is_zero")]
     pub reasoning_tokens: u64,
+    /// Server-side web searches (Anthropic), billed per search.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub web_search_requests: u64,
     /// The cost as the provider itself reported it (OpenRouter), which then wins over prices.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reported_cost: Option<Decimal>,
@@ -52,6 +57,9 @@ impl Usage {
 pub struct Observed {
     /// The last usage report seen (reports are running totals: the last one is the whole).
     pub usage: Option<Usage>,
+    /// `usage` is the reply's final count, not a partial one (Anthropic's `message_start`, an
+    /// early Gemini chunk) from a reply that was cut short.
+    pub usage_final: bool,
     /// The model the response names (a dated snapshot, often), which is what gets priced.
     pub model: Option<String>,
     /// An error the upstream reported inside a successful response (a mid-stream error event).
@@ -62,6 +70,17 @@ pub struct Observed {
     pub complete: bool,
 }
 
+/// How a reply body is framed, from its content type and the API.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BodyFormat {
+    /// One JSON document.
+    Json,
+    /// Server-Sent Events.
+    Sse,
+    /// A JSON array whose elements arrive one by one (Gemini streaming without `alt=sse`).
+    JsonArray,
+}
+
 /// Meters one response body as it streams past, optionally holding back events the client
 /// must not see (the usage chunk the proxy asked for on the client's behalf).
 #[derive(Debug)]
@@ -69,6 +88,8 @@ pub struct ResponseMeter {
     api: MeteredApi,
     body: BodyState,
     observed: Observed,
+    /// Anthropic's counters, which deltas replace one by one.
+    anthropic: anthropic::AnthropicCounts,
     /// Drop the usage-only chunk that exists only because the proxy injected `include_usage`.
     hide_injected_usage: bool,
 }
@@ -78,25 +99,29 @@ enum BodyState {
     /// A JSON body, accumulated (up to a bound) and parsed once complete.
     Json { buf: Vec<u8>, overflowed: bool },
     Sse(SseFramer),
+    JsonArray(gemini::JsonArraySplitter),
 }
 
-/// JSON responses bigger than this are forwarded but not parsed (they are not chat replies).
+/// JSON replies bigger than this are forwarded but not parsed (no real reply comes near it).
 const MAX_JSON_BYTES: usize = 64 * 1024 * 1024;
 
 impl ResponseMeter {
-    /// `is_sse`: the response's content type is `text/event-stream`.
-    pub fn new(api: MeteredApi, is_sse: bool, hide_injected_usage: bool) -> ResponseMeter {
-        let body = if is_sse {
-            BodyState::Sse(SseFramer::new(hide_injected_usage))
-        } else {
-            BodyState::Json { buf: Vec::new(), overflowed: false }
+    pub fn new(api: MeteredApi, format: BodyFormat, hide_injected_usage: bool) -> ResponseMeter {
+        let hide_injected_usage = hide_injected_usage && format == BodyFormat::Sse;
+        let body = match format {
+            BodyFormat::Sse => BodyState::Sse(SseFramer::new(hide_injected_usage)),
+            BodyFormat::Json => BodyState::Json { buf: Vec::new(), overflowed: false },
+            BodyFormat::JsonArray => BodyState::JsonArray(gemini::JsonArraySplitter::default()),
         };
-        ResponseMeter { api, body, observed: Observed::default(), hide_injected_usage }
+        ResponseMeter { api, body, observed: Observed::default(), anthropic: Default::default(), hide_injected_usage }
     }
 
     /// Feeds one chunk of the response and returns the bytes to pass on to the client: the
     /// chunk itself, or, when events are being filtered, the complete events it finished.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        let api = self.api;
+        let observed = &mut self.observed;
+        let counts = &mut self.anthropic;
         match &mut self.body {
             BodyState::Json { buf, overflowed } => {
                 if !*overflowed {
@@ -109,21 +134,26 @@ impl ResponseMeter {
                 }
                 chunk
             }
+            BodyState::JsonArray(splitter) => {
+                splitter.push(&chunk, &mut |element| {
+                    if let Ok(value) = serde_json::from_slice(element) {
+                        gemini::observe_response(observed, &value);
+                    }
+                });
+                chunk
+            }
             BodyState::Sse(framer) => {
-                let api = self.api;
-                let hide = self.hide_injected_usage;
-                let observed = &mut self.observed;
-                if hide {
+                if self.hide_injected_usage {
                     let mut out = Vec::new();
                     framer.push(&chunk, &mut |event| {
-                        if observe_event(api, observed, &event) == Verdict::Forward {
+                        if observe_event(api, observed, counts, &event) == Verdict::Forward {
                             out.extend_from_slice(&event.raw);
                         }
                     });
                     Bytes::from(out)
                 } else {
                     framer.push(&chunk, &mut |event| {
-                        observe_event(api, observed, &event);
+                        observe_event(api, observed, counts, &event);
                     });
                     chunk
                 }
@@ -134,22 +164,22 @@ impl ResponseMeter {
     /// Ends the response: returns what was observed and any held-back bytes still owed to the
     /// client.
     pub fn finish(&mut self) -> (Observed, Bytes) {
+        let api = self.api;
+        let hide = self.hide_injected_usage;
+        let observed = &mut self.observed;
+        let counts = &mut self.anthropic;
         let mut tail = Vec::new();
         match &mut self.body {
             BodyState::Json { buf, overflowed } => {
                 if !*overflowed {
-                    match self.api {
-                        MeteredApi::OpenAiChat => openai::observe_chat_json(&mut self.observed, buf),
-                    }
+                    observe_json(api, observed, counts, buf);
                 }
                 *buf = Vec::new();
             }
+            BodyState::JsonArray(_) => {}
             BodyState::Sse(framer) => {
-                let api = self.api;
-                let hide = self.hide_injected_usage;
-                let observed = &mut self.observed;
                 let rest = framer.finish(&mut |event| {
-                    if observe_event(api, observed, &event) == Verdict::Forward && hide {
+                    if observe_event(api, observed, counts, &event) == Verdict::Forward && hide {
                         tail.extend_from_slice(&event.raw);
                     }
                 });
@@ -174,9 +204,28 @@ pub enum Verdict {
     Hide,
 }
 
-fn observe_event(api: MeteredApi, observed: &mut Observed, event: &SseEvent) -> Verdict {
+fn observe_json(api: MeteredApi, observed: &mut Observed, counts: &mut anthropic::AnthropicCounts, body: &[u8]) {
+    match api {
+        MeteredApi::OpenAiChat => openai::observe_chat_json(observed, body),
+        MeteredApi::OpenAiResponses => openai::observe_responses_json(observed, body),
+        MeteredApi::OpenAiEmbeddings => openai::observe_embeddings_json(observed, body),
+        MeteredApi::AnthropicMessages => anthropic::observe_json(observed, counts, body),
+        MeteredApi::GeminiGenerate => gemini::observe_json(observed, body),
+    }
+}
+
+fn observe_event(api: MeteredApi, observed: &mut Observed, counts: &mut anthropic::AnthropicCounts, event: &SseEvent) -> Verdict {
     match api {
         MeteredApi::OpenAiChat => openai::observe_chat_event(observed, event),
+        MeteredApi::OpenAiResponses => openai::observe_responses_event(observed, event),
+        MeteredApi::OpenAiEmbeddings => Verdict::Forward,
+        MeteredApi::AnthropicMessages => anthropic::observe_event(observed, counts, event),
+        MeteredApi::GeminiGenerate => {
+            if let Ok(value) = serde_json::from_str(&event.data) {
+                gemini::observe_response(observed, &value);
+            }
+            Verdict::Forward
+        }
     }
 }
 
@@ -193,7 +242,8 @@ pub(crate) mod test_support {
     /// Runs a whole response through a meter in the given chunks; returns what was observed and
     /// the bytes the client would have received.
     pub fn meter_chunks(api: MeteredApi, is_sse: bool, hide: bool, chunks: &[&[u8]]) -> (Observed, Vec<u8>) {
-        let mut meter = ResponseMeter::new(api, is_sse, hide);
+        let format = if is_sse { BodyFormat::Sse } else { BodyFormat::Json };
+        let mut meter = ResponseMeter::new(api, format, hide);
         let mut out = Vec::new();
         for chunk in chunks {
             out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(chunk)));
@@ -201,6 +251,34 @@ pub(crate) mod test_support {
         let (observed, tail) = meter.finish();
         out.extend_from_slice(&tail);
         (observed, out)
+    }
+
+    /// Checks that an SSE stream gives the same observation whole, byte by byte, split at every
+    /// position, and split at many random pairs of positions; returns that observation.
+    #[track_caller]
+    pub fn every_split_agrees(api: MeteredApi, stream: &[u8]) -> Observed {
+        let (whole, out) = meter_chunks(api, true, false, &[stream]);
+        assert_eq!(out, stream, "bytes pass through unchanged");
+        let bytes: Vec<&[u8]> = stream.chunks(1).collect();
+        assert_eq!(meter_chunks(api, true, false, &bytes).0, whole, "byte by byte");
+        for cut in 0..=stream.len() {
+            assert_eq!(meter_chunks(api, true, false, &split_at_positions(stream, &[cut])).0, whole, "cut at {cut}");
+        }
+        // A small deterministic generator (xorshift) picks random splits into 2-6 pieces.
+        let mut seed = 0x9E37_79B9_7F4A_7C15u64 ^ stream.len() as u64;
+        for _ in 0..300 {
+            let mut cuts: Vec<usize> = (0..(seed % 5 + 1))
+                .map(|_| {
+                    seed ^= seed << 13;
+                    seed ^= seed >> 7;
+                    seed ^= seed << 17;
+                    (seed % (stream.len() as u64 + 1)) as usize
+                })
+                .collect();
+            cuts.sort_unstable();
+            assert_eq!(meter_chunks(api, true, false, &split_at_positions(stream, &cuts)).0, whole, "cuts at {cuts:?}");
+        }
+        whole
     }
 
     /// Splits `stream` at `cuts` sorted positions.

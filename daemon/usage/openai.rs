@@ -1,9 +1,12 @@
-//! OpenAI Chat Completions usage (also OpenRouter's and every OpenAI-compatible server's).
+//! OpenAI usage: Chat Completions (also OpenRouter's and every OpenAI-compatible server's),
+//! the Responses API and embeddings.
 //!
-//! `prompt_tokens` includes `prompt_tokens_details.cached_tokens` (and `cache_write_tokens`);
-//! `completion_tokens` includes `completion_tokens_details.reasoning_tokens`. A stream carries
-//! usage only when `stream_options.include_usage` was set, on one chunk just before
-//! `data: [DONE]` whose `choices` is empty; some servers put it on the last content chunk.
+//! Chat: `prompt_tokens` includes `prompt_tokens_details.cached_tokens` (and
+//! `cache_write_tokens`); `completion_tokens` includes `completion_tokens_details.reasoning_tokens`.
+//! A stream carries usage only when `stream_options.include_usage` was set, on one chunk just
+//! before `data: [DONE]` whose `choices` is empty; some servers put it on the last content chunk.
+//! Responses: the same rules under other names, with usage on the terminal event
+//! (`response.completed|incomplete|failed`, and `response.done` from some gateways).
 
 use std::borrow::Cow;
 
@@ -26,6 +29,7 @@ pub fn parse_chat_usage(usage: &Value) -> Usage {
         cache_write_1h_tokens: 0,
         output_tokens: count(usage.get("completion_tokens")),
         reasoning_tokens: count(completion_details.and_then(|d| d.get("reasoning_tokens"))),
+        web_search_requests: 0,
         reported_cost: usage.get("cost").and_then(decimal_from_json),
     }
 }
@@ -56,6 +60,7 @@ pub fn observe_chat_json(observed: &mut Observed, body: &[u8]) {
     }
     if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
         observed.usage = Some(parse_chat_usage(usage));
+        observed.usage_final = true;
     }
     if let Some(choices) = value.get("choices").and_then(Value::as_array) {
         for choice in choices {
@@ -138,10 +143,91 @@ pub fn observe_chat_event(observed: &mut Observed, event: &SseEvent) -> Verdict 
     match chunk.usage.filter(Value::is_object) {
         Some(usage) => {
             observed.usage = Some(parse_chat_usage(&usage));
+            observed.usage_final = true;
             // The usage-only chunk the proxy asked for; a chunk that also carries choices stays.
             if choices_empty { Verdict::Hide } else { Verdict::Forward }
         }
         None => Verdict::Forward,
+    }
+}
+
+/// Reads a Responses API `usage` object.
+pub fn parse_responses_usage(usage: &Value) -> Usage {
+    Usage {
+        input_tokens: count(usage.get("input_tokens")),
+        cached_input_tokens: count(usage.pointer("/input_tokens_details/cached_tokens")),
+        cache_write_5m_tokens: count(usage.pointer("/input_tokens_details/cache_write_tokens")),
+        output_tokens: count(usage.get("output_tokens")),
+        reasoning_tokens: count(usage.pointer("/output_tokens_details/reasoning_tokens")),
+        ..Usage::default()
+    }
+}
+
+/// Observes a `response` object: a whole non-streamed reply, or the one a terminal event carries.
+fn observe_response_object(observed: &mut Observed, response: &Value) {
+    if let Some(model) = response.get("model").and_then(Value::as_str) {
+        observed.model = Some(model.to_string());
+    }
+    if let Some(error) = response.get("error").filter(|e| e.is_object()) {
+        observed.error = Some(error_message(error));
+    }
+    if let Some(usage) = response.get("usage").filter(|u| u.is_object()) {
+        observed.usage = Some(parse_responses_usage(usage));
+        observed.usage_final = true;
+        observed.complete = true;
+    }
+}
+
+/// Observes a complete non-streamed Responses API reply.
+pub fn observe_responses_json(observed: &mut Observed, body: &[u8]) {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    observe_response_object(observed, &value);
+    for item in value.get("output").and_then(Value::as_array).into_iter().flatten() {
+        for part in item.get("content").and_then(Value::as_array).into_iter().flatten() {
+            if let Some(text) = part.get("text").and_then(Value::as_str) {
+                observed.output_text_bytes += text.len() as u64;
+            }
+        }
+    }
+}
+
+/// Observes one event of a streamed Responses API reply.
+pub fn observe_responses_event(observed: &mut Observed, event: &SseEvent) -> Verdict {
+    let Ok(value) = serde_json::from_str::<Value>(&event.data) else {
+        return Verdict::Forward;
+    };
+    let kind = value.get("type").and_then(Value::as_str).or(event.name.as_deref()).unwrap_or("");
+    match kind {
+        "response.output_text.delta" | "response.reasoning_text.delta" | "response.function_call_arguments.delta" => {
+            if let Some(delta) = value.get("delta").and_then(Value::as_str) {
+                observed.output_text_bytes += delta.len() as u64;
+            }
+        }
+        "response.created" | "response.in_progress" | "response.completed" | "response.incomplete" | "response.failed" | "response.done" => {
+            if let Some(response) = value.get("response") {
+                observe_response_object(observed, response);
+            }
+        }
+        "error" => observed.error = Some(error_message(&value)),
+        _ => {}
+    }
+    Verdict::Forward
+}
+
+/// Observes an embeddings reply: input tokens only.
+pub fn observe_embeddings_json(observed: &mut Observed, body: &[u8]) {
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return;
+    };
+    if let Some(model) = value.get("model").and_then(Value::as_str) {
+        observed.model = Some(model.to_string());
+    }
+    if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
+        observed.usage = Some(Usage { input_tokens: count(usage.get("prompt_tokens")), ..Usage::default() });
+        observed.usage_final = true;
+        observed.complete = true;
     }
 }
 
@@ -245,6 +331,36 @@ data: [DONE]\n\n";
             let _ = meter_chunks(MeteredApi::OpenAiChat, false, false, &[garbage]);
             let _ = meter_chunks(MeteredApi::OpenAiChat, true, true, &[b"data: ", garbage, b"\n\n"]);
         }
+    }
+
+    const RESPONSES_STREAM: &str = "event: response.created\ndata: {\"type\":\"response.created\",\"sequence_number\":0,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"in_progress\",\"model\":\"gpt-5\",\"output\":[],\"usage\":null}}\n\n\
+event: response.output_text.delta\ndata: {\"type\":\"response.output_text.delta\",\"sequence_number\":4,\"item_id\":\"msg_1\",\"output_index\":0,\"content_index\":0,\"delta\":\"Hi\"}\n\n\
+event: response.completed\ndata: {\"type\":\"response.completed\",\"sequence_number\":9,\"response\":{\"id\":\"resp_1\",\"object\":\"response\",\"status\":\"completed\",\"model\":\"gpt-5-2025-08-07\",\"output\":[],\"usage\":{\"input_tokens\":2000,\"input_tokens_details\":{\"cached_tokens\":1536},\"output_tokens\":900,\"output_tokens_details\":{\"reasoning_tokens\":640},\"total_tokens\":2900}}}\n\n";
+
+    #[test]
+    fn responses_stream_meters_the_terminal_event_for_every_split() {
+        let observed = crate::usage::test_support::every_split_agrees(MeteredApi::OpenAiResponses, RESPONSES_STREAM.as_bytes());
+        assert_eq!(observed.usage, Some(usage(2000, 1536, 900, 640)));
+        assert_eq!(observed.model.as_deref(), Some("gpt-5-2025-08-07"));
+        assert!(observed.usage_final && observed.complete);
+        assert_eq!(observed.output_text_bytes, 2);
+    }
+
+    #[test]
+    fn responses_json_incomplete_and_error_events() {
+        let body = br#"{"id":"resp_2","object":"response","status":"incomplete","model":"gpt-5","output":[{"type":"message","content":[{"type":"output_text","text":"abc"}]}],"usage":{"input_tokens":10,"input_tokens_details":{"cached_tokens":0},"output_tokens":5,"output_tokens_details":{"reasoning_tokens":0},"total_tokens":15}}"#;
+        let (observed, _) = meter_chunks(MeteredApi::OpenAiResponses, false, false, &[body]);
+        assert_eq!(observed.usage, Some(usage(10, 0, 5, 0)));
+        let error = "event: error\ndata: {\"type\":\"error\",\"code\":\"server_error\",\"message\":\"boom\",\"param\":null,\"sequence_number\":3}\n\n";
+        let (observed, _) = meter_chunks(MeteredApi::OpenAiResponses, true, false, &[error.as_bytes()]);
+        assert_eq!(observed.error.as_deref(), Some("boom"));
+    }
+
+    #[test]
+    fn embeddings_bill_input_only() {
+        let body = br#"{"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.01,-0.02]}],"model":"text-embedding-3-small","usage":{"prompt_tokens":8,"total_tokens":8}}"#;
+        let (observed, _) = meter_chunks(MeteredApi::OpenAiEmbeddings, false, false, &[body]);
+        assert_eq!(observed.usage, Some(usage(8, 0, 0, 0)));
     }
 
     #[test]

@@ -73,9 +73,15 @@ impl Settlement {
     }
 
     fn entry(&self, observed: Observed) -> LedgerEntry {
-        let (usage, mut status) = match observed.usage {
-            Some(usage) => (usage, EntryStatus::Metered),
-            None => (self.estimate(&observed), EntryStatus::Estimated),
+        let estimate = self.estimate(&observed);
+        let (usage, mut status) = match observed.usage.clone() {
+            Some(usage) if observed.usage_final => (usage, EntryStatus::Metered),
+            // A partial count (the reply was cut): what it says, and at least what was seen.
+            Some(mut usage) => {
+                usage.output_tokens = usage.output_tokens.max(estimate.output_tokens);
+                (usage, EntryStatus::Estimated)
+            }
+            None => (estimate, EntryStatus::Estimated),
         };
         let model = observed.model.clone().unwrap_or_else(|| self.request_model.clone());
         let cost = if self.price_zero {

@@ -6,5 +6,6 @@ mod support;
 mod cli;
 mod lifecycle;
 mod metering;
+mod providers;
 mod refusals;
 mod sdk;

@@ -1,7 +1,9 @@
-//! A fake OpenAI upstream on 127.0.0.1:0 that speaks the real Chat Completions wire format
-//! (JSON, and SSE with and without `include_usage`), records every request it receives, and
-//! bills each completion it generates at its own copy of the prices, the way the real
-//! provider's invoice would.
+//! A fake upstream on 127.0.0.1:0 that speaks the real wire formats of OpenAI (Chat
+//! Completions with and without `include_usage`, Responses, embeddings), OpenRouter (`usage.cost`),
+//! Anthropic Messages and Gemini (`alt=sse` and the JSON-array stream), records every request
+//! it receives, and bills each reply it generates at its own copy of the prices, the way the
+//! real provider's invoice would. Each API lives at its real path, so one fake serves any
+//! provider pointed at it.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -46,6 +48,16 @@ pub struct Script {
     pub head_delay: Duration,
     /// Send an error event after the first content chunk (HTTP status already 200).
     pub error_event: bool,
+    /// Anthropic cache writes by TTL; `cache_split` sends the `cache_creation` object.
+    pub cache_write_5m: u64,
+    pub cache_write_1h: u64,
+    pub cache_split: bool,
+    /// Anthropic server-side web searches, billed per search.
+    pub web_searches: u64,
+    /// Report `usage.cost` (OpenRouter) and bill exactly that.
+    pub report_cost: Option<&'static str>,
+    /// End SSE lines with `\r\n` (as Gemini and Vertex may).
+    pub crlf: bool,
 }
 
 impl Default for Script {
@@ -64,16 +76,25 @@ impl Default for Script {
             hold_after_first_event: false,
             head_delay: Duration::ZERO,
             error_event: false,
+            cache_write_5m: 0,
+            cache_write_1h: 0,
+            cache_split: false,
+            web_searches: 0,
+            report_cost: None,
+            crlf: false,
         }
     }
 }
 
-/// Prices the fake bills with, USD per million tokens: input, cached input, output.
-#[derive(Clone, Copy, Debug)]
+/// Prices the fake bills with, USD per million tokens (and per 1,000 web searches).
+#[derive(Clone, Copy, Debug, Default)]
 pub struct FakePrice {
     pub input: Decimal,
     pub cached_input: Decimal,
+    pub cache_write_5m: Decimal,
+    pub cache_write_1h: Decimal,
     pub output: Decimal,
+    pub web_search_per_1k: Decimal,
 }
 
 #[derive(Clone, Debug)]
@@ -144,8 +165,12 @@ impl Fake {
     }
 
     pub fn set_price(&self, model: &str, input: &str, cached_input: &str, output: &str) {
-        let p = FakePrice { input: input.parse().unwrap(), cached_input: cached_input.parse().unwrap(), output: output.parse().unwrap() };
-        self.inner.prices.lock().unwrap().insert(model.to_string(), p);
+        let p = FakePrice { input: input.parse().unwrap(), cached_input: cached_input.parse().unwrap(), output: output.parse().unwrap(), ..FakePrice::default() };
+        self.set_full_price(model, p);
+    }
+
+    pub fn set_full_price(&self, model: &str, price: FakePrice) {
+        self.inner.prices.lock().unwrap().insert(model.to_string(), price);
     }
 
     pub fn received(&self) -> Vec<Received> {
@@ -230,73 +255,46 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     if !script.head_delay.is_zero() {
         tokio::time::sleep(script.head_delay).await;
     }
-    match (parts.method.as_str(), parts.uri.path()) {
-        ("GET", "/v1/models") => json_response(200, json!({"object":"list","data":[{"id":"gpt-5","object":"model","created":1754000000,"owned_by":"system"}]})),
-        ("POST", "/v1/chat/completions") => chat(inner, script, &body),
+    let path = parts.uri.path().to_string();
+    let query = parts.uri.query().unwrap_or("").to_string();
+    let gemini = path.strip_prefix("/v1beta/models/").or_else(|| path.strip_prefix("/v1/models/")).and_then(|r| r.split_once(':'));
+    match (parts.method.as_str(), path.as_str(), gemini) {
+        ("GET", "/v1/models", _) => json_response(200, json!({"object":"list","data":[{"id":"gpt-5","object":"model","created":1754000000,"owned_by":"system"}]})),
+        ("GET", "/v1beta/models", _) => json_response(200, json!({"models":[{"name":"models/gemini-2.5-flash","inputTokenLimit":1048576,"outputTokenLimit":65536}]})),
+        ("POST", "/v1/chat/completions", _) => chat(inner, script, &body),
+        ("POST", "/v1/responses", _) => responses(inner, script, &body),
+        ("POST", "/v1/embeddings", _) => embeddings(inner, script, &body),
+        ("POST", "/v1/messages", _) => anthropic(inner, script, &body),
+        ("POST", "/v1/messages/count_tokens", _) => json_response(200, json!({"input_tokens": script.prompt_tokens})),
+        ("POST", _, Some((model, "generateContent"))) => gemini_generate(inner, script, model, false, false),
+        ("POST", _, Some((model, "streamGenerateContent"))) => gemini_generate(inner, script, model, true, query.contains("alt=sse")),
+        ("POST", _, Some((_, "countTokens"))) => json_response(200, json!({"totalTokens": script.prompt_tokens})),
         _ => json_response(404, json!({"error":{"message":"Unknown request URL","type":"invalid_request_error","param":null,"code":"unknown_url"}})),
     }
 }
 
-fn chat(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
-    let request: Value = match serde_json::from_slice(body) {
-        Ok(v) => v,
-        Err(_) => return json_response(400, json!({"error":{"message":"We could not parse the JSON body of your request.","type":"invalid_request_error","param":null,"code":null}})),
-    };
-    if script.status != 200 {
-        return json_response(script.status, json!({"error":{"message":"The fake refuses this request","type":"invalid_request_error","param":null,"code":"fake_refusal"}}));
-    }
-    let model = script.reply_model.clone().unwrap_or_else(|| request["model"].as_str().unwrap_or("unknown").to_string());
-    let usage = json!({
-        "prompt_tokens": script.prompt_tokens,
-        "completion_tokens": script.completion_tokens,
-        "total_tokens": script.prompt_tokens + script.completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": script.cached_tokens, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": script.reasoning_tokens, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
-    });
-    // The provider bills what it generates, whether or not the client ever sees the usage.
-    bill(&inner, &model, &script);
-    let stream = request["stream"].as_bool().unwrap_or(false);
-    if !stream {
-        return json_response(200, json!({
-            "id": "chatcmpl-fake", "object": "chat.completion", "created": 1760000000, "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": script.text, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
-            "usage": usage, "service_tier": "default", "system_fingerprint": "fp_fake",
-        }));
-    }
-    let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false);
-    let chunk = |delta: Value, finish: Value, usage: Value| {
-        let choices = if delta.is_null() { json!([]) } else { json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]) };
-        let mut c = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1760000000, "model": model, "system_fingerprint": "fp_fake", "choices": choices});
-        if include_usage {
-            c["usage"] = usage;
-        }
-        format!("data: {c}\n\n")
-    };
-    let mut events = vec![chunk(json!({"role": "assistant", "content": "", "refusal": null}), Value::Null, Value::Null)];
-    for (i, word) in script.text.split(' ').enumerate() {
-        let piece = if i == 0 { word.to_string() } else { format!(" {word}") };
-        events.push(chunk(json!({"content": piece}), Value::Null, Value::Null));
-        if i == 0 && script.error_event {
-            events.push("data: {\"error\":{\"message\":\"The server had an error while processing your request.\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n".to_string());
-        }
-    }
-    events.push(chunk(json!({}), json!("stop"), Value::Null));
-    let content_events = events.len();
-    if include_usage {
-        events.push(chunk(Value::Null, Value::Null, usage));
-    }
-    events.push("data: [DONE]\n\n".to_string());
+fn parse_request(body: &Bytes) -> Option<Value> {
+    serde_json::from_slice(body).ok()
+}
 
+fn bad_json() -> Response<Body> {
+    json_response(400, json!({"error":{"message":"We could not parse the JSON body of your request.","type":"invalid_request_error","param":null,"code":null}}))
+}
+
+/// Sends `events` as a streamed reply: paced, byte by byte, held or cut as the script says.
+/// `cut_at` is the index of the first event the cut withholds (the usage events).
+fn stream_reply(inner: Arc<Inner>, script: Script, content_type: &'static str, events: Vec<String>, cut_at: usize) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
     tokio::spawn(async move {
         for (i, event) in events.into_iter().enumerate() {
-            if script.cut_before_usage && i == content_events {
+            if script.cut_before_usage && i == cut_at {
                 let _ = tx.send(Err("the fake cut the stream".into())).await;
                 return;
             }
             if i > 0 && !script.chunk_delay.is_zero() {
                 tokio::time::sleep(script.chunk_delay).await;
             }
+            let event = if script.crlf { event.replace('\n', "\r\n") } else { event };
             if script.byte_by_byte {
                 for byte in event.into_bytes() {
                     if tx.send(Ok(Frame::data(Bytes::from(vec![byte])))).await.is_err() {
@@ -313,21 +311,242 @@ fn chat(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
         inner.finished_streams.fetch_add(1, Ordering::SeqCst);
     });
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
-    Response::builder().status(200).header("content-type", "text/event-stream; charset=utf-8").body(body).unwrap()
+    Response::builder().status(200).header("content-type", content_type).body(body).unwrap()
 }
 
-/// The provider's invoice line: uncached input, cached input and output at the fake's prices.
-fn bill(inner: &Inner, model: &str, script: &Script) {
+fn sse(name: Option<&str>, data: &Value) -> String {
+    match name {
+        Some(name) => format!("event: {name}\ndata: {data}\n\n"),
+        None => format!("data: {data}\n\n"),
+    }
+}
+
+fn words(text: &str) -> Vec<String> {
+    text.split(' ').enumerate().map(|(i, w)| if i == 0 { w.to_string() } else { format!(" {w}") }).collect()
+}
+
+/// OpenAI Responses API: JSON, or named SSE events ending in `response.completed`.
+fn responses(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
+    let Some(request) = parse_request(body) else { return bad_json() };
+    let model = script.reply_model.clone().unwrap_or_else(|| request["model"].as_str().unwrap_or("unknown").to_string());
+    let usage = json!({
+        "input_tokens": script.prompt_tokens,
+        "input_tokens_details": {"cached_tokens": script.cached_tokens},
+        "output_tokens": script.completion_tokens,
+        "output_tokens_details": {"reasoning_tokens": script.reasoning_tokens},
+        "total_tokens": script.prompt_tokens + script.completion_tokens,
+    });
+    bill_openai(&inner, &model, &script);
+    let output = json!([{"type":"message","id":"msg_1","status":"completed","role":"assistant","content":[{"type":"output_text","text":script.text,"annotations":[]}]}]);
+    let response = |status: &str, output: Value, usage: Value| json!({"id":"resp_fake","object":"response","created_at":1760000000,"status":status,"model":model,"output":output,"usage":usage});
+    if !request["stream"].as_bool().unwrap_or(false) {
+        return json_response(200, response("completed", output, usage));
+    }
+    let mut seq = 0;
+    let mut event = |kind: &str, mut data: Value| {
+        data["type"] = json!(kind);
+        data["sequence_number"] = json!(seq);
+        seq += 1;
+        sse(Some(kind), &data)
+    };
+    let mut events = vec![
+        event("response.created", json!({"response": response("in_progress", json!([]), Value::Null)})),
+        event("response.in_progress", json!({"response": response("in_progress", json!([]), Value::Null)})),
+    ];
+    for piece in words(&script.text) {
+        events.push(event("response.output_text.delta", json!({"item_id":"msg_1","output_index":0,"content_index":0,"delta":piece})));
+    }
+    events.push(event("response.output_text.done", json!({"item_id":"msg_1","output_index":0,"content_index":0,"text":script.text})));
+    let cut_at = events.len();
+    events.push(event("response.completed", json!({"response": response("completed", output, usage)})));
+    stream_reply(inner, script, "text/event-stream; charset=utf-8", events, cut_at)
+}
+
+fn embeddings(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
+    let Some(request) = parse_request(body) else { return bad_json() };
+    let model = request["model"].as_str().unwrap_or("unknown").to_string();
+    let billed = Script { cached_tokens: 0, completion_tokens: 0, ..script.clone() };
+    bill_openai(&inner, &model, &billed);
+    json_response(200, json!({"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0123,-0.0456]}],"model":model,"usage":{"prompt_tokens":script.prompt_tokens,"total_tokens":script.prompt_tokens}}))
+}
+
+/// Anthropic Messages: JSON, or the named event sequence from `message_start` to `message_stop`.
+fn anthropic(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
+    let Some(request) = parse_request(body) else {
+        return json_response(400, json!({"type":"error","error":{"type":"invalid_request_error","message":"invalid JSON"}}));
+    };
+    if script.status != 200 {
+        return json_response(script.status, json!({"type":"error","error":{"type":"invalid_request_error","message":"The fake refuses this request"},"request_id":"req_fake"}));
+    }
+    let model = script.reply_model.clone().unwrap_or_else(|| request["model"].as_str().unwrap_or("unknown").to_string());
+    let mut usage = json!({
+        "input_tokens": script.prompt_tokens,
+        "cache_creation_input_tokens": script.cache_write_5m + script.cache_write_1h,
+        "cache_read_input_tokens": script.cached_tokens,
+        "output_tokens": script.completion_tokens,
+        "server_tool_use": {"web_search_requests": script.web_searches, "web_fetch_requests": 0},
+        "service_tier": "standard",
+    });
+    if script.cache_split {
+        usage["cache_creation"] = json!({"ephemeral_5m_input_tokens": script.cache_write_5m, "ephemeral_1h_input_tokens": script.cache_write_1h});
+    }
+    bill(&inner, &model, |p| {
+        let per_million = Decimal::from(script.prompt_tokens) * p.input
+            + Decimal::from(script.cache_write_5m) * p.cache_write_5m
+            + Decimal::from(script.cache_write_1h) * p.cache_write_1h
+            + Decimal::from(script.cached_tokens) * p.cached_input
+            + Decimal::from(script.completion_tokens) * p.output;
+        per_million / Decimal::from(1_000_000) + Decimal::from(script.web_searches) * p.web_search_per_1k / Decimal::from(1000)
+    });
+    let message = |content: Value, stop: Value, usage: Value| json!({"id":"msg_fake","type":"message","role":"assistant","model":model,"content":content,"stop_reason":stop,"stop_sequence":null,"usage":usage});
+    if !request["stream"].as_bool().unwrap_or(false) {
+        return json_response(200, message(json!([{"type":"text","text":script.text}]), json!("end_turn"), usage));
+    }
+    let mut start_usage = usage.clone();
+    start_usage["output_tokens"] = json!(1);
+    let mut events = vec![
+        sse(Some("message_start"), &json!({"type":"message_start","message": message(json!([]), Value::Null, start_usage)})),
+        sse(Some("content_block_start"), &json!({"type":"content_block_start","index":0,"content_block":{"type":"text","text":""}})),
+        sse(Some("ping"), &json!({"type":"ping"})),
+    ];
+    for (i, piece) in words(&script.text).into_iter().enumerate() {
+        events.push(sse(Some("content_block_delta"), &json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":piece}})));
+        if i == 0 && script.error_event {
+            events.push(sse(Some("error"), &json!({"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}})));
+        }
+    }
+    events.push(sse(Some("content_block_stop"), &json!({"type":"content_block_stop","index":0})));
+    let cut_at = events.len();
+    // A running count first, then the final cumulative one: deltas replace, never add.
+    events.push(sse(Some("message_delta"), &json!({"type":"message_delta","delta":{"stop_reason":null},"usage":{"output_tokens": script.completion_tokens / 2}})));
+    events.push(sse(Some("message_delta"), &json!({"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens": script.completion_tokens, "server_tool_use": {"web_search_requests": script.web_searches}}})));
+    events.push(sse(Some("message_stop"), &json!({"type":"message_stop"})));
+    stream_reply(inner, script, "text/event-stream; charset=utf-8", events, cut_at)
+}
+
+/// Gemini: a JSON reply, or a stream of replies with running `usageMetadata` totals, as SSE
+/// (`alt=sse`) or as one JSON array sent element by element.
+fn gemini_generate(inner: Arc<Inner>, script: Script, model: &str, stream: bool, sse_mode: bool) -> Response<Body> {
+    if script.status != 200 {
+        return json_response(script.status, json!({"error":{"code":script.status,"message":"The fake refuses this request","status":"INVALID_ARGUMENT"}}));
+    }
+    let version = script.reply_model.clone().unwrap_or_else(|| model.to_string());
+    let meta = json!({
+        "promptTokenCount": script.prompt_tokens,
+        "cachedContentTokenCount": script.cached_tokens,
+        "candidatesTokenCount": script.completion_tokens,
+        "thoughtsTokenCount": script.reasoning_tokens,
+        "totalTokenCount": script.prompt_tokens + script.completion_tokens + script.reasoning_tokens,
+    });
+    // Thoughts are billed as output, on top of the candidates.
+    let billed = Script { completion_tokens: script.completion_tokens + script.reasoning_tokens, ..script.clone() };
+    bill_openai(&inner, &version, &billed);
+    let reply = |text: &str, finish: Option<&str>, meta: Value| {
+        let mut candidate = json!({"content":{"role":"model","parts":[{"text":text}]},"index":0});
+        if let Some(finish) = finish {
+            candidate["finishReason"] = json!(finish);
+        }
+        json!({"candidates":[candidate],"usageMetadata":meta,"modelVersion":version,"responseId":"fake"})
+    };
+    if !stream {
+        return json_response(200, reply(&script.text, Some("STOP"), meta));
+    }
+    let pieces = words(&script.text);
+    let early = json!({"promptTokenCount": script.prompt_tokens, "totalTokenCount": script.prompt_tokens});
+    let mut replies: Vec<Value> = pieces[..pieces.len() - 1].iter().map(|p| reply(p, None, early.clone())).collect();
+    let cut_at = replies.len();
+    replies.push(reply(&pieces[pieces.len() - 1], Some("STOP"), meta));
+    let events: Vec<String> = if sse_mode {
+        replies.iter().map(|r| sse(None, r)).collect()
+    } else {
+        let last = replies.len() - 1;
+        replies.iter().enumerate().map(|(i, r)| match i {
+            0 => format!("[{r}"),
+            _ if i == last => format!(",\r\n{r}]"),
+            _ => format!(",\r\n{r}"),
+        }).collect()
+    };
+    let content_type = if sse_mode { "text/event-stream" } else { "application/json; charset=UTF-8" };
+    stream_reply(inner, script, content_type, events, cut_at)
+}
+
+fn chat(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
+    let Some(request) = parse_request(body) else { return bad_json() };
+    if script.status != 200 {
+        return json_response(script.status, json!({"error":{"message":"The fake refuses this request","type":"invalid_request_error","param":null,"code":"fake_refusal"}}));
+    }
+    let model = script.reply_model.clone().unwrap_or_else(|| request["model"].as_str().unwrap_or("unknown").to_string());
+    let mut usage = json!({
+        "prompt_tokens": script.prompt_tokens,
+        "completion_tokens": script.completion_tokens,
+        "total_tokens": script.prompt_tokens + script.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": script.cached_tokens, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": script.reasoning_tokens, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
+    });
+    // The provider bills what it generates, whether or not the client ever sees the usage.
+    match script.report_cost {
+        Some(cost) => {
+            // OpenRouter: the cost it reports is what it charges.
+            usage["cost"] = serde_json::from_str(cost).unwrap();
+            usage["cost_details"] = json!({"upstream_inference_cost": null});
+            add_to_bill(&inner, cost.parse().unwrap());
+        }
+        None => bill_openai(&inner, &model, &script),
+    }
+    if !request["stream"].as_bool().unwrap_or(false) {
+        return json_response(200, json!({
+            "id": "chatcmpl-fake", "object": "chat.completion", "created": 1760000000, "model": model,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": script.text, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
+            "usage": usage, "service_tier": "default", "system_fingerprint": "fp_fake",
+        }));
+    }
+    let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false);
+    let chunk = |delta: Value, finish: Value, usage: Value| {
+        let choices = if delta.is_null() { json!([]) } else { json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]) };
+        let mut c = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1760000000, "model": model, "system_fingerprint": "fp_fake", "choices": choices});
+        if include_usage {
+            c["usage"] = usage;
+        }
+        format!("data: {c}\n\n")
+    };
+    let mut events = vec![chunk(json!({"role": "assistant", "content": "", "refusal": null}), Value::Null, Value::Null)];
+    for (i, piece) in words(&script.text).into_iter().enumerate() {
+        events.push(chunk(json!({"content": piece}), Value::Null, Value::Null));
+        if i == 0 && script.error_event {
+            events.push("data: {\"error\":{\"message\":\"The server had an error while processing your request.\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n".to_string());
+        }
+    }
+    events.push(chunk(json!({}), json!("stop"), Value::Null));
+    let cut_at = events.len();
+    if include_usage {
+        events.push(chunk(Value::Null, Value::Null, usage));
+    }
+    events.push("data: [DONE]\n\n".to_string());
+    stream_reply(inner, script, "text/event-stream; charset=utf-8", events, cut_at)
+}
+
+/// The OpenAI-shaped invoice line: uncached input, cached input and output at the fake's prices.
+fn bill_openai(inner: &Inner, model: &str, script: &Script) {
+    bill(inner, model, |p| {
+        let uncached = Decimal::from(script.prompt_tokens - script.cached_tokens);
+        (uncached * p.input + Decimal::from(script.cached_tokens) * p.cached_input + Decimal::from(script.completion_tokens) * p.output)
+            / Decimal::from(1_000_000)
+    });
+}
+
+/// Adds one invoice line, priced by `cost` at the model's fake price.
+fn bill(inner: &Inner, model: &str, cost: impl FnOnce(&FakePrice) -> Decimal) {
     let prices = inner.prices.lock().unwrap();
     let price = prices
         .get(model)
         .or_else(|| prices.iter().filter(|(name, _)| model.starts_with(name.as_str())).max_by_key(|(name, _)| name.len()).map(|(_, p)| p))
+        .copied()
         .unwrap_or_else(|| panic!("the fake has no price for {model}"));
-    let million = Decimal::from(1_000_000);
-    let uncached = Decimal::from(script.prompt_tokens - script.cached_tokens);
-    let cost = (uncached * price.input + Decimal::from(script.cached_tokens) * price.cached_input
-        + Decimal::from(script.completion_tokens) * price.output)
-        / million;
-    *inner.bill.lock().unwrap() += cost;
+    drop(prices);
+    add_to_bill(inner, cost(&price));
+}
+
+fn add_to_bill(inner: &Inner, amount: Decimal) {
+    *inner.bill.lock().unwrap() += amount;
     inner.billed_requests.fetch_add(1, Ordering::SeqCst);
 }

@@ -98,6 +98,8 @@ pub enum PriceCommand {
         #[arg(long)]
         max_output_tokens: Option<u64>,
     },
+    /// Import a LiteLLM model_prices_and_context_window.json as overrides (all or nothing).
+    Import { file: std::path::PathBuf },
 }
 
 #[derive(Debug, Args)]

@@ -47,7 +47,7 @@ async fn connect(socket: &std::path::Path) -> anyhow::Result<Client> {
         .connect()
         .await
         .map_err(|e| anyhow!("cannot connect to capitd at {}: {e}", socket.display()))?;
-    Ok(ControlClient::new(channel))
+    Ok(ControlClient::new(channel).max_encoding_message_size(64 * 1024 * 1024))
 }
 
 /// Turns a gRPC status into the daemon's own message.
@@ -174,6 +174,15 @@ async fn price(client: &mut Client, cmd: PriceCommand, json: bool) -> anyhow::Re
                 }
                 output::table(&rows);
                 println!("(USD per million tokens)");
+            }
+        }
+        PriceCommand::Import { file } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+            let r = client.import_prices(pb::ImportPricesRequest { litellm_json: text }).await.map_err(rpc)?.into_inner();
+            if json {
+                output::json(&json!({"imported": r.imported, "skipped": r.skipped}));
+            } else {
+                println!("imported prices for {} models from {} ({} entries skipped: other modes or no token prices)", r.imported, file.display(), r.skipped);
             }
         }
         PriceCommand::Set { model, input, output: out, cached_input, cache_write, cache_write_1h, max_output_tokens } => {

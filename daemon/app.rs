@@ -124,7 +124,8 @@ async fn serve_control(listener: UnixListener, state: Arc<State>, stop: Cancella
         Err(e) => Some(Err(e)),
     });
     tonic::transport::Server::builder()
-        .add_service(ControlServer::new(ControlService::new(state)))
+        // LiteLLM's full price file is a few MiB; tonic's default limit is 4 MiB.
+        .add_service(ControlServer::new(ControlService::new(state)).max_decoding_message_size(64 * 1024 * 1024))
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await?;
     Ok(())

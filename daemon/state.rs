@@ -302,6 +302,19 @@ impl State {
         Ok(price)
     }
 
+    /// Imports a LiteLLM price file as overrides: every row or none.
+    pub async fn import_prices(&self, litellm_json: &str) -> Result<(usize, usize), StateError> {
+        let (prices, skipped) = crate::pricing::litellm::parse(litellm_json)?;
+        let _admin = self.admin.lock().await;
+        self.store.write(WriteOp::PutPrices(prices.clone())).await?;
+        let imported = prices.len();
+        let mut registry = self.write();
+        for (model, price) in prices {
+            registry.prices.set_override(model, price);
+        }
+        Ok((imported, skipped))
+    }
+
     // ---- grants ----
 
     /// Mints a grant and its virtual key; the key is returned once and only its hash is kept.

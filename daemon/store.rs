@@ -88,6 +88,8 @@ pub enum WriteOp {
     PutProvider(Provider),
     PutGrant(Grant),
     PutPrice { model: String, price: Price },
+    /// Many prices in one transaction (an import is all or nothing).
+    PutPrices(Vec<(String, Price)>),
     /// Appends an entry and adds it to the totals of the window starting at `window_start`.
     AppendEntry { entry: LedgerEntry, window_start: i64 },
 }
@@ -315,6 +317,11 @@ fn apply_batch(db: &Database, batch: &[Job]) -> Result<(), StoreError> {
                 }
                 WriteOp::PutPrice { model, price } => {
                     prices.insert(model.as_str(), encode(price).as_slice())?;
+                }
+                WriteOp::PutPrices(all) => {
+                    for (model, price) in all {
+                        prices.insert(model.as_str(), encode(price).as_slice())?;
+                    }
                 }
                 WriteOp::AppendEntry { entry, window_start } => {
                     ledger.insert((entry.grant.0, next_seq), encode(entry).as_slice())?;

@@ -110,6 +110,11 @@ impl Control for ControlService {
         Ok(Response::new(pb::SetPriceResponse { price: Some(convert::price(&wire.model, &price, crate::pricing::PriceSource::Override)) }))
     }
 
+    async fn import_prices(&self, request: Request<pb::ImportPricesRequest>) -> Result<Response<pb::ImportPricesResponse>, Status> {
+        let (imported, skipped) = self.state.import_prices(&request.into_inner().litellm_json).await.map_err(status_from)?;
+        Ok(Response::new(pb::ImportPricesResponse { imported: imported as u32, skipped: skipped as u32 }))
+    }
+
     async fn create_grant(&self, request: Request<pb::CreateGrantRequest>) -> Result<Response<pb::CreateGrantResponse>, Status> {
         let req = request.into_inner();
         let cap = parse_cap(&req.cap).map_err(|e| Status::invalid_argument(e.to_string()))?;

@@ -158,3 +158,31 @@ fn status_and_usage_read_well() {
     assert!(daemon.ctl_err(&["usage", "nosuch"]).contains("unknown grant"));
     assert!(daemon.ctl_err(&["revoke", "nosuch"]).contains("unknown grant"));
 }
+
+#[test]
+fn a_litellm_price_file_is_imported_whole_or_not_at_all() {
+    let daemon = Daemon::start();
+    let good = daemon.dir.path().join("prices.json");
+    std::fs::write(&good, r#"{
+ "sample_spec": {"input_cost_per_token": 0.0, "output_cost_per_token": 0.0},
+ "my-model": {"input_cost_per_token": 1.1e-06, "output_cost_per_token": 4.4e-06, "cache_read_input_token_cost": 2.75e-07, "mode": "chat", "max_output_tokens": 100000},
+ "openai/other-model": {"input_cost_per_token": 2e-06, "output_cost_per_token": 8e-06, "mode": "chat"},
+ "an-image-model": {"input_cost_per_image": 0.04, "mode": "image_generation"}
+}"#).unwrap();
+    let out = daemon.ctl_json(&["price", "import", good.to_str().unwrap()]);
+    assert_eq!((out["imported"].as_u64(), out["skipped"].as_u64()), (Some(3), Some(2)));
+    let prices = daemon.ctl_json(&["price", "ls"]);
+    let find = |m: &str| prices.as_array().unwrap().iter().find(|p| p["model"] == m).cloned();
+    let mine = find("my-model").unwrap();
+    assert_eq!((mine["input"].as_str(), mine["cached_input"].as_str(), mine["output"].as_str()), (Some("1.1"), Some("0.275"), Some("4.4")));
+    assert!(find("other-model").is_some());
+
+    let bad = daemon.dir.path().join("bad.json");
+    std::fs::write(&bad, r#"{"fine-model": {"input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06, "mode": "chat"},
+ "broken-model": {"input_cost_per_token": "lots", "output_cost_per_token": 1e-06, "mode": "chat"}}"#).unwrap();
+    let err = daemon.ctl_err(&["price", "import", bad.to_str().unwrap()]);
+    assert!(err.contains("broken-model"), "{err}");
+    let prices = daemon.ctl_json(&["price", "ls"]).to_string();
+    assert!(!prices.contains("fine-model"), "nothing from a bad file is imported");
+    assert!(daemon.ctl_err(&["price", "import", "/nonexistent.json"]).contains("reading /nonexistent.json"));
+}

@@ -4,6 +4,8 @@
 //! ever touches it. Prices come from a table compiled into the binary (`prices.json`), which
 //! per-model overrides (`capitctl price set`) shadow.
 
+pub mod litellm;
+
 use std::collections::BTreeMap;
 
 use rust_decimal::Decimal;
@@ -72,6 +74,10 @@ pub enum PriceError {
     OutOfRange { field: String, value: Decimal },
     #[error("model name must be 1-200 printable characters")]
     BadModel,
+    #[error("the price file is not LiteLLM's JSON format: {0}")]
+    BadFile(String),
+    #[error("model {model}: {source}")]
+    InModel { model: String, source: Box<PriceError> },
 }
 
 impl TierPrices {
@@ -175,7 +181,7 @@ pub enum PriceSource {
 impl PriceTable {
     /// The table compiled into this binary, with the given overrides on top.
     pub fn with_overrides(overrides: BTreeMap<String, Price>) -> PriceTable {
-        let file: BuiltinFile = serde_json::from_str(include_str!("prices.json"))
+        let file: BuiltinFile = serde_json::from_str(include_str!("../prices.json"))
             .expect("the built-in price table is valid; a unit test parses it");
         PriceTable { builtin: file.models, overrides }
     }

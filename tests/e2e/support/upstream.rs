@@ -349,14 +349,20 @@ fn responses(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> 
         seq += 1;
         sse(Some(kind), &data)
     };
+    let empty_item = json!({"type":"message","id":"msg_1","status":"in_progress","role":"assistant","content":[]});
+    let part = |text: &str| json!({"type":"output_text","text":text,"annotations":[]});
     let mut events = vec![
         event("response.created", json!({"response": response("in_progress", json!([]), Value::Null)})),
         event("response.in_progress", json!({"response": response("in_progress", json!([]), Value::Null)})),
+        event("response.output_item.added", json!({"output_index":0,"item":empty_item})),
+        event("response.content_part.added", json!({"item_id":"msg_1","output_index":0,"content_index":0,"part":part("")})),
     ];
     for piece in words(&script.text) {
-        events.push(event("response.output_text.delta", json!({"item_id":"msg_1","output_index":0,"content_index":0,"delta":piece})));
+        events.push(event("response.output_text.delta", json!({"item_id":"msg_1","output_index":0,"content_index":0,"delta":piece,"logprobs":[]})));
     }
-    events.push(event("response.output_text.done", json!({"item_id":"msg_1","output_index":0,"content_index":0,"text":script.text})));
+    events.push(event("response.output_text.done", json!({"item_id":"msg_1","output_index":0,"content_index":0,"text":script.text,"logprobs":[]})));
+    events.push(event("response.content_part.done", json!({"item_id":"msg_1","output_index":0,"content_index":0,"part":part(&script.text)})));
+    events.push(event("response.output_item.done", json!({"output_index":0,"item":output[0].clone()})));
     let cut_at = events.len();
     events.push(event("response.completed", json!({"response": response("completed", output, usage)})));
     stream_reply(inner, script, "text/event-stream; charset=utf-8", events, cut_at)

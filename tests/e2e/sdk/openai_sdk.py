@@ -34,4 +34,17 @@ except openai.PermissionDeniedError as e:
     out["refusal_status"] = e.status_code
     out["refusal_message"] = e.message
 
+# The Responses API (what Codex CLI speaks), plain and streamed, and embeddings.
+resp = client.responses.create(model="test-model", input="hi")
+out["responses_text"] = resp.output_text
+out["responses_output_tokens"] = resp.usage.output_tokens
+completed = None
+with client.responses.stream(model="test-model", input="hi") as stream:
+    for event in stream:
+        if event.type == "response.completed":
+            completed = event.response
+out["responses_stream_output_tokens"] = completed.usage.output_tokens if completed else None
+emb = client.embeddings.create(model="test-model", input="hello")
+out["embedding_prompt_tokens"] = emb.usage.prompt_tokens
+
 print(json.dumps(out))

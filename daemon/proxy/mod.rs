@@ -269,7 +269,8 @@ impl Proxy {
             (false, false) => BodyFormat::Json,
         };
         let hide = is_sse && chat.injected_usage;
-        let meter = ResponseMeter::new(api, format, hide);
+        let encoding = head.headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+        let meter = ResponseMeter::new(api, format, hide).with_content_encoding(encoding);
         let body = MeteredBody::new(incoming, meter, settlement, self.config.body_limits, self.settlements.clone());
         let mut out = Response::new(body.boxed());
         *out.status_mut() = head.status;

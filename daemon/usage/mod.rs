@@ -7,6 +7,7 @@
 //! proxy records the request as estimated.
 
 pub mod anthropic;
+pub mod decode;
 pub mod gemini;
 pub mod openai;
 pub mod sse;
@@ -92,6 +93,8 @@ pub struct ResponseMeter {
     anthropic: anthropic::AnthropicCounts,
     /// Drop the usage-only chunk that exists only because the proxy injected `include_usage`.
     hide_injected_usage: bool,
+    /// Set when the upstream compressed its reply: the meter reads a decoded copy.
+    decoder: Option<decode::Decoder>,
 }
 
 #[derive(Debug)]
@@ -113,12 +116,34 @@ impl ResponseMeter {
             BodyFormat::Json => BodyState::Json { buf: Vec::new(), overflowed: false },
             BodyFormat::JsonArray => BodyState::JsonArray(gemini::JsonArraySplitter::default()),
         };
-        ResponseMeter { api, body, observed: Observed::default(), anthropic: Default::default(), hide_injected_usage }
+        ResponseMeter { api, body, observed: Observed::default(), anthropic: Default::default(), hide_injected_usage, decoder: None }
+    }
+
+    /// Meters a reply sent with this `Content-Encoding`. A compressed reply is forwarded as it
+    /// came (events cannot be filtered out of it) and metered from a decoded copy.
+    pub fn with_content_encoding(mut self, encoding: Option<&str>) -> ResponseMeter {
+        self.decoder = encoding.and_then(decode::Decoder::for_encoding);
+        if self.decoder.is_some() {
+            self.hide_injected_usage = false;
+            if let BodyState::Sse(framer) = &mut self.body {
+                *framer = SseFramer::new(false);
+            }
+        }
+        self
     }
 
     /// Feeds one chunk of the response and returns the bytes to pass on to the client: the
     /// chunk itself, or, when events are being filtered, the complete events it finished.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if let Some(decoder) = self.decoder.as_mut() {
+            let decoded = decoder.decode(&chunk);
+            self.observe_plain(Bytes::from(decoded));
+            return chunk;
+        }
+        self.observe_plain(chunk)
+    }
+
+    fn observe_plain(&mut self, chunk: Bytes) -> Bytes {
         let api = self.api;
         let observed = &mut self.observed;
         let counts = &mut self.anthropic;

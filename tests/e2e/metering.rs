@@ -293,3 +293,28 @@ fn model_lists_are_forwarded_unmetered() {
     assert_eq!(fake.received()[0].header("authorization").as_deref(), Some(format!("Bearer {MASTER}").as_str()));
     assert_eq!(daemon.ctl_json(&["usage", "script"])["requests"], 0);
 }
+
+#[test]
+fn a_compressed_reply_is_forwarded_as_sent_and_metered_from_a_decoded_copy() {
+    use std::io::Read;
+    let (daemon, fake) = setup();
+    let key = daemon.grant("script", "5.00", &["--provider", "openai"]);
+    fake.script(|s| {
+        s.gzip = true;
+        s.prompt_tokens = 321;
+        s.completion_tokens = 54;
+    });
+    let rt = runtime();
+    for body in [PLAIN, STREAM] {
+        let reply = rt.block_on(post_json(&chat_url(&daemon), &key, body));
+        assert_eq!(reply.status, 200);
+        assert_eq!(reply.headers["content-encoding"], "gzip", "the bytes keep the headers they came with");
+        let mut text = String::new();
+        flate2::read::MultiGzDecoder::new(&reply.body[..]).read_to_string(&mut text).unwrap();
+        assert!(text.contains("Hello") || text.contains("fake"), "{text}");
+    }
+    assert_eq!(fake.received()[0].header("accept-encoding").as_deref(), Some("identity"));
+    let usage = daemon.ctl_json(&["usage", "script"]);
+    assert_eq!(usage["estimated"], 0);
+    assert_eq!(daemon.spent("script"), fake.bill());
+}

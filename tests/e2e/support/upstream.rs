@@ -58,6 +58,8 @@ pub struct Script {
     pub report_cost: Option<&'static str>,
     /// End SSE lines with `\r\n` (as Gemini and Vertex may).
     pub crlf: bool,
+    /// Gzip the reply whatever the request's Accept-Encoding said.
+    pub gzip: bool,
 }
 
 impl Default for Script {
@@ -82,6 +84,7 @@ impl Default for Script {
             web_searches: 0,
             report_cost: None,
             crlf: false,
+            gzip: false,
         }
     }
 }
@@ -285,7 +288,9 @@ fn bad_json() -> Response<Body> {
 /// `cut_at` is the index of the first event the cut withholds (the usage events).
 fn stream_reply(inner: Arc<Inner>, script: Script, content_type: &'static str, events: Vec<String>, cut_at: usize) -> Response<Body> {
     let (tx, rx) = mpsc::channel::<Result<Frame<Bytes>, BoxError>>(16);
+    let gzip = script.gzip;
     tokio::spawn(async move {
+        let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         for (i, event) in events.into_iter().enumerate() {
             if script.cut_before_usage && i == cut_at {
                 let _ = tx.send(Err("the fake cut the stream".into())).await;
@@ -295,8 +300,16 @@ fn stream_reply(inner: Arc<Inner>, script: Script, content_type: &'static str, e
                 tokio::time::sleep(script.chunk_delay).await;
             }
             let event = if script.crlf { event.replace('\n', "\r\n") } else { event };
+            let event = if gzip {
+                use std::io::Write;
+                encoder.write_all(event.as_bytes()).unwrap();
+                encoder.flush().unwrap();
+                std::mem::take(encoder.get_mut())
+            } else {
+                event.into_bytes()
+            };
             if script.byte_by_byte {
-                for byte in event.into_bytes() {
+                for byte in event {
                     if tx.send(Ok(Frame::data(Bytes::from(vec![byte])))).await.is_err() {
                         return;
                     }
@@ -308,10 +321,17 @@ fn stream_reply(inner: Arc<Inner>, script: Script, content_type: &'static str, e
                 inner.release.notified().await;
             }
         }
+        if gzip {
+            let _ = tx.send(Ok(Frame::data(Bytes::from(encoder.finish().unwrap())))).await;
+        }
         inner.finished_streams.fetch_add(1, Ordering::SeqCst);
     });
     let body = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx)).boxed();
-    Response::builder().status(200).header("content-type", content_type).body(body).unwrap()
+    let mut response = Response::builder().status(200).header("content-type", content_type);
+    if gzip {
+        response = response.header("content-encoding", "gzip");
+    }
+    response.body(body).unwrap()
 }
 
 fn sse(name: Option<&str>, data: &Value) -> String {
@@ -500,11 +520,19 @@ fn chat(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
         None => bill_openai(&inner, &model, &script),
     }
     if !request["stream"].as_bool().unwrap_or(false) {
-        return json_response(200, json!({
+        let reply = json!({
             "id": "chatcmpl-fake", "object": "chat.completion", "created": 1760000000, "model": model,
             "choices": [{"index": 0, "message": {"role": "assistant", "content": script.text, "refusal": null}, "logprobs": null, "finish_reason": "stop"}],
             "usage": usage, "service_tier": "default", "system_fingerprint": "fp_fake",
-        }));
+        });
+        if script.gzip {
+            use std::io::Write;
+            let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+            encoder.write_all(reply.to_string().as_bytes()).unwrap();
+            let body = full(encoder.finish().unwrap());
+            return Response::builder().status(200).header("content-type", "application/json").header("content-encoding", "gzip").body(body).unwrap();
+        }
+        return json_response(200, reply);
     }
     let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false);
     let chunk = |delta: Value, finish: Value, usage: Value| {

@@ -34,6 +34,8 @@ pub enum AppError {
     State(#[from] crate::state::StateError),
     #[error("control service: {0}")]
     Control(#[from] tonic::transport::Error),
+    #[error("upstream TLS roots: {0}")]
+    UpstreamTls(std::io::Error),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AppError + '_ {
@@ -46,6 +48,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let (store, snapshot) = Store::open(&config.home.join("capit.redb"))?;
     let state = Arc::new(State::new(store.clone(), snapshot, config.home.clone())?);
 
+    // Built before binding anything, so that a bad --upstream-ca stops the start cleanly.
+    let client = crate::proxy::upstream_client(config.proxy.upstream_ca.as_deref()).map_err(AppError::UpstreamTls)?;
     let proxy_listener = TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;
     let proxy_addr = proxy_listener.local_addr().map_err(io(&config.home))?;
     state.set_listen_addr(proxy_addr);
@@ -53,7 +57,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!(proxy = %proxy_addr, control = %config.socket.display(), home = %config.home.display(), "capitd {} listening", env!("CARGO_PKG_VERSION"));
 
     let stop = CancellationToken::new();
-    let proxy = tokio::spawn(crate::proxy::serve(proxy_listener, state.clone(), config.proxy.clone(), stop.clone()));
+    let proxy = tokio::spawn(crate::proxy::serve(proxy_listener, state.clone(), client, config.proxy.clone(), stop.clone()));
     let control = tokio::spawn(serve_control(control_listener, state.clone(), stop.clone()));
 
     shutdown.await;

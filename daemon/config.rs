@@ -33,6 +33,9 @@ pub struct Cli {
     /// Seconds open requests get to finish at shutdown.
     #[arg(long, default_value_t = 30)]
     pub grace: u64,
+    /// PEM file of extra root certificates to trust for upstream TLS (a gateway's private CA).
+    #[arg(long)]
+    pub upstream_ca: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -78,6 +81,7 @@ impl Config {
                 upstream_timeout: Duration::from_secs(upstream_timeout),
                 body_limits: BodyLimits { idle: Duration::from_secs(upstream_timeout), drain: Duration::from_secs(drain) },
                 grace: Duration::from_secs(grace),
+                upstream_ca: cli.upstream_ca,
             },
         })
     }

@@ -46,9 +46,12 @@ pub struct ProxyConfig {
     pub body_limits: BodyLimits,
     /// How long open connections may take to finish at shutdown.
     pub grace: Duration,
+    /// Extra root certificates (PEM) trusted for upstream TLS, besides the Mozilla roots: for a
+    /// company gateway with a private CA.
+    pub upstream_ca: Option<std::path::PathBuf>,
 }
 
-type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
 
 struct Proxy {
     state: Arc<State>,
@@ -59,16 +62,33 @@ struct Proxy {
 }
 
 /// Builds the upstream client: TLS through rustls with the ring provider and the Mozilla roots
-/// compiled in (no system store needed), plain HTTP allowed for local servers and tests, and
-/// HTTP/2 where the server offers it through ALPN.
-fn upstream_client() -> Result<UpstreamClient, std::io::Error> {
+/// compiled in (no system store needed) plus any `--upstream-ca` roots, plain HTTP allowed for
+/// local servers, and HTTP/2 where the server offers it through ALPN.
+pub fn upstream_client(extra_roots: Option<&std::path::Path>) -> Result<UpstreamClient, std::io::Error> {
+    use rustls::pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore { roots: webpki_roots::TLS_SERVER_ROOTS.to_vec() };
+    if let Some(path) = extra_roots {
+        let bad = |e: rustls::pki_types::pem::Error| std::io::Error::other(format!("{}: {e}", path.display()));
+        let mut added = 0;
+        for cert in CertificateDer::pem_file_iter(path).map_err(bad)? {
+            roots.add(cert.map_err(bad)?).map_err(|e| std::io::Error::other(format!("{}: {e}", path.display())))?;
+            added += 1;
+        }
+        if added == 0 {
+            return Err(std::io::Error::other(format!("{}: no PEM certificates in it", path.display())));
+        }
+    }
+    let tls = rustls::ClientConfig::builder_with_provider(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(std::io::Error::other)?
+        .with_root_certificates(roots)
+        .with_no_client_auth();
     let mut http = HttpConnector::new();
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
     let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_provider_and_webpki_roots(rustls::crypto::ring::default_provider())
-        .map_err(std::io::Error::other)?
+        .with_tls_config(tls)
         .https_or_http()
         .enable_http1()
         .enable_http2()
@@ -78,8 +98,8 @@ fn upstream_client() -> Result<UpstreamClient, std::io::Error> {
 
 /// Serves the proxy on `listener` until `shutdown` fires, then lets open requests finish (for
 /// at most the grace period) and waits for their settlements.
-pub async fn serve(listener: TcpListener, state: Arc<State>, config: ProxyConfig, shutdown: CancellationToken) -> std::io::Result<()> {
-    let proxy = Arc::new(Proxy { state, client: upstream_client()?, config: config.clone(), settlements: TaskTracker::new() });
+pub async fn serve(listener: TcpListener, state: Arc<State>, client: UpstreamClient, config: ProxyConfig, shutdown: CancellationToken) -> std::io::Result<()> {
+    let proxy = Arc::new(Proxy { state, client, config: config.clone(), settlements: TaskTracker::new() });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(tokio::sync::Semaphore::new(4096));

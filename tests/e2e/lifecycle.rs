@@ -36,6 +36,14 @@ fn a_non_loopback_listen_address_is_refused_at_start() {
     }
     let out = Command::new(CAPITD).args(["--listen", "localhost:x", "--home"]).arg(dir.path()).output().unwrap();
     assert_eq!(out.status.code(), Some(78));
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "hello").unwrap();
+    for ca in [dir.path().join("missing.pem"), not_pem] {
+        let out = Command::new(CAPITD).args(["--listen", "127.0.0.1:0", "--upstream-ca"]).arg(&ca).arg("--home").arg(dir.path()).output().unwrap();
+        assert_eq!(out.status.code(), Some(1));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("upstream TLS roots") && err.contains(ca.to_str().unwrap()), "{err}");
+    }
 }
 
 #[test]

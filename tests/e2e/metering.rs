@@ -318,3 +318,35 @@ fn a_compressed_reply_is_forwarded_as_sent_and_metered_from_a_decoded_copy() {
     assert_eq!(usage["estimated"], 0);
     assert_eq!(daemon.spent("script"), fake.bill());
 }
+
+#[test]
+fn an_http2_upstream_over_tls_is_metered_the_same() {
+    let (fake, ca_pem) = Fake::tls();
+    fake.set_price("test-model", "1.10", "0.275", "4.40");
+    let dir = crate::support::TempDir::new();
+    let ca = dir.path().join("ca.pem");
+    std::fs::write(&ca, ca_pem).unwrap();
+    let daemon = Daemon::start_with(&["--upstream-ca", ca.to_str().unwrap()]);
+    daemon.setup_provider("openai", &fake.base_url(), MASTER);
+    daemon.ctl_ok(&["price", "set", "test-model", "--input", "1.10", "--cached-input", "0.275", "--output", "4.40"]);
+    let key = daemon.grant("script", "5.00", &["--provider", "openai"]);
+    let rt = runtime();
+    for body in [PLAIN, STREAM, STREAM_WITH_USAGE] {
+        let reply = rt.block_on(post_json(&chat_url(&daemon), &key, body));
+        assert_eq!(reply.status, 200, "{}", reply.text());
+    }
+    let received = fake.received();
+    assert!(received.iter().all(|r| r.version == ::http::Version::HTTP_2), "ALPN chose h2");
+    assert_eq!(received[1].json()["stream_options"]["include_usage"], Value::Bool(true));
+    assert_eq!(daemon.spent("script"), fake.bill());
+
+    // Without the CA the upstream's certificate is not trusted: 502, nothing billed.
+    let untrusting = Daemon::start();
+    untrusting.setup_provider("openai", &fake.base_url(), MASTER);
+    untrusting.ctl_ok(&["price", "set", "test-model", "--input", "1", "--output", "1"]);
+    let key = untrusting.grant("script", "5.00", &["--provider", "openai"]);
+    let reply = rt.block_on(post_json(&chat_url(&untrusting), &key, PLAIN));
+    assert_eq!(reply.status, 502);
+    assert!(reply.error_message().to_lowercase().contains("certificate"), "{}", reply.text());
+    assert_eq!(fake.received().len(), 3);
+}

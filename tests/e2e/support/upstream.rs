@@ -102,6 +102,8 @@ pub struct FakePrice {
 
 #[derive(Clone, Debug)]
 pub struct Received {
+    /// HTTP/1.1 or HTTP/2, as negotiated.
+    pub version: http::Version,
     pub method: String,
     pub path: String,
     pub query: Option<String>,
@@ -131,14 +133,43 @@ struct Inner {
 
 pub struct Fake {
     pub addr: SocketAddr,
+    tls: bool,
     inner: Arc<Inner>,
     stop: Option<oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
 }
 
 impl Fake {
-    /// Starts a fake OpenAI on its own thread and runtime.
+    /// Starts a fake on its own thread and runtime, serving plain HTTP/1.1 and h2c.
     pub fn openai() -> Fake {
+        Fake::start(None)
+    }
+
+    /// Starts a fake that serves TLS with ALPN (h2 and http/1.1), with a certificate for
+    /// 127.0.0.1 issued by a fresh test CA; returns the fake and the CA certificate as PEM.
+    pub fn tls() -> (Fake, String) {
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let mut ca_params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca_params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca_params.distinguished_name.push(rcgen::DnType::CommonName, "capit test CA");
+        let ca = rcgen::CertifiedIssuer::self_signed(ca_params, ca_key).unwrap();
+        let server_key = rcgen::KeyPair::generate().unwrap();
+        let mut params = rcgen::CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+        params.subject_alt_names.push(rcgen::SanType::IpAddress(std::net::IpAddr::from([127, 0, 0, 1])));
+        let cert = params.signed_by(&server_key, &ca).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(rustls::pki_types::PrivatePkcs8KeyDer::from(server_key.serialize_der()));
+        let mut config = rustls::ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_single_cert(vec![cert.der().clone()], key)
+            .unwrap();
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let fake = Fake::start(Some(tokio_rustls::TlsAcceptor::from(Arc::new(config))));
+        (fake, ca.pem())
+    }
+
+    fn start(tls: Option<tokio_rustls::TlsAcceptor>) -> Fake {
         let inner = Arc::new(Inner {
             script: Mutex::new(Script::default()),
             prices: Mutex::new(HashMap::new()),
@@ -148,19 +179,20 @@ impl Fake {
             finished_streams: AtomicUsize::new(0),
             release: Notify::new(),
         });
+        let is_tls = tls.is_some();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
         let (stop, stop_rx) = oneshot::channel();
         let served = inner.clone();
         let thread = std::thread::spawn(move || {
             let runtime = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build().unwrap();
-            runtime.block_on(serve(served, addr_tx, stop_rx));
+            runtime.block_on(serve(served, tls, addr_tx, stop_rx));
         });
         let addr = addr_rx.recv().unwrap();
-        Fake { addr, inner, stop: Some(stop), thread: Some(thread) }
+        Fake { addr, tls: is_tls, inner, stop: Some(stop), thread: Some(thread) }
     }
 
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("{}://{}", if self.tls { "https" } else { "http" }, self.addr)
     }
 
     pub fn script(&self, f: impl FnOnce(&mut Script)) {
@@ -211,7 +243,7 @@ impl Drop for Fake {
     }
 }
 
-async fn serve(inner: Arc<Inner>, addr_tx: std::sync::mpsc::Sender<SocketAddr>, mut stop: oneshot::Receiver<()>) {
+async fn serve(inner: Arc<Inner>, tls: Option<tokio_rustls::TlsAcceptor>, addr_tx: std::sync::mpsc::Sender<SocketAddr>, mut stop: oneshot::Receiver<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     addr_tx.send(listener.local_addr().unwrap()).unwrap();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -228,9 +260,18 @@ async fn serve(inner: Arc<Inner>, addr_tx: std::sync::mpsc::Sender<SocketAddr>, 
             let inner = inner.clone();
             async move { Ok::<_, Infallible>(handle(inner, req).await) }
         });
-        let conn = builder.serve_connection(TokioIo::new(stream), service).into_owned();
+        let builder = builder.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let _ = conn.await;
+            match tls {
+                Some(acceptor) => {
+                    let Ok(stream) = acceptor.accept(stream).await else { return };
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                }
+                None => {
+                    let _ = builder.serve_connection(TokioIo::new(stream), service).await;
+                }
+            }
         });
     }
 }
@@ -247,6 +288,7 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let received = Received {
+        version: parts.version,
         method: parts.method.to_string(),
         path: parts.uri.path().to_string(),
         query: parts.uri.query().map(str::to_string),

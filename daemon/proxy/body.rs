@@ -112,8 +112,9 @@ impl Settlement {
         }
     }
 
-    /// A stream cut before its usage: every request byte counted as a token (the most the
-    /// prompt can be, for text) and every four bytes of generated text as one output token.
+    /// A reply cut before its usage: four bytes of request body per input token and four bytes
+    /// of generated text per output token (the usual ratio for text), and never less than one
+    /// input token, so that an estimate is never $0.
     fn estimate(&self, observed: &Observed) -> Usage {
         Usage {
             input_tokens: self.request_bytes.div_ceil(4).max(1),

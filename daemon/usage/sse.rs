@@ -44,11 +44,15 @@ impl SseFramer {
 
     /// Feeds a chunk, calling `on_event` for every event the chunk completes.
     pub fn push(&mut self, mut chunk: &[u8], on_event: &mut dyn FnMut(SseEvent)) {
-        if self.after_cr && chunk.first() == Some(&b'\n') {
+        if chunk.is_empty() {
+            return;
+        }
+        // A `\r` ended the previous chunk: a `\n` now completes that same line ending, and
+        // anything else means the `\r` stood alone.
+        if std::mem::take(&mut self.after_cr) && chunk[0] == b'\n' {
             if self.keep_raw {
                 self.raw.push(b'\n');
             }
-            self.after_cr = false;
             chunk = &chunk[1..];
         }
         while let Some(pos) = chunk.iter().position(|&b| b == b'\n' || b == b'\r') {
@@ -207,6 +211,13 @@ mod tests {
     #[test]
     fn crlf_and_cr_line_endings() {
         check_every_split(b"data: one\r\n\r\ndata: two\r\rdata: three\n\n", &[(None, "one"), (None, "two"), (None, "three")]);
+    }
+
+    #[test]
+    fn a_lone_cr_at_a_chunk_end_does_not_swallow_a_later_newline() {
+        // Found by the fuzzer: `\r` ending one chunk, then `event\n\n` in later chunks.
+        check_every_split(b"x\revent: e\n\ndata: d\n\n", &[(Some("e"), ""), (None, "d")]);
+        check_every_split(b"data: a\rdata: b\n\n", &[(None, "a\nb")]);
     }
 
     #[test]

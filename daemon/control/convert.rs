@@ -120,6 +120,7 @@ pub fn price_from(p: &pb::Price) -> Result<Price, Status> {
             output: required(&p.output, "output")?,
         },
         max_output_tokens: (p.max_output_tokens > 0).then_some(p.max_output_tokens),
+        max_input_tokens: None,
         long_context,
         web_search_per_1k: None,
         checked: None,

@@ -88,6 +88,7 @@ fn read_entry(entry: &Value) -> Result<Price, PriceError> {
     let price = Price {
         base,
         max_output_tokens,
+        max_input_tokens: entry.get("max_input_tokens").and_then(Value::as_u64),
         long_context,
         web_search_per_1k: None,
         checked: None,

@@ -35,6 +35,9 @@ pub struct Price {
     /// The model's largest possible output, which bounds a request that sets no maximum.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_output_tokens: Option<u64>,
+    /// The model's context window: the most input any request can have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_input_tokens: Option<u64>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub long_context: Option<LongContext>,
     /// USD per 1,000 server-side web searches (Anthropic's `server_tool_use`).
@@ -157,6 +160,24 @@ pub fn cost(usage: &Usage, price: &Price) -> Decimal {
         (n, Some(per_1k)) => Decimal::from(n).checked_mul(per_1k).unwrap_or(Decimal::MAX) / Decimal::from(1000u32),
     };
     tokens.checked_add(searches).unwrap_or(Decimal::MAX).normalize()
+}
+
+/// Input tokens a provider may add to a request on its own (the tool-use system prompt,
+/// message framing), on top of what the body holds.
+pub const HIDDEN_PROMPT_ALLOWANCE: u64 = 1024;
+
+/// The most a request can cost, for its reservation: every input token at the dearest
+/// input-side rate (a cache write can cost twice the input rate), every output token at the
+/// output rate, in the tier its input falls in (long-context rates are never below the base
+/// ones), plus nothing for web searches (their tokens and fees are left to settlement).
+pub fn bound(price: &Price, input_tokens: u64, output_tokens: u64) -> Decimal {
+    let rates = price.rates(input_tokens);
+    let input_rate = [rates.input, rates.cached_input, rates.cache_write_5m, rates.cache_write_1h].into_iter().max().unwrap_or(rates.input);
+    let per_million = Decimal::from(input_tokens)
+        .checked_mul(input_rate)
+        .and_then(|i| Decimal::from(output_tokens).checked_mul(rates.output).and_then(|o| i.checked_add(o)))
+        .unwrap_or(Decimal::MAX);
+    (per_million / Decimal::from(1_000_000u32)).normalize()
 }
 
 /// Built-in prices and user overrides, looked up by the model a response names.
@@ -334,6 +355,21 @@ mod tests {
         let split = Usage { cache_write_5m_tokens: 1024, cache_write_1h_tokens: 1024, web_search_requests: 2, ..usage };
         // 1024×3.75 + 1024×6 = 9984 replaces 2048×3.75 = 7680 (+2304); two searches at $10 per 1,000: +$0.02.
         assert_eq!(cost(&split, price), d("0.039434"));
+    }
+
+    #[test]
+    fn the_bound_covers_every_way_the_same_tokens_can_be_billed() {
+        let t = table();
+        let sonnet = t.lookup("claude-sonnet-4-5").unwrap().1;
+        // 1000 input at the 1-hour write rate (6.00), 500 output at 15.00.
+        assert_eq!(bound(sonnet, 1000, 500), d("0.0135"));
+        // Past 200K input the long-context tier applies: 12.00 for 1-hour writes, 22.50 output.
+        assert_eq!(bound(sonnet, 200_001, 0), d("2.400012"));
+        for (input, cached, w5, w1, output) in [(1000, 1000, 0, 0, 500), (1000, 0, 1000, 0, 500), (1000, 0, 0, 1000, 500), (1000, 200, 300, 400, 7)] {
+            let usage = Usage { input_tokens: input, cached_input_tokens: cached, cache_write_5m_tokens: w5, cache_write_1h_tokens: w1, output_tokens: output, ..Usage::default() };
+            assert!(cost(&usage, sonnet) <= bound(sonnet, 1000, 500), "{usage:?}");
+        }
+        assert!(bound(sonnet, u64::MAX, u64::MAX) > Decimal::ZERO, "huge counts do not panic");
     }
 
     #[test]

@@ -124,6 +124,12 @@ struct ChatFields {
 #[derive(Debug)]
 pub struct Prepared {
     pub model: String,
+    /// The most output the request allows (`max_completion_tokens`, `max_tokens`,
+    /// `max_output_tokens`, `maxOutputTokens` plus a thinking budget), times its choices.
+    pub max_output_tokens: Option<u64>,
+    /// The body points at content the proxy cannot measure (an image or file by URL or id),
+    /// so its input can only be bounded by the model's context window.
+    pub external_input: bool,
     /// The body to send upstream (with `include_usage` added when the client did not ask).
     pub body: Bytes,
     /// The proxy added `include_usage`, so the usage chunk must be hidden from the client.
@@ -150,7 +156,60 @@ pub fn prepare(api: MeteredApi, body: Bytes, path_model: Option<&str>) -> Result
         (None, Some(Value::String(_)) | Some(Value::Null) | None) => return Err(BodyError::MissingModel),
         (None, Some(_)) => return Err(BodyError::Malformed("\"model\" must be a string".into())),
     };
-    Ok(Prepared { model, body, injected_usage: false })
+    let limits = output_limits(api, &body);
+    Ok(Prepared { model, max_output_tokens: limits.0, external_input: limits.1, body, injected_usage: false })
+}
+
+/// The output limit a request sets and whether it references unmeasurable input. Only bodies
+/// that mention a limit or a reference are parsed a second time.
+fn output_limits(api: MeteredApi, body: &[u8]) -> (Option<u64>, bool) {
+    const MARKERS: [&str; 9] = ["max_tokens", "max_completion_tokens", "max_output_tokens", "maxOutputTokens", "image_url", "file_id", "file_url", "fileUri", "\"url\""];
+    if !MARKERS.iter().any(|m| contains(body, m)) {
+        return (None, false);
+    }
+    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+        return (None, false);
+    };
+    let number = |v: Option<&Value>| v.and_then(Value::as_u64);
+    let max = match api {
+        MeteredApi::OpenAiChat => {
+            let n = number(value.get("n")).unwrap_or(1).max(1);
+            number(value.get("max_completion_tokens")).or(number(value.get("max_tokens"))).map(|m| m.saturating_mul(n))
+        }
+        MeteredApi::OpenAiResponses => number(value.get("max_output_tokens")),
+        MeteredApi::OpenAiEmbeddings => Some(0),
+        MeteredApi::AnthropicMessages => number(value.get("max_tokens")),
+        MeteredApi::GeminiGenerate => {
+            let config = value.get("generationConfig");
+            let candidates = number(config.and_then(|c| c.get("candidateCount"))).unwrap_or(1).max(1);
+            let thinking = number(config.and_then(|c| c.pointer("/thinkingConfig/thinkingBudget"))).unwrap_or(0);
+            number(config.and_then(|c| c.get("maxOutputTokens"))).map(|m| m.saturating_add(thinking).saturating_mul(candidates))
+        }
+    };
+    (max, references_external_input(&value))
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+}
+
+/// True when some part of the request is an image or file given by URL or id.
+fn references_external_input(value: &Value) -> bool {
+    match value {
+        Value::Object(map) => map.iter().any(|(key, v)| {
+            let by_url = |v: &Value| {
+                let url = v.as_str().or_else(|| v.get("url").and_then(Value::as_str)).unwrap_or("");
+                url.starts_with("http://") || url.starts_with("https://") || url.starts_with("gs://")
+            };
+            match key.as_str() {
+                "file_id" | "file_url" | "fileUri" | "file_uri" => true,
+                "image_url" | "url" => by_url(v),
+                _ => references_external_input(v),
+            }
+        }),
+        Value::Array(items) => items.iter().any(references_external_input),
+        _ => false,
+    }
 }
 
 /// Reads a Chat Completions body and, for a stream without `include_usage`, asks for usage.
@@ -167,17 +226,19 @@ fn prepare_chat(body: Bytes) -> Result<Prepared, BodyError> {
         Some(Value::Bool(b)) => b,
         Some(_) => return Err(BodyError::Malformed("\"stream\" must be true or false".into())),
     };
+    let (max_output_tokens, external_input) = output_limits(MeteredApi::OpenAiChat, &body);
+    let prepared = |body: Bytes, injected_usage: bool| Prepared { model: model.clone(), max_output_tokens, external_input, body, injected_usage };
     if !stream {
-        return Ok(Prepared { model, body, injected_usage: false });
+        return Ok(prepared(body, false));
     }
     match fields.stream_options {
         None | Some(Value::Null) if fields_absent(&body, "stream_options") => {
             let body = splice_first_member(&body, br#""stream_options":{"include_usage":true}"#)
                 .ok_or_else(|| BodyError::Malformed("the body is not a JSON object".into()))?;
-            Ok(Prepared { model, body, injected_usage: true })
+            Ok(prepared(body, true))
         }
         Some(Value::Object(opts)) if opts.get("include_usage") == Some(&Value::Bool(true)) => {
-            Ok(Prepared { model, body, injected_usage: false })
+            Ok(prepared(body, false))
         }
         Some(Value::Object(_)) | Some(Value::Null) | None => {
             // Rare: options present without include_usage. Rewrite the whole object.
@@ -191,7 +252,7 @@ fn prepare_chat(body: Bytes) -> Result<Prepared, BodyError> {
                 options.insert("include_usage".into(), Value::Bool(true));
             }
             let body = serde_json::to_vec(&value).map_err(|e| BodyError::Malformed(e.to_string()))?;
-            Ok(Prepared { model, body: Bytes::from(body), injected_usage: true })
+            Ok(prepared(Bytes::from(body), true))
         }
         Some(_) => Err(BodyError::Malformed("\"stream_options\" must be an object".into())),
     }
@@ -274,6 +335,27 @@ mod tests {
         // A message that merely mentions the member name takes the rewriting path, still valid.
         let r = parse(r#"{"model":"gpt-5","stream":true,"messages":[{"content":"\"stream_options\""}]}"#).unwrap();
         assert_eq!(json(&r.body)["stream_options"]["include_usage"], Value::Bool(true));
+    }
+
+    #[test]
+    fn output_limits_and_external_input() {
+        let body = |s: &str| Bytes::copy_from_slice(s.as_bytes());
+        let chat = |s: &str| prepare(MeteredApi::OpenAiChat, body(s), None).unwrap();
+        assert_eq!(chat(r#"{"model":"m","max_tokens":100}"#).max_output_tokens, Some(100));
+        assert_eq!(chat(r#"{"model":"m","max_completion_tokens":50,"max_tokens":100,"n":3}"#).max_output_tokens, Some(150));
+        assert_eq!(chat(r#"{"model":"m"}"#).max_output_tokens, None);
+        let inline = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#);
+        assert!(!inline.external_input);
+        let linked = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/cat.png"}}]}]}"#);
+        assert!(linked.external_input);
+        let text_link = chat(r#"{"model":"m","messages":[{"role":"user","content":"see https://x/y"}]}"#);
+        assert!(!text_link.external_input, "a URL in the text is only text");
+        let r = prepare(MeteredApi::OpenAiResponses, body(r#"{"model":"m","max_output_tokens":7,"input":[{"type":"input_file","file_id":"file-1"}]}"#), None).unwrap();
+        assert_eq!((r.max_output_tokens, r.external_input), (Some(7), true));
+        let a = prepare(MeteredApi::AnthropicMessages, body(r#"{"model":"m","max_tokens":9,"messages":[{"content":[{"type":"image","source":{"type":"url","url":"https://x/a.png"}}]}]}"#), None).unwrap();
+        assert_eq!((a.max_output_tokens, a.external_input), (Some(9), true));
+        let g = prepare(MeteredApi::GeminiGenerate, body(r#"{"contents":[{"parts":[{"fileData":{"fileUri":"gs://b/f.pdf"}}]}],"generationConfig":{"maxOutputTokens":100,"candidateCount":2,"thinkingConfig":{"thinkingBudget":50}}}"#), Some("g")).unwrap();
+        assert_eq!((g.max_output_tokens, g.external_input), (Some(300), true));
     }
 
     #[test]

@@ -148,6 +148,20 @@ mod hash_hex {
     }
 }
 
+/// A grant's money in its current window: settled spend, and what admitted requests still
+/// in flight hold at their most.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Spend {
+    pub spent: Decimal,
+    pub reserved: Decimal,
+}
+
+impl Spend {
+    pub fn settled(spent: Decimal) -> Spend {
+        Spend { spent, reserved: Decimal::ZERO }
+    }
+}
+
 /// The state `capitctl ls` shows.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GrantState {
@@ -179,6 +193,8 @@ pub enum Refusal {
     ModelNotAllowed { grant: String, model: String, allowed: Vec<String> },
     #[error("capit: grant \"{grant}\" has spent ${} of its ${} {} cap{}", money(*spent), money(*cap), period.adjective(), resets_phrase(*resets_at))]
     Exhausted { grant: String, spent: Decimal, cap: Decimal, period: Period, resets_at: Option<i64> },
+    #[error("capit: grant \"{grant}\" has ${} left of its ${} {} cap (${} spent, ${} held by requests in flight) and this request could cost up to ${}; lower its max output tokens or wait{}", money(*cap - *spent - *reserved), money(*cap), period.adjective(), money(*spent), money(*reserved), money(*bound), resets_phrase(*resets_at))]
+    WouldExceed { grant: String, spent: Decimal, reserved: Decimal, bound: Decimal, cap: Decimal, period: Period, resets_at: Option<i64> },
 }
 
 impl Grant {
@@ -205,22 +221,42 @@ impl Grant {
         Ok(())
     }
 
-    /// Admits or refuses a request for `model`, given the spend of the current window.
-    pub fn check(&self, now: i64, spent: Decimal, window: Window, model: &str) -> Result<(), Refusal> {
+    /// Admits or refuses a request for `model` that may cost up to `bound`, given the window's
+    /// spend and what requests in flight hold: the cap holds only if every admitted request
+    /// fits at its most, `spent + reserved + bound <= cap`.
+    pub fn check(&self, now: i64, spend: Spend, window: Window, model: &str, bound: Decimal) -> Result<(), Refusal> {
         self.check_alive(now)?;
-        if !self.allows_model(model) {
-            return Err(Refusal::ModelNotAllowed { grant: self.name.clone(), model: model.to_string(), allowed: self.models.clone() });
-        }
-        if spent >= self.cap {
+        self.check_model(model)?;
+        if spend.spent >= self.cap {
             return Err(Refusal::Exhausted {
                 grant: self.name.clone(),
-                spent,
+                spent: spend.spent,
+                cap: self.cap,
+                period: self.period,
+                resets_at: window.end,
+            });
+        }
+        if spend.spent + spend.reserved + bound > self.cap {
+            return Err(Refusal::WouldExceed {
+                grant: self.name.clone(),
+                spent: spend.spent,
+                reserved: spend.reserved,
+                bound,
                 cap: self.cap,
                 period: self.period,
                 resets_at: window.end,
             });
         }
         Ok(())
+    }
+
+    /// Refuses a model outside the grant's list.
+    pub fn check_model(&self, model: &str) -> Result<(), Refusal> {
+        if self.allows_model(model) {
+            Ok(())
+        } else {
+            Err(Refusal::ModelNotAllowed { grant: self.name.clone(), model: model.to_string(), allowed: self.models.clone() })
+        }
     }
 
     /// A model is allowed when the list is empty, names it, or names it without its dated
@@ -338,17 +374,24 @@ mod tests {
         let g = grant();
         let w = Window { start: 0, end: Some(100) };
         let five: Decimal = "5".parse().unwrap();
-        assert_eq!(g.check(10, Decimal::ZERO, w, "gpt-5"), Ok(()));
-        assert!(matches!(g.check(10, five, w, "gpt-5"), Err(Refusal::Exhausted { .. })));
-        assert!(matches!(g.check(2_000_000_000, Decimal::ZERO, w, "gpt-5"), Err(Refusal::Expired { .. })));
+        let zero = Spend::default();
+        let none = Decimal::ZERO;
+        assert_eq!(g.check(10, zero, w, "gpt-5", none), Ok(()));
+        assert!(matches!(g.check(10, Spend::settled(five), w, "gpt-5", none), Err(Refusal::Exhausted { .. })));
+        assert!(matches!(g.check(2_000_000_000, zero, w, "gpt-5", none), Err(Refusal::Expired { .. })));
+        let two: Decimal = "2".parse().unwrap();
+        let held = Spend { spent: two, reserved: two };
+        assert_eq!(g.check(10, held, w, "gpt-5", "1".parse().unwrap()), Ok(()), "exactly at the cap fits");
+        let over = g.check(10, held, w, "gpt-5", "1.01".parse().unwrap()).unwrap_err();
+        assert!(over.to_string().contains("has $1.00 left of its $5.00 monthly cap ($2.00 spent, $2.00 held by requests in flight) and this request could cost up to $1.01"), "{over}");
         let mut limited = g.clone();
         limited.models = vec!["gpt-5-mini".into()];
-        assert_eq!(limited.check(10, Decimal::ZERO, w, "gpt-5-mini-2025-08-07"), Ok(()));
-        assert!(matches!(limited.check(10, Decimal::ZERO, w, "gpt-5"), Err(Refusal::ModelNotAllowed { .. })));
-        assert!(matches!(limited.check(10, Decimal::ZERO, w, "gpt-5-mini-turbo"), Err(Refusal::ModelNotAllowed { .. })));
+        assert_eq!(limited.check(10, zero, w, "gpt-5-mini-2025-08-07", none), Ok(()));
+        assert!(matches!(limited.check(10, zero, w, "gpt-5", none), Err(Refusal::ModelNotAllowed { .. })));
+        assert!(matches!(limited.check(10, zero, w, "gpt-5-mini-turbo", none), Err(Refusal::ModelNotAllowed { .. })));
         let mut revoked = g.clone();
         revoked.revoked_at = Some(5);
-        assert!(matches!(revoked.check(10, Decimal::ZERO, w, "gpt-5"), Err(Refusal::Revoked { .. })));
+        assert!(matches!(revoked.check(10, zero, w, "gpt-5", none), Err(Refusal::Revoked { .. })));
         assert_eq!(revoked.state(10, Decimal::ZERO), GrantState::Revoked);
         assert_eq!(g.state(10, five), GrantState::Exhausted);
     }

@@ -17,7 +17,7 @@ use std::time::Instant;
 
 use rust_decimal::Decimal;
 
-use crate::grants::{Grant, GrantError, GrantId, GrantState, Period, Refusal, Window};
+use crate::grants::{Grant, GrantError, GrantId, GrantState, Period, Refusal, Spend, Window};
 use crate::ledger::{LedgerEntry, Totals};
 use crate::pricing::{Price, PriceError, PriceSource, PriceTable};
 use crate::providers::{self, Provider, ProviderError, ProviderKind};
@@ -85,6 +85,35 @@ struct GrantLive {
     grant: Grant,
     window: Window,
     spent: Decimal,
+    /// The sum of the bounds of admitted requests not yet settled. It belongs to no window:
+    /// a request admitted before a reset still holds its amount until it settles.
+    reserved: Decimal,
+}
+
+/// An admitted request's hold on its grant's budget. Settling it swaps the hold for the
+/// metered cost; dropping it unsettled (a request that never reached the upstream) releases it.
+pub struct Reservation {
+    slot: Arc<GrantSlot>,
+    amount: Decimal,
+    settled: bool,
+}
+
+impl Reservation {
+    pub fn grant(&self) -> GrantId {
+        self.slot.id
+    }
+
+    pub fn amount(&self) -> Decimal {
+        self.amount
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.slot.lock().reserved -= self.amount;
+        }
+    }
 }
 
 /// A grant as listings show it.
@@ -162,7 +191,7 @@ impl State {
                 registry.by_hash.insert(grant.key_hash, grant.id);
                 registry.by_name.insert(grant.name.clone(), grant.id);
             }
-            let slot = GrantSlot { id: grant.id, live: Mutex::new(GrantLive { grant, window, spent }) };
+            let slot = GrantSlot { id: grant.id, live: Mutex::new(GrantLive { grant, window, spent, reserved: Decimal::ZERO }) };
             registry.grants.insert(slot.id, Arc::new(slot));
         }
         Ok(State {
@@ -363,7 +392,7 @@ impl State {
         registry.next_grant_id = id.0 + 1;
         registry.by_hash.insert(grant.key_hash, id);
         registry.by_name.insert(grant.name.clone(), id);
-        let slot = GrantSlot { id, live: Mutex::new(GrantLive { grant, window, spent: Decimal::ZERO }) };
+        let slot = GrantSlot { id, live: Mutex::new(GrantLive { grant, window, spent: Decimal::ZERO, reserved: Decimal::ZERO }) };
         registry.grants.insert(id, Arc::new(slot));
         Ok((view, key))
     }
@@ -439,11 +468,15 @@ impl State {
         Ok(Upstream { provider, key })
     }
 
-    /// Checks a request for `model` against the grant's limits at `now`.
-    pub fn admit(&self, slot: &GrantSlot, model: &str, now: i64) -> Result<(), Refusal> {
+    /// Admits a request for `model` that may cost up to `bound`, holding that amount against
+    /// the cap until the request settles. Check and hold happen under the grant's one mutex,
+    /// so concurrent requests can never together be admitted past the cap.
+    pub fn admit(&self, slot: &Arc<GrantSlot>, model: &str, now: i64, bound: Decimal) -> Result<Reservation, Refusal> {
         let mut live = slot.lock();
         live.roll(now, slot.id, &self.store);
-        live.grant.check(now, live.spent, live.window, model)
+        live.grant.check(now, Spend { spent: live.spent, reserved: live.reserved }, live.window, model, bound)?;
+        live.reserved += bound;
+        Ok(Reservation { slot: slot.clone(), amount: bound, settled: false })
     }
 
     /// Checks that a grant may make free calls (model lists): not revoked, not expired.
@@ -451,15 +484,25 @@ impl State {
         slot.lock().grant.check_alive(now)
     }
 
-    /// Records a finished request: its cost counts against the grant at once, and the returned
+    /// The grant's own answer before any pricing: alive, and the model allowed.
+    pub fn precheck(&self, slot: &GrantSlot, model: &str, now: i64) -> Result<(), Refusal> {
+        let live = slot.lock();
+        live.grant.check_alive(now)?;
+        live.grant.check_model(model)
+    }
+
+    /// Records a finished request: its hold is swapped for its cost at once, and the returned
     /// receiver resolves when the entry (with its running total) is durable.
-    pub fn settle(&self, slot: &GrantSlot, entry: LedgerEntry) -> tokio::sync::oneshot::Receiver<Result<(), StoreError>> {
+    pub fn settle(&self, mut reservation: Reservation, entry: LedgerEntry) -> tokio::sync::oneshot::Receiver<Result<(), StoreError>> {
+        let slot = reservation.slot.clone();
         let window_start = {
             let mut live = slot.lock();
             live.roll(entry.at_seconds(), slot.id, &self.store);
+            live.reserved -= reservation.amount;
             live.spent += entry.cost;
             live.window.start
         };
+        reservation.settled = true;
         self.store.submit(WriteOp::AppendEntry { entry, window_start })
     }
 

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::ledger::{EntryStatus, LedgerEntry};
 use crate::providers::MeteredApi;
-use crate::state::{GrantSlot, State, now_millis};
+use crate::state::{Reservation, State, now_millis};
 use crate::store::StoreError;
 use crate::usage::{Observed, ResponseMeter, Usage};
 
@@ -36,7 +36,8 @@ pub fn full(bytes: Bytes) -> ProxyBody {
 /// Everything needed to turn what was observed into a ledger entry.
 pub struct Settlement {
     pub state: Arc<State>,
-    pub slot: Arc<GrantSlot>,
+    /// The request's hold on its grant, swapped for the cost when it settles.
+    pub reservation: Reservation,
     pub api: MeteredApi,
     pub request_model: String,
     /// The provider prices nothing (a local server).
@@ -52,14 +53,14 @@ impl Settlement {
     /// Prices what was observed and records it; the receiver resolves once it is durable.
     pub fn settle(self, observed: Observed) -> oneshot::Receiver<Result<(), StoreError>> {
         let entry = self.entry(observed);
-        tracing::debug!(grant = self.slot.id.0, model = %entry.model, cost = %entry.cost, status = entry.status.as_str(), "settled");
-        self.state.settle(&self.slot, entry)
+        tracing::debug!(grant = entry.grant.0, model = %entry.model, cost = %entry.cost, reserved = %self.reservation.amount(), status = entry.status.as_str(), "settled");
+        self.state.settle(self.reservation, entry)
     }
 
     /// Records a request the upstream refused with an error status: nothing generated, no cost.
     pub fn settle_upstream_error(self) -> oneshot::Receiver<Result<(), StoreError>> {
         let entry = LedgerEntry {
-            grant: self.slot.id,
+            grant: self.reservation.grant(),
             at_ms: now_millis(),
             model: self.request_model.clone(),
             api: self.api.as_str().to_string(),
@@ -69,7 +70,7 @@ impl Settlement {
             http_status: self.http_status,
             error: None,
         };
-        self.state.settle(&self.slot, entry)
+        self.state.settle(self.reservation, entry)
     }
 
     fn entry(&self, observed: Observed) -> LedgerEntry {
@@ -100,7 +101,7 @@ impl Settlement {
             }
         };
         LedgerEntry {
-            grant: self.slot.id,
+            grant: self.reservation.grant(),
             at_ms: now_millis(),
             model,
             api: self.api.as_str().to_string(),

@@ -242,9 +242,10 @@ impl Proxy {
         let path_model = crate::providers::gemini_model(&target.rest);
         let chat = request::prepare(api, body, path_model).map_err(body_error)?;
         tracing::Span::current().record("grant", slot.id.0);
-        self.state.admit(&slot, &chat.model, now_seconds()).map_err(refusal_error)?;
+        self.state.precheck(&slot, &chat.model, now_seconds()).map_err(refusal_error)?;
         let reports_cost = upstream.provider.kind == ProviderKind::OpenRouter;
-        if !upstream.provider.price_zero && !reports_cost && self.state.price(&chat.model).is_none() {
+        let price = self.state.price(&chat.model).map(|(_, price)| price);
+        if !upstream.provider.price_zero && !reports_cost && price.is_none() {
             return Err(ProxyError::new(
                 StatusCode::BAD_REQUEST,
                 "capit_unknown_price",
@@ -254,12 +255,18 @@ impl Proxy {
                 ),
             ));
         }
+        let bound = match (&price, upstream.provider.price_zero) {
+            (Some(price), false) => reservation_bound(price, &chat, request_bytes),
+            // Priced at zero, or (OpenRouter) an unpriced model whose cost the provider reports.
+            _ => rust_decimal::Decimal::ZERO,
+        };
+        let reservation = self.state.admit(&slot, &chat.model, now_seconds(), bound).map_err(refusal_error)?;
         let uri = self.upstream_uri(&upstream.provider, &target)?;
         let response = self.send(Method::POST, uri, &parts.headers, &upstream, chat.body).await?;
         let (head, incoming) = response.into_parts();
         let settlement = Settlement {
             state: self.state.clone(),
-            slot,
+            reservation,
             api,
             request_model: chat.model,
             price_zero: upstream.provider.price_zero,
@@ -349,6 +356,20 @@ impl Proxy {
     }
 }
 
+/// A request's most possible cost. Input: a token is at least one byte of text, so the body's
+/// size plus the provider's hidden prompt bounds it, capped by the context window; content given
+/// by reference (an image URL, a file id) is bounded by the context window alone. Output: the
+/// request's own limit, else the model's largest output. See ARCHITECTURE.md.
+fn reservation_bound(price: &crate::pricing::Price, request: &request::Prepared, request_bytes: u64) -> rust_decimal::Decimal {
+    /// For models whose table entry lacks them (user-set prices): generous, never small.
+    const DEFAULT_CONTEXT: u64 = 2_000_000;
+    const DEFAULT_MAX_OUTPUT: u64 = 128_000;
+    let context = price.max_input_tokens.unwrap_or(DEFAULT_CONTEXT);
+    let input = if request.external_input { context } else { request_bytes.saturating_add(crate::pricing::HIDDEN_PROMPT_ALLOWANCE).min(context) };
+    let output = request.max_output_tokens.or(price.max_output_tokens).unwrap_or(DEFAULT_MAX_OUTPUT);
+    crate::pricing::bound(price, input, output)
+}
+
 /// The reply to a call the proxy answers itself.
 fn local_ack() -> Response<ProxyBody> {
     let mut response = Response::new(body::full(Bytes::from_static(b"{}")));
@@ -391,7 +412,7 @@ fn refusal_error(refusal: crate::grants::Refusal) -> ProxyError {
         Refusal::Revoked { .. } => (StatusCode::UNAUTHORIZED, "capit_grant_revoked"),
         Refusal::Expired { .. } => (StatusCode::UNAUTHORIZED, "capit_grant_expired"),
         Refusal::ModelNotAllowed { .. } => (StatusCode::FORBIDDEN, "capit_model_not_allowed"),
-        Refusal::Exhausted { .. } => (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota"),
+        Refusal::Exhausted { .. } | Refusal::WouldExceed { .. } => (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota"),
     };
     ProxyError::new(status, code, refusal.to_string())
 }

@@ -77,27 +77,50 @@ fn models_outside_the_grant_are_refused_with_403() {
 #[test]
 fn a_spent_budget_is_refused_with_429_naming_spent_cap_and_reset() {
     let (daemon, fake) = setup();
-    // Each request costs 1000 × 1.10 + 1000 × 4.40 per million = $0.0055; the cap fits 3 and a bit.
+    // Each request costs 1000 × 1.10 + 1000 × 4.40 per million = $0.0055, and may cost at most
+    // (body bytes + 1024) × 1.10 + 1000 × 4.40 per million, about $0.0056: three fit in $0.02.
     let key = daemon.grant("script", "0.02", &["--provider", "openai", "--period", "day"]);
     fake.script(|s| {
         s.prompt_tokens = 1000;
         s.completion_tokens = 1000;
     });
+    let body = r#"{"model":"test-model","max_tokens":1000,"messages":[{"role":"user","content":"hi"}]}"#;
     let rt = runtime();
     let mut statuses = Vec::new();
-    for _ in 0..6 {
-        statuses.push(rt.block_on(post_json(&chat_url(&daemon), &key, PLAIN)));
+    for _ in 0..5 {
+        statuses.push(rt.block_on(post_json(&chat_url(&daemon), &key, body)));
     }
     let codes: Vec<u16> = statuses.iter().map(|r| r.status).collect();
-    assert_eq!(codes, [200, 200, 200, 200, 429, 429]);
-    let message = statuses[4].error_message();
-    assert!(message.contains("has spent $0.022 of its $0.02 daily cap; it resets on"), "{message}");
-    assert_eq!(statuses[4].json()["error"]["type"], "insufficient_quota");
-    assert_eq!(fake.billed_requests(), 4);
+    assert_eq!(codes, [200, 200, 200, 429, 429]);
+    let message = statuses[3].error_message();
+    assert!(message.contains("has $0.0035 left of its $0.02 daily cap ($0.0165 spent, $0.00 held by requests in flight) and this request could cost up to $0.0056"), "{message}");
+    assert!(message.contains("; it resets on"), "{message}");
+    assert_eq!(statuses[3].json()["error"]["type"], "insufficient_quota");
+    assert_eq!(fake.billed_requests(), 3);
     assert_eq!(daemon.spent("script"), fake.bill());
+    assert!(fake.bill() <= dec("0.02"));
     let listed = daemon.ctl_json(&["ls"]);
-    assert_eq!(listed[0]["state"], "exhausted");
     assert!(listed[0]["resets_at"].is_string());
+
+    // Requests that cost exactly their bound spend the cap exactly, and the grant reads
+    // "exhausted". At $1 per million tokens the bound is (body bytes + 1024 + 1000) micro-dollars.
+    daemon.ctl_ok(&["price", "set", "round-model", "--input", "1", "--output", "1"]);
+    fake.set_price("round-model", "1", "1", "1");
+    let round = r#"{"model":"round-model","max_tokens":1000,"messages":[]}"#;
+    let bound_tokens = round.len() as u64 + 1024 + 1000;
+    fake.script(|s| {
+        s.prompt_tokens = round.len() as u64 + 1024;
+        s.completion_tokens = 1000;
+    });
+    let cap = format!("0.{:06}", 2 * bound_tokens);
+    let exact = daemon.grant("exact", &cap, &["--provider", "openai"]);
+    for _ in 0..2 {
+        assert_eq!(rt.block_on(post_json(&chat_url(&daemon), &exact, round)).status, 200);
+    }
+    let refused = rt.block_on(post_json(&chat_url(&daemon), &exact, round));
+    let spent = format!("${}", dec(&cap).normalize());
+    assert!(refused.error_message().contains(&format!("has spent {spent} of its {spent} monthly cap")), "{}", refused.text());
+    assert_eq!(daemon.ctl_json(&["ls"]).as_array().unwrap().iter().find(|g| g["name"] == "exact").unwrap()["state"], "exhausted");
 }
 
 #[test]

@@ -194,3 +194,47 @@ fn an_unreachable_upstream_is_502_and_a_silent_one_504() {
     assert_eq!(reply.status, 504);
     assert!(reply.error_message().contains("did not answer within 1 s"), "{}", reply.text());
 }
+
+#[test]
+fn forty_concurrent_streams_never_take_the_bill_past_the_cap() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (daemon, fake) = setup();
+    let body = r#"{"model":"test-model","stream":true,"max_tokens":500,"messages":[{"role":"user","content":"hi"}]}"#;
+    // The most each request can cost: (body bytes + 1024 hidden) × $1.10 + 500 × $4.40 per million.
+    let bound = (dec(&(body.len() as u64 + 1024).to_string()) * dec("1.10") + dec("2200")) / dec("1000000");
+    let cap = (bound * dec("10.5")).round_dp_with_strategy(6, rust_decimal::RoundingStrategy::ToZero);
+    let key = daemon.grant("swarm", &cap.to_string(), &["--provider", "openai"]);
+    fake.script(|s| {
+        s.prompt_tokens = 1000;
+        s.completion_tokens = 500;
+        s.hold_after_first_event = true;
+    });
+    let rt = runtime();
+    let url = chat_url(&daemon);
+    let done = Arc::new(AtomicUsize::new(0));
+    let tasks: Vec<_> = (0..40)
+        .map(|_| {
+            let (url, key, done) = (url.clone(), key.clone(), done.clone());
+            rt.spawn(async move {
+                let reply = post_json(&url, &key, body).await;
+                done.fetch_add(1, Ordering::SeqCst);
+                reply
+            })
+        })
+        .collect();
+    // Every request is either refused already or held at the upstream, all at the same time.
+    wait_for("all 40 requests to be refused or in flight", Duration::from_secs(30), || {
+        (done.load(Ordering::SeqCst) + fake.received().len() == 40).then_some(())
+    });
+    fake.release();
+    let replies: Vec<_> = tasks.into_iter().map(|t| rt.block_on(t).unwrap()).collect();
+    let ok = replies.iter().filter(|r| r.status == 200).count();
+    let refused: Vec<_> = replies.iter().filter(|r| r.status == 429).collect();
+    assert_eq!(ok, 10, "exactly as many as fit at their most were admitted");
+    assert_eq!(refused.len(), 30);
+    assert!(refused.iter().all(|r| r.error_message().contains("held by requests in flight")));
+    assert!(fake.bill() <= cap, "the upstream billed {} against a cap of {cap}", fake.bill());
+    assert_eq!(fake.billed_requests(), 10);
+    assert_eq!(daemon.spent("swarm"), fake.bill());
+}

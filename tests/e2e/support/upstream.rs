@@ -19,7 +19,7 @@ use hyper::body::{Frame, Incoming};
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rust_decimal::Decimal;
 use serde_json::{Value, json};
-use tokio::sync::{Notify, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
 type Body = BoxBody<Bytes, BoxError>;
@@ -128,7 +128,8 @@ struct Inner {
     bill: Mutex<Decimal>,
     billed_requests: AtomicUsize,
     finished_streams: AtomicUsize,
-    release: Notify,
+    /// Held streams wait for a permit; `release` opens the gate for good.
+    release: tokio::sync::Semaphore,
 }
 
 pub struct Fake {
@@ -177,7 +178,7 @@ impl Fake {
             bill: Mutex::new(Decimal::ZERO),
             billed_requests: AtomicUsize::new(0),
             finished_streams: AtomicUsize::new(0),
-            release: Notify::new(),
+            release: tokio::sync::Semaphore::new(0),
         });
         let is_tls = tls.is_some();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -225,10 +226,9 @@ impl Fake {
         self.inner.finished_streams.load(Ordering::SeqCst)
     }
 
-    /// Lets a stream held after its first event go on.
+    /// Lets every stream held after its first event go on, now and from now on.
     pub fn release(&self) {
-        self.inner.release.notify_waiters();
-        self.inner.release.notify_one();
+        self.inner.release.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
     }
 }
 
@@ -360,7 +360,9 @@ fn stream_reply(inner: Arc<Inner>, script: Script, content_type: &'static str, e
                 return;
             }
             if i == 0 && script.hold_after_first_event {
-                inner.release.notified().await;
+                if let Ok(permit) = inner.release.acquire().await {
+                    permit.forget();
+                }
             }
         }
         if gzip {

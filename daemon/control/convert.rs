@@ -66,6 +66,7 @@ pub fn grant(view: &GrantView) -> pb::Grant {
         resets_at: view.window.end.unwrap_or(0),
         revoked_at: g.revoked_at.unwrap_or(0),
         id: g.id.0,
+        reserved: decimal_string(view.reserved),
     }
 }
 

@@ -12,6 +12,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -22,7 +23,7 @@ use crate::ledger::{LedgerEntry, Totals};
 use crate::pricing::{Price, PriceError, PriceSource, PriceTable};
 use crate::providers::{self, Provider, ProviderError, ProviderKind};
 use crate::secret::{self, KeyHash, Secret};
-use crate::store::{Snapshot, Store, StoreError, StoredKey, WriteOp};
+use crate::store::{Snapshot, Store, StoreError, StoredKey, StoredReservation, WriteOp};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -96,6 +97,9 @@ pub struct Reservation {
     slot: Arc<GrantSlot>,
     amount: Decimal,
     settled: bool,
+    /// The hold's id in the store, when it was written there (holds of $0 are not).
+    durable_id: Option<u64>,
+    store: Store,
 }
 
 impl Reservation {
@@ -112,6 +116,9 @@ impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
             self.slot.lock().reserved -= self.amount;
+            if let Some(id) = self.durable_id {
+                drop(self.store.submit(WriteOp::DeleteReservation { id }));
+            }
         }
     }
 }
@@ -146,6 +153,8 @@ pub struct State {
     started: Instant,
     listen_addr: OnceLock<SocketAddr>,
     home: PathBuf,
+    /// Ids for durable holds; unique within one run (a start clears every earlier hold).
+    next_request_id: AtomicU64,
 }
 
 /// What the proxy needs to forward a request for one provider.
@@ -185,6 +194,7 @@ impl State {
             by_name: HashMap::new(),
             next_grant_id: 1,
         };
+        charge_interrupted(&store, &snapshot.grants, snapshot.reservations, now)?;
         for grant in snapshot.grants {
             let window = local_window(grant.period, now);
             let spent = store.totals(grant.id, window.start)?.spent;
@@ -203,6 +213,7 @@ impl State {
             started: Instant::now(),
             listen_addr: OnceLock::new(),
             home,
+            next_request_id: AtomicU64::new(1),
         })
     }
 
@@ -478,7 +489,20 @@ impl State {
         live.roll(now, slot.id, &self.store);
         live.grant.check(now, Spend { spent: live.spent, reserved: live.reserved }, live.window, model, bound)?;
         live.reserved += bound;
-        Ok(Reservation { slot: slot.clone(), amount: bound, settled: false })
+        drop(live);
+        Ok(Reservation { slot: slot.clone(), amount: bound, settled: false, durable_id: None, store: self.store.clone() })
+    }
+
+    /// Writes a hold to the store without waiting: it commits with the next batch, while the
+    /// request waits for its upstream, so that a crash after that charges the hold.
+    pub fn make_durable(&self, reservation: &mut Reservation, model: &str, api: &str) {
+        if reservation.amount.is_zero() || reservation.durable_id.is_some() {
+            return;
+        }
+        let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
+        let stored = StoredReservation { grant: reservation.grant(), amount: reservation.amount, model: model.to_string(), api: api.to_string(), at_ms: now_millis() };
+        drop(self.store.submit(WriteOp::PutReservation { id, reservation: stored }));
+        reservation.durable_id = Some(id);
     }
 
     /// Checks that a grant may make free calls (model lists): not revoked, not expired.
@@ -505,7 +529,7 @@ impl State {
             live.window.start
         };
         reservation.settled = true;
-        self.store.submit(WriteOp::AppendEntry { entry, window_start })
+        self.store.submit(WriteOp::AppendEntry { entry, window_start, reservation: reservation.durable_id })
     }
 
     // ---- reports ----
@@ -528,6 +552,36 @@ impl State {
         let slots: Vec<Arc<GrantSlot>> = self.read().grants.values().cloned().collect();
         slots.iter().map(|s| (s.id, s.name())).collect()
     }
+}
+
+/// Charges every hold a crash left in the store at its amount, as `interrupted` ledger entries,
+/// in one transaction, before the daemon loads spend and serves anything.
+fn charge_interrupted(store: &Store, grants: &[Grant], holds: Vec<(u64, StoredReservation)>, now: i64) -> Result<(), StateError> {
+    if holds.is_empty() {
+        return Ok(());
+    }
+    let mut ops = Vec::with_capacity(holds.len());
+    for (id, hold) in holds {
+        let Some(grant) = grants.iter().find(|g| g.id == hold.grant) else {
+            ops.push(WriteOp::DeleteReservation { id });
+            continue;
+        };
+        let entry = LedgerEntry {
+            grant: hold.grant,
+            at_ms: now.saturating_mul(1000),
+            model: hold.model,
+            api: hold.api,
+            usage: crate::usage::Usage::default(),
+            cost: hold.amount,
+            status: crate::ledger::EntryStatus::Interrupted,
+            http_status: 0,
+            error: Some("capitd stopped while the request was in flight; charged at its reservation".into()),
+        };
+        ops.push(WriteOp::AppendEntry { entry, window_start: local_window(grant.period, now).start, reservation: Some(id) });
+    }
+    tracing::warn!(requests = ops.len(), "charging requests that were in flight when capitd last stopped at their reservations");
+    store.apply_now(&ops)?;
+    Ok(())
 }
 
 /// What a new grant is made of, as the control API hands it over (validated by `create_grant`).

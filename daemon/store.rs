@@ -32,6 +32,9 @@ const PRICES: TableDefinition<&str, &[u8]> = TableDefinition::new("prices");
 const LEDGER: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("ledger");
 /// (grant id, window start in Unix seconds; 0 for a total cap) → running totals.
 const TOTALS: TableDefinition<(u64, i64), &[u8]> = TableDefinition::new("totals");
+/// Request id → the hold of an admitted request not yet settled. What is left here after a
+/// crash was in flight, and is charged at its amount on the next start.
+const RESERVATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("reservations");
 
 const SCHEMA_VERSION: &[u8] = b"1";
 const NEXT_SEQ: &str = "next_ledger_seq";
@@ -73,12 +76,24 @@ pub struct StoredKey {
     pub added_at: i64,
 }
 
+/// A hold as stored, enough to charge it if its request never settles.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct StoredReservation {
+    pub grant: GrantId,
+    pub amount: rust_decimal::Decimal,
+    pub model: String,
+    pub api: String,
+    pub at_ms: i64,
+}
+
 /// Everything the daemon holds in memory, read once at start.
 pub struct Snapshot {
     pub keys: Vec<(String, StoredKey)>,
     pub providers: Vec<Provider>,
     pub grants: Vec<Grant>,
     pub prices: Vec<(String, Price)>,
+    /// Holds left by requests that were in flight when the daemon last stopped uncleanly.
+    pub reservations: Vec<(u64, StoredReservation)>,
 }
 
 /// One write. The writer applies a batch of these in a single transaction.
@@ -90,8 +105,11 @@ pub enum WriteOp {
     PutPrice { model: String, price: Price },
     /// Many prices in one transaction (an import is all or nothing).
     PutPrices(Vec<(String, Price)>),
-    /// Appends an entry and adds it to the totals of the window starting at `window_start`.
-    AppendEntry { entry: LedgerEntry, window_start: i64 },
+    /// Appends an entry and adds it to the totals of the window starting at `window_start`,
+    /// removing the request's hold in the same transaction.
+    AppendEntry { entry: LedgerEntry, window_start: i64, reservation: Option<u64> },
+    PutReservation { id: u64, reservation: StoredReservation },
+    DeleteReservation { id: u64 },
 }
 
 struct Job {
@@ -170,6 +188,12 @@ impl Store {
         }
     }
 
+    /// Applies writes in one transaction on the calling thread, for start-up work done before
+    /// the daemon serves anything (charging the holds a crash left behind).
+    pub fn apply_now(&self, ops: &[WriteOp]) -> Result<(), StoreError> {
+        apply_ops(&self.db, ops.iter())
+    }
+
     /// The running totals of `grant` for the window starting at `window_start`.
     pub fn totals(&self, grant: GrantId, window_start: i64) -> Result<Totals, StoreError> {
         let txn = self.db.begin_read()?;
@@ -223,6 +247,7 @@ fn init_schema(db: &Database) -> Result<(), StoreError> {
         txn.open_table(PRICES)?;
         txn.open_table(LEDGER)?;
         txn.open_table(TOTALS)?;
+        txn.open_table(RESERVATIONS)?;
     }
     txn.commit()?;
     Ok(())
@@ -248,7 +273,12 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         let (model, value) = item?;
         prices.push((model.value().to_string(), decode("price", value.value())?));
     }
-    Ok(Snapshot { keys, providers, grants, prices })
+    let mut reservations = Vec::new();
+    for item in txn.open_table(RESERVATIONS)?.iter()? {
+        let (id, value) = item?;
+        reservations.push((id.value(), decode("reservation", value.value())?));
+    }
+    Ok(Snapshot { keys, providers, grants, prices, reservations })
 }
 
 fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -287,6 +317,10 @@ fn writer_loop(db: &Database, jobs: mpsc::Receiver<Job>) {
 }
 
 fn apply_batch(db: &Database, batch: &[Job]) -> Result<(), StoreError> {
+    apply_ops(db, batch.iter().map(|job| &job.op))
+}
+
+fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
     {
         let mut meta = txn.open_table(META)?;
@@ -301,8 +335,9 @@ fn apply_batch(db: &Database, batch: &[Job]) -> Result<(), StoreError> {
         let mut prices = txn.open_table(PRICES)?;
         let mut ledger = txn.open_table(LEDGER)?;
         let mut totals = txn.open_table(TOTALS)?;
-        for job in batch {
-            match &job.op {
+        let mut reservations = txn.open_table(RESERVATIONS)?;
+        for op in ops {
+            match op {
                 WriteOp::PutKey { provider, key } => {
                     master_keys.insert(provider.as_str(), encode(key).as_slice())?;
                 }
@@ -323,7 +358,16 @@ fn apply_batch(db: &Database, batch: &[Job]) -> Result<(), StoreError> {
                         prices.insert(model.as_str(), encode(price).as_slice())?;
                     }
                 }
-                WriteOp::AppendEntry { entry, window_start } => {
+                WriteOp::PutReservation { id, reservation } => {
+                    reservations.insert(*id, encode(reservation).as_slice())?;
+                }
+                WriteOp::DeleteReservation { id } => {
+                    reservations.remove(*id)?;
+                }
+                WriteOp::AppendEntry { entry, window_start, reservation } => {
+                    if let Some(id) = reservation {
+                        reservations.remove(*id)?;
+                    }
                     ledger.insert((entry.grant.0, next_seq), encode(entry).as_slice())?;
                     next_seq += 1;
                     let key = (entry.grant.0, *window_start);

@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod durability;
 mod lifecycle;
 mod metering;
 mod providers;

@@ -1,0 +1,75 @@
+//! Nothing lost or counted twice on a crash: every settled request is in the ledger, and a
+//! request in flight when capitd is killed is charged at its reservation on the next start.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use crate::metering::{chat_url, setup};
+use crate::support::http::{self, client};
+use crate::support::{dec, runtime};
+
+#[test]
+fn kill_9_at_random_moments_never_loses_or_double_counts() {
+    let (mut daemon, fake) = setup();
+    let key = daemon.grant("load", "1000", &["--provider", "openai", "--period", "total"]);
+    let body = r#"{"model":"test-model","stream":true,"max_tokens":500,"messages":[{"role":"user","content":"hi"}]}"#;
+    let bound = (dec(&(body.len() as u64 + 1024).to_string()) * dec("1.10") + dec("2200")) / dec("1000000");
+    fake.script(|s| {
+        s.prompt_tokens = 1000;
+        s.completion_tokens = 500;
+        // Like a real upstream's time to first token: the hold commits while it waits.
+        s.head_delay = Duration::from_millis(30);
+        s.chunk_delay = Duration::from_millis(3);
+    });
+    const CLIENTS: usize = 6;
+    let rt = runtime();
+    let mut seed = 0x9E37_79B9u64;
+    let mut excess_before = dec("0");
+    for round in 0..6 {
+        let stop = Arc::new(AtomicBool::new(false));
+        let completed = Arc::new(AtomicUsize::new(0));
+        let url = chat_url(&daemon);
+        let tasks: Vec<_> = (0..CLIENTS)
+            .map(|_| {
+                let (url, key, stop, completed) = (url.clone(), key.clone(), stop.clone(), completed.clone());
+                rt.spawn(async move {
+                    let client = client();
+                    let auth = format!("Bearer {key}");
+                    while !stop.load(Ordering::SeqCst) {
+                        let request = http::request(::http::Method::POST, &url, &[("authorization", &auth)], body);
+                        let Ok(response) = client.request(request).await else { break };
+                        if http_body_util::BodyExt::collect(response.into_body()).await.is_ok() {
+                            completed.fetch_add(1, Ordering::SeqCst);
+                        }
+                    }
+                })
+            })
+            .collect();
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        std::thread::sleep(Duration::from_millis(60 + seed % 400));
+        stop.store(true, Ordering::SeqCst);
+        daemon.crash_and_restart();
+        for task in tasks {
+            rt.block_on(task).unwrap();
+        }
+        // Requests the fake was still answering finish there (and are billed) meanwhile.
+        std::thread::sleep(Duration::from_millis(150));
+        let usage = daemon.ctl_json(&["usage", "load"]);
+        let ledger = dec(usage["spent"].as_str().unwrap());
+        let bill = fake.bill();
+        assert!(ledger >= bill, "round {round}: ledger {ledger} < upstream bill {bill}: a billed request was lost");
+        // What this crash added beyond the bill is at most the holds of the requests it cut.
+        let excess = ledger - bill;
+        assert!(excess - excess_before <= bound * dec(&CLIENTS.to_string()), "round {round}: the ledger grew {} past the bill, more than {CLIENTS} holds of {bound}", excess - excess_before);
+        excess_before = excess;
+        assert!(completed.load(Ordering::SeqCst) > 0 || round > 0, "the load ran");
+        eprintln!("round {round}: ledger {ledger}, bill {bill}, interrupted so far {}", usage["estimated"]);
+    }
+    // A clean stop after the last round leaves no holds behind: nothing more is charged.
+    let before = daemon.spent("load");
+    daemon.restart();
+    assert_eq!(daemon.spent("load"), before);
+}

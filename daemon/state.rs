@@ -493,16 +493,17 @@ impl State {
         Ok(Reservation { slot: slot.clone(), amount: bound, settled: false, durable_id: None, store: self.store.clone() })
     }
 
-    /// Writes a hold to the store without waiting: it commits with the next batch, while the
-    /// request waits for its upstream, so that a crash after that charges the hold.
-    pub fn make_durable(&self, reservation: &mut Reservation, model: &str, api: &str) {
+    /// Queues a hold for the store and returns the receiver that resolves once it is committed
+    /// (with the next batch); `None` for a hold of $0, which is not written. The request must not
+    /// be billable upstream before then: a crash after the commit charges the hold.
+    pub fn make_durable(&self, reservation: &mut Reservation, model: &str, api: &str) -> Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>> {
         if reservation.amount.is_zero() || reservation.durable_id.is_some() {
-            return;
+            return None;
         }
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
         let stored = StoredReservation { grant: reservation.grant(), amount: reservation.amount, model: model.to_string(), api: api.to_string(), at_ms: now_millis() };
-        drop(self.store.submit(WriteOp::PutReservation { id, reservation: stored }));
         reservation.durable_id = Some(id);
+        Some(self.store.submit(WriteOp::PutReservation { id, reservation: stored }))
     }
 
     /// Checks that a grant may make free calls (model lists): not revoked, not expired.

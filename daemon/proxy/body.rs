@@ -33,6 +33,48 @@ pub fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
+/// A request body held back until its reservation is durable. The request head goes out at
+/// once (connecting and TLS proceed meanwhile), but an upstream cannot bill a request whose body
+/// it has not received, so a crash can never leave a billed request without its hold.
+pub struct GatedBody {
+    gate: Option<oneshot::Receiver<Result<(), StoreError>>>,
+    data: Option<Bytes>,
+}
+
+impl GatedBody {
+    pub fn new(data: Bytes, gate: Option<oneshot::Receiver<Result<(), StoreError>>>) -> GatedBody {
+        GatedBody { gate, data: Some(data).filter(|d| !d.is_empty()) }
+    }
+}
+
+impl Body for GatedBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        if let Some(gate) = self.gate.as_mut() {
+            match Pin::new(gate).poll(cx) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Ok(Ok(()))) => self.gate = None,
+                Poll::Ready(_) => {
+                    self.gate = None;
+                    self.data = None;
+                    return Poll::Ready(Some(Err("the request's reservation could not be recorded; not sending it".into())));
+                }
+            }
+        }
+        Poll::Ready(self.data.take().map(|data| Ok(Frame::data(data))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.gate.is_none() && self.data.is_none()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.data.as_ref().map_or(0, |d| d.len() as u64))
+    }
+}
+
 /// Everything needed to turn what was observed into a ledger entry.
 pub struct Settlement {
     pub state: Arc<State>,

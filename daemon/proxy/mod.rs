@@ -16,7 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode, Uri};
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
@@ -32,7 +32,7 @@ use crate::providers::{Endpoint, ErrorFormat, MeteredApi, Provider, ProviderKind
 use crate::state::{AuthFailure, GrantSlot, State, StateError, now_seconds};
 use crate::usage::{BodyFormat, ResponseMeter};
 pub use body::BodyLimits;
-use body::{MeteredBody, ProxyBody, Settlement};
+use body::{GatedBody, MeteredBody, ProxyBody, Settlement};
 use errors::ProxyError;
 use request::BodyError;
 
@@ -51,7 +51,7 @@ pub struct ProxyConfig {
     pub upstream_ca: Option<std::path::PathBuf>,
 }
 
-pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, Full<Bytes>>;
+pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, GatedBody>;
 
 struct Proxy {
     state: Arc<State>,
@@ -227,7 +227,7 @@ impl Proxy {
     async fn forward_free(&self, req: Request<Incoming>, target: &Target, upstream: &crate::state::Upstream) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, _body) = req.into_parts();
         let uri = self.upstream_uri(&upstream.provider, target)?;
-        let response = self.send(parts.method, uri, &parts.headers, upstream, Bytes::new()).await?;
+        let response = self.send(parts.method, uri, &parts.headers, upstream, GatedBody::new(Bytes::new(), None)).await?;
         let (head, body) = response.into_parts();
         let mut out = Response::new(body.map_err(|e| Box::new(e) as body::BoxError).boxed());
         *out.status_mut() = head.status;
@@ -260,9 +260,10 @@ impl Proxy {
             // Priced at zero, or (OpenRouter) an unpriced model whose cost the provider reports.
             _ => rust_decimal::Decimal::ZERO,
         };
-        let reservation = self.state.admit(&slot, &chat.model, now_seconds(), bound).map_err(refusal_error)?;
+        let mut reservation = self.state.admit(&slot, &chat.model, now_seconds(), bound).map_err(refusal_error)?;
+        let durable = self.state.make_durable(&mut reservation, &chat.model, api.as_str());
         let uri = self.upstream_uri(&upstream.provider, &target)?;
-        let response = self.send(Method::POST, uri, &parts.headers, &upstream, chat.body).await?;
+        let response = self.send(Method::POST, uri, &parts.headers, &upstream, GatedBody::new(chat.body, durable)).await?;
         let (head, incoming) = response.into_parts();
         let settlement = Settlement {
             state: self.state.clone(),
@@ -327,7 +328,7 @@ impl Proxy {
         }
     }
 
-    async fn send(&self, method: Method, uri: Uri, client_headers: &http::HeaderMap, upstream: &crate::state::Upstream, body: Bytes) -> Result<Response<Incoming>, ProxyError> {
+    async fn send(&self, method: Method, uri: Uri, client_headers: &http::HeaderMap, upstream: &crate::state::Upstream, body: GatedBody) -> Result<Response<Incoming>, ProxyError> {
         let headers = request::upstream_headers(client_headers, upstream.provider.kind.auth_style(), &upstream.key).map_err(|_| {
             ProxyError::new(StatusCode::INTERNAL_SERVER_ERROR, "capit_bad_master_key", format!("capit: the stored {} key cannot be sent as a header; replace it with: capitctl key add {}", upstream.provider.name, upstream.provider.name))
         })?;
@@ -336,7 +337,7 @@ impl Proxy {
             *h = headers;
         }
         let request = builder
-            .body(Full::new(body))
+            .body(body)
             .map_err(|e| ProxyError::new(StatusCode::BAD_REQUEST, "capit_bad_request", format!("capit: the request cannot be forwarded: {e}")))?;
         let timeout = self.config.upstream_timeout;
         let name = &upstream.provider.name;

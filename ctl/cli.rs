@@ -40,6 +40,10 @@ pub enum Command {
     Usage(UsageArgs),
     /// Kill a grant's key at once.
     Revoke { grant: String },
+    /// Change a grant's limits in place (its key and spend stay).
+    Set(SetArgs),
+    /// Give a grant a new key; the old one stops working at once.
+    Rotate { grant: String },
     /// Daemon version, uptime, addresses and counts.
     Status,
 }
@@ -125,6 +129,48 @@ pub struct GrantArgs {
     /// Print the key and base URL instead of installing them into the agent's configuration.
     #[arg(long)]
     pub no_install: bool,
+    #[command(flatten)]
+    pub limits: LimitArgs,
+}
+
+/// Count and rate limits, for `grant` and `set` (with `set`, 0 removes a limit).
+#[derive(Debug, Args)]
+pub struct LimitArgs {
+    /// Requests the grant may make in all (a till-style activation count).
+    #[arg(long)]
+    pub max_requests: Option<u64>,
+    /// Tokens (input and output) the grant may use in all.
+    #[arg(long)]
+    pub max_tokens: Option<u64>,
+    /// Requests per minute.
+    #[arg(long)]
+    pub rpm: Option<u64>,
+    /// Tokens per minute.
+    #[arg(long)]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[arg(long)]
+    pub concurrency: Option<u64>,
+}
+
+#[derive(Debug, Args)]
+pub struct SetArgs {
+    pub grant: String,
+    /// The new spend cap in US dollars.
+    #[arg(long, allow_hyphen_values = true)]
+    pub cap: Option<String>,
+    #[arg(long)]
+    pub period: Option<String>,
+    /// A new expiry (7d, 2026-12-31, RFC 3339), or "never".
+    #[arg(long)]
+    pub expires: Option<String>,
+    /// The allowed models, comma-separated; an empty value allows every priced model.
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    #[arg(long)]
+    pub note: Option<String>,
+    #[command(flatten)]
+    pub limits: LimitArgs,
 }
 
 #[derive(Debug, Args)]

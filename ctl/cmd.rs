@@ -10,7 +10,7 @@ use tonic::transport::{Channel, Endpoint};
 use capit::proto::v1 as pb;
 use capit::proto::v1::control_client::ControlClient;
 
-use crate::cli::{Cli, Command, GrantArgs, KeyCommand, PriceCommand, ProviderCommand, UsageArgs};
+use crate::cli::{Cli, Command, GrantArgs, KeyCommand, LimitArgs, PriceCommand, ProviderCommand, SetArgs, UsageArgs};
 use crate::output::{self, dollars, time_human, time_json};
 use crate::when;
 
@@ -28,6 +28,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Ls { all } => list(&mut client, all, json).await,
         Command::Usage(args) => usage(&mut client, args, json).await,
         Command::Revoke { grant } => revoke(&mut client, &grant, json).await,
+        Command::Set(args) => set(&mut client, args, json).await,
+        Command::Rotate { grant } => rotate(&mut client, &grant, json).await,
         Command::Status => status(&mut client, json).await,
     }
 }
@@ -259,6 +261,7 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         models: args.models.clone(),
         note: args.note.clone(),
         created_by: local_user(),
+        limits: Some(limits_pb(&args.limits)),
     };
     let created = client.create_grant(request).await.map_err(rpc)?.into_inner();
     let g = created.grant.unwrap_or_default();
@@ -284,12 +287,81 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
     Ok(())
 }
 
+fn limits_pb(l: &LimitArgs) -> pb::Limits {
+    pb::Limits {
+        max_requests: l.max_requests.unwrap_or(0),
+        max_tokens: l.max_tokens.unwrap_or(0),
+        rpm: l.rpm.unwrap_or(0),
+        tpm: l.tpm.unwrap_or(0),
+        concurrency: l.concurrency.unwrap_or(0),
+    }
+}
+
+fn limits_json(l: Option<&pb::Limits>) -> Value {
+    let l = l.cloned().unwrap_or_default();
+    let n = |v: u64| if v == 0 { Value::Null } else { json!(v) };
+    json!({"max_requests": n(l.max_requests), "max_tokens": n(l.max_tokens), "rpm": n(l.rpm), "tpm": n(l.tpm), "concurrency": n(l.concurrency)})
+}
+
+async fn set(client: &mut Client, args: SetArgs, json: bool) -> anyhow::Result<()> {
+    let now = chrono::Utc::now().timestamp();
+    let expires_at = match args.expires.as_deref() {
+        None => None,
+        Some("never") => Some(0),
+        Some(text) => Some(when::parse_expiry(text, now)?),
+    };
+    let l = &args.limits;
+    let request = pb::UpdateGrantRequest {
+        name: args.grant.clone(),
+        cap: args.cap.clone(),
+        period: args.period.clone(),
+        expires_at,
+        set_models: args.models.is_some(),
+        models: args.models.clone().unwrap_or_default(),
+        note: args.note.clone(),
+        max_requests: l.max_requests,
+        max_tokens: l.max_tokens,
+        rpm: l.rpm,
+        tpm: l.tpm,
+        concurrency: l.concurrency,
+    };
+    let unchanged = request.cap.is_none() && request.period.is_none() && request.expires_at.is_none() && !request.set_models && request.note.is_none()
+        && [l.max_requests, l.max_tokens, l.rpm, l.tpm, l.concurrency].iter().all(Option::is_none);
+    if unchanged {
+        bail!("nothing to change; give --cap, --period, --expires, --models, --note or a limit");
+    }
+    let g = client.update_grant(request).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
+    if json {
+        output::json(&grant_json(&g));
+    } else {
+        println!("grant \"{}\": {} of {} per {}, {}", g.name, dollars(&g.spent), dollars(&g.cap), g.period, g.state);
+    }
+    Ok(())
+}
+
+async fn rotate(client: &mut Client, name: &str, json: bool) -> anyhow::Result<()> {
+    let r = client.rotate_grant(pb::RotateGrantRequest { name: name.to_string() }).await.map_err(rpc)?.into_inner();
+    let g = r.grant.unwrap_or_default();
+    if json {
+        let mut doc = grant_json(&g);
+        doc["key"] = json!(r.key);
+        doc["base_url"] = json!(r.base_url);
+        output::json(&doc);
+    } else {
+        println!("grant \"{}\" has a new key (the old one no longer works); it is shown only now:", g.name);
+        println!();
+        println!("  key:      {}", r.key);
+        println!("  base URL: {}", r.base_url);
+    }
+    Ok(())
+}
+
 fn grant_json(g: &pb::Grant) -> Value {
     json!({
         "name": g.name, "provider": g.provider, "cap": g.cap, "spent": g.spent, "reserved": g.reserved, "period": g.period,
         "expires_at": time_json(g.expires_at), "state": g.state, "resets_at": time_json(g.resets_at),
         "models": g.models, "created_at": time_json(g.created_at), "created_by": g.created_by, "note": g.note,
-        "revoked_at": time_json(g.revoked_at),
+        "revoked_at": time_json(g.revoked_at), "limits": limits_json(g.limits.as_ref()),
     })
 }
 

@@ -125,6 +125,44 @@ pub struct Grant {
     pub created_by: String,
     pub note: String,
     pub revoked_at: Option<i64>,
+    /// Limits besides the spend cap; all optional.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// A grant's limits besides money. `max_requests` and `max_tokens` count over the grant's
+/// whole life (a till-style activation count); the rates count over the last minute.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_requests: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_tokens: Option<u64>,
+    /// Requests admitted per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpm: Option<u64>,
+    /// Tokens (input and output) settled per minute.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tpm: Option<u64>,
+    /// Requests in flight at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub concurrency: Option<u64>,
+}
+
+/// What a grant has used of its count and rate limits, as the daemon tracks it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    /// Requests admitted over the grant's life (in flight included).
+    pub requests: u64,
+    /// Tokens settled over the grant's life, plus the token bounds of requests in flight.
+    pub tokens: u64,
+    pub in_flight: u64,
+    /// Requests admitted in the last minute, and when the oldest of them leaves the minute.
+    pub requests_last_minute: u64,
+    pub requests_free_at: i64,
+    /// Tokens settled in the last minute, and when enough leave it to go under the limit.
+    pub tokens_last_minute: u64,
+    pub tokens_free_at: i64,
 }
 
 mod hash_hex {
@@ -145,6 +183,17 @@ mod hash_hex {
             *byte = u8::from_str_radix(&hex[2 * i..2 * i + 2], 16).map_err(serde::de::Error::custom)?;
         }
         Ok(KeyHash(out))
+    }
+}
+
+impl Refusal {
+    /// Seconds after which the same request may succeed, for refusals that pass with time.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            Refusal::RateLimited { retry_after, .. } => Some(*retry_after),
+            Refusal::TooManyInFlight { .. } => Some(1),
+            _ => None,
+        }
     }
 }
 
@@ -193,6 +242,14 @@ pub enum Refusal {
     ModelNotAllowed { grant: String, model: String, allowed: Vec<String> },
     #[error("capit: grant \"{grant}\" has spent ${} of its ${} {} cap{}", money(*spent), money(*cap), period.adjective(), resets_phrase(*resets_at))]
     Exhausted { grant: String, spent: Decimal, cap: Decimal, period: Period, resets_at: Option<i64> },
+    #[error("capit: grant \"{grant}\" has used all {max} requests it was given")]
+    RequestsUsed { grant: String, max: u64 },
+    #[error("capit: grant \"{grant}\" has used {used} of its {max} tokens, and this request could use up to {request} more")]
+    TokensUsed { grant: String, used: u64, max: u64, request: u64 },
+    #[error("capit: grant \"{grant}\" allows {limit} {what} per minute; try again in {retry_after} s")]
+    RateLimited { grant: String, what: &'static str, limit: u64, retry_after: u64 },
+    #[error("capit: grant \"{grant}\" allows {limit} requests at once; try again when one finishes")]
+    TooManyInFlight { grant: String, limit: u64 },
     #[error("capit: grant \"{grant}\" has ${} left of its ${} {} cap (${} spent, ${} held by requests in flight) and this request could cost up to ${}; lower its max output tokens or wait{}", money(*cap - *spent - *reserved), money(*cap), period.adjective(), money(*spent), money(*reserved), money(*bound), resets_phrase(*resets_at))]
     WouldExceed { grant: String, spent: Decimal, reserved: Decimal, bound: Decimal, cap: Decimal, period: Period, resets_at: Option<i64> },
 }
@@ -246,6 +303,30 @@ impl Grant {
                 period: self.period,
                 resets_at: window.end,
             });
+        }
+        Ok(())
+    }
+
+    /// Refuses a request that would break a count or rate limit; `request_tokens` is the most
+    /// tokens it can use.
+    pub fn check_limits(&self, now_ms: i64, used: &Usage, request_tokens: u64) -> Result<(), Refusal> {
+        let l = &self.limits;
+        let grant = || self.name.clone();
+        if let Some(max) = l.max_requests.filter(|max| used.requests >= *max) {
+            return Err(Refusal::RequestsUsed { grant: grant(), max });
+        }
+        if let Some(max) = l.max_tokens.filter(|max| used.tokens.saturating_add(request_tokens) > *max) {
+            return Err(Refusal::TokensUsed { grant: grant(), used: used.tokens, max, request: request_tokens });
+        }
+        if let Some(limit) = l.concurrency.filter(|limit| used.in_flight >= *limit) {
+            return Err(Refusal::TooManyInFlight { grant: grant(), limit });
+        }
+        let wait = |free_at: i64| ((free_at - now_ms).max(0) as u64).div_ceil(1000).max(1);
+        if let Some(limit) = l.rpm.filter(|limit| used.requests_last_minute >= *limit) {
+            return Err(Refusal::RateLimited { grant: grant(), what: "requests", limit, retry_after: wait(used.requests_free_at) });
+        }
+        if let Some(limit) = l.tpm.filter(|limit| used.tokens_last_minute >= *limit) {
+            return Err(Refusal::RateLimited { grant: grant(), what: "tokens", limit, retry_after: wait(used.tokens_free_at) });
         }
         Ok(())
     }
@@ -350,7 +431,24 @@ mod tests {
             created_by: "me".into(),
             note: String::new(),
             revoked_at: None,
+            limits: Limits::default(),
         }
+    }
+
+    #[test]
+    fn count_and_rate_limits_refuse_at_their_edge() {
+        let mut g = grant();
+        g.limits = Limits { max_requests: Some(3), max_tokens: Some(1000), rpm: Some(2), tpm: Some(500), concurrency: Some(1) };
+        let fresh = Usage::default();
+        assert_eq!(g.check_limits(0, &fresh, 1000), Ok(()));
+        assert!(matches!(g.check_limits(0, &Usage { requests: 3, ..fresh }, 1), Err(Refusal::RequestsUsed { max: 3, .. })));
+        assert!(matches!(g.check_limits(0, &Usage { tokens: 1, ..fresh }, 1000), Err(Refusal::TokensUsed { .. })));
+        assert!(matches!(g.check_limits(0, &Usage { in_flight: 1, ..fresh }, 1), Err(Refusal::TooManyInFlight { limit: 1, .. })));
+        let rpm = g.check_limits(10_000, &Usage { requests_last_minute: 2, requests_free_at: 52_500, ..fresh }, 1).unwrap_err();
+        assert_eq!(rpm.retry_after(), Some(43));
+        assert_eq!(rpm.to_string(), "capit: grant \"claude\" allows 2 requests per minute; try again in 43 s");
+        let tpm = g.check_limits(0, &Usage { tokens_last_minute: 500, tokens_free_at: 0, ..fresh }, 1).unwrap_err();
+        assert_eq!(tpm.retry_after(), Some(1));
     }
 
     #[test]

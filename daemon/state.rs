@@ -9,7 +9,7 @@
 //! - Control-plane changes are serialised by one async mutex, so checks such as "this name is
 //!   free" hold until the write lands.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use rust_decimal::Decimal;
 
-use crate::grants::{Grant, GrantError, GrantId, GrantState, Period, Refusal, Spend, Window};
+use crate::grants::{Grant, GrantError, GrantId, GrantState, Limits, Period, Refusal, Spend, Window};
 use crate::ledger::{LedgerEntry, Totals};
 use crate::pricing::{Price, PriceError, PriceSource, PriceTable};
 use crate::providers::{self, Provider, ProviderError, ProviderKind};
@@ -89,6 +89,57 @@ struct GrantLive {
     /// The sum of the bounds of admitted requests not yet settled. It belongs to no window:
     /// a request admitted before a reset still holds its amount until it settles.
     reserved: Decimal,
+    /// Counts for the grant's count and rate limits.
+    counts: Counts,
+}
+
+/// What count and rate limits are checked against, kept beside the money.
+#[derive(Default)]
+struct Counts {
+    /// Requests admitted over the grant's life, in flight included.
+    requests: u64,
+    /// Tokens settled over the grant's life plus the token bounds of requests in flight.
+    tokens: u64,
+    in_flight: u64,
+    /// Admission times (Unix ms) within the last minute.
+    recent_requests: VecDeque<i64>,
+    /// Settlement times and token counts within the last minute.
+    recent_tokens: VecDeque<(i64, u64)>,
+}
+
+const MINUTE_MS: i64 = 60_000;
+
+impl Counts {
+    fn from_lifetime(totals: &Totals) -> Counts {
+        Counts { requests: totals.requests, tokens: totals.input_tokens.saturating_add(totals.output_tokens), ..Counts::default() }
+    }
+
+    /// Forgets what left the last minute, then says where the grant stands.
+    fn usage(&mut self, now_ms: i64) -> crate::grants::Usage {
+        while self.recent_requests.front().is_some_and(|&at| at <= now_ms - MINUTE_MS) {
+            self.recent_requests.pop_front();
+        }
+        while self.recent_tokens.front().is_some_and(|&(at, _)| at <= now_ms - MINUTE_MS) {
+            self.recent_tokens.pop_front();
+        }
+        let tokens_last_minute = self.recent_tokens.iter().map(|(_, n)| n).sum();
+        crate::grants::Usage {
+            requests: self.requests,
+            tokens: self.tokens,
+            in_flight: self.in_flight,
+            requests_last_minute: self.recent_requests.len() as u64,
+            requests_free_at: self.recent_requests.front().map_or(now_ms, |at| at + MINUTE_MS),
+            tokens_last_minute,
+            tokens_free_at: self.recent_tokens.front().map_or(now_ms, |(at, _)| at + MINUTE_MS),
+        }
+    }
+}
+
+/// The most a request can cost and the most tokens it can use, for its reservation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Bound {
+    pub cost: Decimal,
+    pub tokens: u64,
 }
 
 /// An admitted request's hold on its grant's budget. Settling it swaps the hold for the
@@ -96,6 +147,7 @@ struct GrantLive {
 pub struct Reservation {
     slot: Arc<GrantSlot>,
     amount: Decimal,
+    tokens: u64,
     settled: bool,
     /// The hold's id in the store, when it was written there (holds of $0 are not).
     durable_id: Option<u64>,
@@ -115,7 +167,12 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         if !self.settled {
-            self.slot.lock().reserved -= self.amount;
+            let mut live = self.slot.lock();
+            live.reserved -= self.amount;
+            live.counts.in_flight -= 1;
+            live.counts.tokens = live.counts.tokens.saturating_sub(self.tokens);
+            live.counts.requests -= 1;
+            drop(live);
             if let Some(id) = self.durable_id {
                 drop(self.store.submit(WriteOp::DeleteReservation { id }));
             }
@@ -198,12 +255,13 @@ impl State {
         for grant in snapshot.grants {
             let window = local_window(grant.period, now);
             let spent = store.totals(grant.id, window.start)?.spent;
+            let counts = Counts::from_lifetime(&store.totals(grant.id, crate::store::LIFETIME)?);
             registry.next_grant_id = registry.next_grant_id.max(grant.id.0 + 1);
             if grant.revoked_at.is_none() {
                 registry.by_hash.insert(grant.key_hash, grant.id);
                 registry.by_name.insert(grant.name.clone(), grant.id);
             }
-            let slot = GrantSlot { id: grant.id, live: Mutex::new(GrantLive { grant, window, spent, reserved: Decimal::ZERO }) };
+            let slot = GrantSlot { id: grant.id, live: Mutex::new(GrantLive { grant, window, spent, reserved: Decimal::ZERO, counts }) };
             registry.grants.insert(slot.id, Arc::new(slot));
         }
         Ok(State {
@@ -397,6 +455,7 @@ impl State {
             created_by: spec.created_by,
             note: spec.note,
             revoked_at: None,
+            limits: spec.limits,
         };
         self.store.write(WriteOp::PutGrant(grant.clone())).await?;
         let window = local_window(grant.period, now);
@@ -405,7 +464,7 @@ impl State {
         registry.next_grant_id = id.0 + 1;
         registry.by_hash.insert(grant.key_hash, id);
         registry.by_name.insert(grant.name.clone(), id);
-        let slot = GrantSlot { id, live: Mutex::new(GrantLive { grant, window, spent: Decimal::ZERO, reserved: Decimal::ZERO }) };
+        let slot = GrantSlot { id, live: Mutex::new(GrantLive { grant, window, spent: Decimal::ZERO, reserved: Decimal::ZERO, counts: Counts::default() }) };
         registry.grants.insert(id, Arc::new(slot));
         Ok((view, key))
     }
@@ -433,14 +492,81 @@ impl State {
         slot.view(now_seconds(), &self.store)
     }
 
+    /// Changes a grant's limits in place; its key, spend and ledger stay.
+    pub async fn update_grant(&self, name: &str, update: GrantUpdate) -> Result<GrantView, StateError> {
+        let now = now_seconds();
+        let _admin = self.admin.lock().await;
+        let slot = self.active_slot(name)?;
+        let mut grant = slot.grant();
+        if let Some(cap) = update.cap {
+            grant.cap = cap;
+        }
+        if let Some(period) = update.period {
+            grant.period = period;
+        }
+        if let Some(expires_at) = update.expires_at {
+            if expires_at.is_some_and(|at| at <= now) {
+                return Err(GrantError::ExpiryInPast.into());
+            }
+            grant.expires_at = expires_at;
+        }
+        if let Some(models) = update.models {
+            for model in &models {
+                crate::pricing::validate_model_name(model)?;
+            }
+            grant.models = models;
+        }
+        if let Some(note) = update.note {
+            grant.note = note;
+        }
+        let l = &mut grant.limits;
+        for (slot_value, new) in [(&mut l.max_requests, update.max_requests), (&mut l.max_tokens, update.max_tokens), (&mut l.rpm, update.rpm), (&mut l.tpm, update.tpm), (&mut l.concurrency, update.concurrency)] {
+            if let Some(new) = new {
+                *slot_value = (new > 0).then_some(new);
+            }
+        }
+        self.store.write(WriteOp::PutGrant(grant.clone())).await?;
+        {
+            let mut live = slot.lock();
+            let period_changed = live.grant.period != grant.period;
+            live.grant = grant;
+            if period_changed {
+                // The new period's window and its spend so far, from the ledger's totals.
+                live.window = Window { start: 0, end: Some(0) };
+                live.roll(now, slot.id, &self.store);
+            }
+        }
+        Ok(self.grant_view(&slot))
+    }
+
+    /// Mints a new key for a grant; the old key stops working at once. Spend and limits stay.
+    pub async fn rotate_grant(&self, name: &str) -> Result<(GrantView, Secret), StateError> {
+        let _admin = self.admin.lock().await;
+        let slot = self.active_slot(name)?;
+        let key = secret::generate_virtual_key()?;
+        let mut grant = slot.grant();
+        let old_hash = grant.key_hash;
+        grant.key_hash = KeyHash::of(key.expose());
+        self.store.write(WriteOp::PutGrant(grant.clone())).await?;
+        {
+            let mut registry = self.write();
+            registry.by_hash.remove(&old_hash);
+            registry.by_hash.insert(grant.key_hash, slot.id);
+        }
+        slot.lock().grant = grant;
+        Ok((self.grant_view(&slot), key))
+    }
+
+    fn active_slot(&self, name: &str) -> Result<Arc<GrantSlot>, StateError> {
+        let registry = self.read();
+        let id = registry.by_name.get(name).ok_or_else(|| StateError::UnknownGrant(name.to_string()))?;
+        registry.grants.get(id).cloned().ok_or_else(|| StateError::UnknownGrant(name.to_string()))
+    }
+
     /// Kills a grant's key at once. The record and its ledger stay.
     pub async fn revoke_grant(&self, name: &str) -> Result<GrantView, StateError> {
         let _admin = self.admin.lock().await;
-        let slot = {
-            let registry = self.read();
-            let id = registry.by_name.get(name).ok_or_else(|| StateError::UnknownGrant(name.to_string()))?;
-            registry.grants.get(id).cloned().ok_or_else(|| StateError::UnknownGrant(name.to_string()))?
-        };
+        let slot = self.active_slot(name)?;
         let mut revoked = slot.grant();
         revoked.revoked_at = Some(now_seconds());
         self.store.write(WriteOp::PutGrant(revoked.clone())).await?;
@@ -484,13 +610,21 @@ impl State {
     /// Admits a request for `model` that may cost up to `bound`, holding that amount against
     /// the cap until the request settles. Check and hold happen under the grant's one mutex,
     /// so concurrent requests can never together be admitted past the cap.
-    pub fn admit(&self, slot: &Arc<GrantSlot>, model: &str, now: i64, bound: Decimal) -> Result<Reservation, Refusal> {
+    pub fn admit(&self, slot: &Arc<GrantSlot>, model: &str, now_ms: i64, bound: Bound) -> Result<Reservation, Refusal> {
+        let now = now_ms.div_euclid(1000);
         let mut live = slot.lock();
         live.roll(now, slot.id, &self.store);
-        live.grant.check(now, Spend { spent: live.spent, reserved: live.reserved }, live.window, model, bound)?;
-        live.reserved += bound;
+        live.grant.check(now, Spend { spent: live.spent, reserved: live.reserved }, live.window, model, bound.cost)?;
+        let used = live.counts.usage(now_ms);
+        live.grant.check_limits(now_ms, &used, bound.tokens)?;
+        live.reserved += bound.cost;
+        let counts = &mut live.counts;
+        counts.requests += 1;
+        counts.tokens = counts.tokens.saturating_add(bound.tokens);
+        counts.in_flight += 1;
+        counts.recent_requests.push_back(now_ms);
         drop(live);
-        Ok(Reservation { slot: slot.clone(), amount: bound, settled: false, durable_id: None, store: self.store.clone() })
+        Ok(Reservation { slot: slot.clone(), amount: bound.cost, tokens: bound.tokens, settled: false, durable_id: None, store: self.store.clone() })
     }
 
     /// Queues a hold for the store and returns the receiver that resolves once it is committed
@@ -527,6 +661,11 @@ impl State {
             live.roll(entry.at_seconds(), slot.id, &self.store);
             live.reserved -= reservation.amount;
             live.spent += entry.cost;
+            let used = entry.usage.input_tokens.saturating_add(entry.usage.output_tokens);
+            let counts = &mut live.counts;
+            counts.in_flight -= 1;
+            counts.tokens = counts.tokens.saturating_sub(reservation.tokens).saturating_add(used);
+            counts.recent_tokens.push_back((entry.at_ms, used));
             live.window.start
         };
         reservation.settled = true;
@@ -585,6 +724,22 @@ fn charge_interrupted(store: &Store, grants: &[Grant], holds: Vec<(u64, StoredRe
     Ok(())
 }
 
+/// A change to a grant: `None` leaves a field as it is. For the limits, `Some(0)` removes one.
+#[derive(Clone, Debug, Default)]
+pub struct GrantUpdate {
+    pub cap: Option<Decimal>,
+    pub period: Option<Period>,
+    /// `Some(None)` removes the expiry.
+    pub expires_at: Option<Option<i64>>,
+    pub models: Option<Vec<String>>,
+    pub note: Option<String>,
+    pub max_requests: Option<u64>,
+    pub max_tokens: Option<u64>,
+    pub rpm: Option<u64>,
+    pub tpm: Option<u64>,
+    pub concurrency: Option<u64>,
+}
+
 /// What a new grant is made of, as the control API hands it over (validated by `create_grant`).
 #[derive(Clone, Debug)]
 pub struct GrantSpec {
@@ -596,6 +751,7 @@ pub struct GrantSpec {
     pub models: Vec<String>,
     pub note: String,
     pub created_by: String,
+    pub limits: Limits,
 }
 
 impl GrantSlot {
@@ -660,7 +816,7 @@ mod tests {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
         let (state, dir) = temp_state();
         let cap = Decimal::new(100, 2);
-        let spec = GrantSpec { name: "g".into(), provider: "openai".into(), cap, period: Period::Total, expires_at: None, models: vec![], note: String::new(), created_by: "t".into() };
+        let spec = GrantSpec { name: "g".into(), provider: "openai".into(), cap, period: Period::Total, expires_at: None, models: vec![], note: String::new(), created_by: "t".into(), limits: Limits::default() };
         runtime.block_on(state.create_grant(spec)).unwrap();
         let slot = state.find_grant("g").unwrap();
 
@@ -678,7 +834,7 @@ mod tests {
                 0 => {
                     let bound = Decimal::new(next(30_001) as i64, 5); // $0 to $0.30000
                     let fits = model_spent < cap && model_spent + model_reserved + bound <= cap;
-                    match state.admit(&slot, "m", now_seconds(), bound) {
+                    match state.admit(&slot, "m", now_millis(), Bound { cost: bound, tokens: 10 }) {
                         Ok(reservation) => {
                             assert!(fits, "step {step}: admitted {bound} with {model_spent} spent, {model_reserved} held");
                             model_reserved += bound;

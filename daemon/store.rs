@@ -32,6 +32,10 @@ const PRICES: TableDefinition<&str, &[u8]> = TableDefinition::new("prices");
 const LEDGER: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("ledger");
 /// (grant id, window start in Unix seconds; 0 for a total cap) → running totals.
 const TOTALS: TableDefinition<(u64, i64), &[u8]> = TableDefinition::new("totals");
+/// The window start under which a grant's totals over its whole life are kept (a total cap's
+/// own window, which starts at 0, is the same sum and is used as is).
+pub const LIFETIME: i64 = 0;
+
 /// Request id → the hold of an admitted request not yet settled. What is left here after a
 /// crash was in flight, and is charged at its amount on the next start.
 const RESERVATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("reservations");
@@ -377,6 +381,15 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Resul
                     };
                     sum.add(entry);
                     totals.insert(key, encode(&sum).as_slice())?;
+                    if *window_start != LIFETIME {
+                        let key = (entry.grant.0, LIFETIME);
+                        let mut life: Totals = match totals.get(key)? {
+                            Some(v) => decode("totals", v.value())?,
+                            None => Totals::default(),
+                        };
+                        life.add(entry);
+                        totals.insert(key, encode(&life).as_slice())?;
+                    }
                 }
             }
         }

@@ -67,6 +67,7 @@ pub fn grant(view: &GrantView) -> pb::Grant {
         revoked_at: g.revoked_at.unwrap_or(0),
         id: g.id.0,
         reserved: decimal_string(view.reserved),
+        limits: Some(limits(&g.limits)),
     }
 }
 
@@ -142,4 +143,26 @@ pub fn usage_row(key: String, t: &Totals) -> pb::UsageRow {
         estimated: t.estimated,
         errors: t.errors,
     }
+}
+
+pub fn limits(l: &crate::grants::Limits) -> pb::Limits {
+    pb::Limits {
+        max_requests: l.max_requests.unwrap_or(0),
+        max_tokens: l.max_tokens.unwrap_or(0),
+        rpm: l.rpm.unwrap_or(0),
+        tpm: l.tpm.unwrap_or(0),
+        concurrency: l.concurrency.unwrap_or(0),
+    }
+}
+
+pub fn limits_from(l: Option<&pb::Limits>) -> crate::grants::Limits {
+    let some = |n: u64| (n > 0).then_some(n);
+    l.map(|l| crate::grants::Limits {
+        max_requests: some(l.max_requests),
+        max_tokens: some(l.max_tokens),
+        rpm: some(l.rpm),
+        tpm: some(l.tpm),
+        concurrency: some(l.concurrency),
+    })
+    .unwrap_or_default()
 }

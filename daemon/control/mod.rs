@@ -130,6 +130,7 @@ impl Control for ControlService {
             models: req.models,
             note: req.note,
             created_by: req.created_by,
+            limits: convert::limits_from(req.limits.as_ref()),
         };
         let (view, key) = self.state.create_grant(spec).await.map_err(status_from)?;
         let base_url = self.base_url(&view.grant.provider);
@@ -144,6 +145,31 @@ impl Control for ControlService {
     async fn revoke_grant(&self, request: Request<pb::RevokeGrantRequest>) -> Result<Response<pb::RevokeGrantResponse>, Status> {
         let view = self.state.revoke_grant(&request.into_inner().name).await.map_err(status_from)?;
         Ok(Response::new(pb::RevokeGrantResponse { grant: Some(convert::grant(&view)) }))
+    }
+
+    async fn update_grant(&self, request: Request<pb::UpdateGrantRequest>) -> Result<Response<pb::UpdateGrantResponse>, Status> {
+        let req = request.into_inner();
+        let invalid = |e: crate::grants::GrantError| Status::invalid_argument(e.to_string());
+        let update = crate::state::GrantUpdate {
+            cap: req.cap.as_deref().map(parse_cap).transpose().map_err(invalid)?,
+            period: req.period.as_deref().map(|p| Period::parse(p).ok_or_else(|| crate::grants::GrantError::BadPeriod(p.to_string()))).transpose().map_err(invalid)?,
+            expires_at: req.expires_at.map(|at| (at > 0).then_some(at)),
+            models: req.set_models.then(|| req.models.iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect()),
+            note: req.note,
+            max_requests: req.max_requests,
+            max_tokens: req.max_tokens,
+            rpm: req.rpm,
+            tpm: req.tpm,
+            concurrency: req.concurrency,
+        };
+        let view = self.state.update_grant(&req.name, update).await.map_err(status_from)?;
+        Ok(Response::new(pb::UpdateGrantResponse { grant: Some(convert::grant(&view)) }))
+    }
+
+    async fn rotate_grant(&self, request: Request<pb::RotateGrantRequest>) -> Result<Response<pb::RotateGrantResponse>, Status> {
+        let (view, key) = self.state.rotate_grant(&request.into_inner().name).await.map_err(status_from)?;
+        let base_url = self.base_url(&view.grant.provider);
+        Ok(Response::new(pb::RotateGrantResponse { grant: Some(convert::grant(&view)), key: key.expose().to_string(), base_url }))
     }
 
     async fn get_usage(&self, request: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {

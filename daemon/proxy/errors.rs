@@ -16,18 +16,20 @@ pub struct ProxyError {
     /// A short machine-readable reason (OpenAI `code`).
     pub code: &'static str,
     pub message: String,
+    /// Seconds after which a retry may succeed (rate limits), sent as `retry-after`.
+    pub retry_after: Option<u64>,
 }
 
 impl ProxyError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ProxyError {
-        ProxyError { status, code, message: message.into() }
+        ProxyError { status, code, message: message.into(), retry_after: None }
     }
 
     pub fn into_response(self, format: ErrorFormat) -> Response<ProxyBody> {
         let body = match format {
             ErrorFormat::OpenAi => json!({"error": {
                 "message": self.message,
-                "type": openai_type(self.status),
+                "type": if self.code == "rate_limit_exceeded" { "requests" } else { openai_type(self.status) },
                 "param": null,
                 "code": self.code,
             }}),
@@ -45,6 +47,9 @@ impl ProxyError {
         *response.status_mut() = self.status;
         response.headers_mut().insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         response.headers_mut().insert("x-capit-refusal", HeaderValue::from_static(self.code));
+        if let Some(seconds) = self.retry_after {
+            response.headers_mut().insert(http::header::RETRY_AFTER, HeaderValue::from(seconds));
+        }
         response
     }
 }

@@ -255,12 +255,8 @@ impl Proxy {
                 ),
             ));
         }
-        let bound = match (&price, upstream.provider.price_zero) {
-            (Some(price), false) => reservation_bound(price, &chat, request_bytes),
-            // Priced at zero, or (OpenRouter) an unpriced model whose cost the provider reports.
-            _ => rust_decimal::Decimal::ZERO,
-        };
-        let mut reservation = self.state.admit(&slot, &chat.model, now_seconds(), bound).map_err(refusal_error)?;
+        let bound = reservation_bound(price.as_ref().filter(|_| !upstream.provider.price_zero), &chat, request_bytes);
+        let mut reservation = self.state.admit(&slot, &chat.model, crate::state::now_millis(), bound).map_err(refusal_error)?;
         let durable = self.state.make_durable(&mut reservation, &chat.model, api.as_str());
         let uri = self.upstream_uri(&upstream.provider, &target)?;
         let response = self.send(Method::POST, uri, &parts.headers, &upstream, GatedBody::new(chat.body, durable)).await?;
@@ -361,14 +357,19 @@ impl Proxy {
 /// size plus the provider's hidden prompt bounds it, capped by the context window; content given
 /// by reference (an image URL, a file id) is bounded by the context window alone. Output: the
 /// request's own limit, else the model's largest output. See ARCHITECTURE.md.
-fn reservation_bound(price: &crate::pricing::Price, request: &request::Prepared, request_bytes: u64) -> rust_decimal::Decimal {
+/// With no price (a provider priced at zero, or one that reports its own cost) the cost bound
+/// is zero and only the token bound counts.
+fn reservation_bound(price: Option<&crate::pricing::Price>, request: &request::Prepared, request_bytes: u64) -> crate::state::Bound {
     /// For models whose table entry lacks them (user-set prices): generous, never small.
     const DEFAULT_CONTEXT: u64 = 2_000_000;
     const DEFAULT_MAX_OUTPUT: u64 = 128_000;
-    let context = price.max_input_tokens.unwrap_or(DEFAULT_CONTEXT);
+    let context = price.and_then(|p| p.max_input_tokens).unwrap_or(DEFAULT_CONTEXT);
     let input = if request.external_input { context } else { request_bytes.saturating_add(crate::pricing::HIDDEN_PROMPT_ALLOWANCE).min(context) };
-    let output = request.max_output_tokens.or(price.max_output_tokens).unwrap_or(DEFAULT_MAX_OUTPUT);
-    crate::pricing::bound(price, input, output)
+    let output = request.max_output_tokens.or(price.and_then(|p| p.max_output_tokens)).unwrap_or(DEFAULT_MAX_OUTPUT);
+    crate::state::Bound {
+        cost: price.map_or(rust_decimal::Decimal::ZERO, |p| crate::pricing::bound(p, input, output)),
+        tokens: input.saturating_add(output),
+    }
 }
 
 /// The reply to a call the proxy answers itself.
@@ -413,9 +414,14 @@ fn refusal_error(refusal: crate::grants::Refusal) -> ProxyError {
         Refusal::Revoked { .. } => (StatusCode::UNAUTHORIZED, "capit_grant_revoked"),
         Refusal::Expired { .. } => (StatusCode::UNAUTHORIZED, "capit_grant_expired"),
         Refusal::ModelNotAllowed { .. } => (StatusCode::FORBIDDEN, "capit_model_not_allowed"),
-        Refusal::Exhausted { .. } | Refusal::WouldExceed { .. } => (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota"),
+        Refusal::Exhausted { .. } | Refusal::WouldExceed { .. } | Refusal::RequestsUsed { .. } | Refusal::TokensUsed { .. } => {
+            (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota")
+        }
+        Refusal::RateLimited { .. } | Refusal::TooManyInFlight { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"),
     };
-    ProxyError::new(status, code, refusal.to_string())
+    let mut error = ProxyError::new(status, code, refusal.to_string());
+    error.retry_after = refusal.retry_after();
+    error
 }
 
 fn state_error(error: StateError) -> ProxyError {

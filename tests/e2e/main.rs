@@ -6,6 +6,7 @@ mod support;
 mod cli;
 mod durability;
 mod lifecycle;
+mod limits;
 mod metering;
 mod providers;
 mod refusals;

@@ -12,7 +12,7 @@
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -51,13 +51,26 @@ pub enum StateError {
     Random(#[from] secret::RandomError),
 }
 
-/// The time source; tests of the proxy run on the real clock, domain tests pass `now` directly.
-pub fn now_seconds() -> i64 {
-    chrono::Utc::now().timestamp()
+/// The daemon's time: the system clock plus an offset that is zero in the daemon and that
+/// tests advance to cross period boundaries and expiries without waiting.
+#[derive(Clone, Debug, Default)]
+pub struct Clock {
+    offset_ms: Arc<AtomicI64>,
 }
 
-pub fn now_millis() -> i64 {
-    chrono::Utc::now().timestamp_millis()
+impl Clock {
+    pub fn now_millis(&self) -> i64 {
+        chrono::Utc::now().timestamp_millis() + self.offset_ms.load(Ordering::Relaxed)
+    }
+
+    pub fn now_seconds(&self) -> i64 {
+        self.now_millis().div_euclid(1000)
+    }
+
+    /// Moves this clock (and every `State` sharing it) forward.
+    pub fn advance(&self, by: std::time::Duration) {
+        self.offset_ms.fetch_add(by.as_millis() as i64, Ordering::Relaxed);
+    }
 }
 
 /// The spend window of `period` containing `at` in the user's local time zone.
@@ -154,6 +167,12 @@ pub struct Reservation {
     store: Store,
 }
 
+impl std::fmt::Debug for Reservation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Reservation").field("grant", &self.slot.id).field("amount", &self.amount).field("tokens", &self.tokens).finish()
+    }
+}
+
 impl Reservation {
     pub fn grant(&self) -> GrantId {
         self.slot.id
@@ -212,6 +231,7 @@ pub struct State {
     home: PathBuf,
     /// Ids for durable holds; unique within one run (a start clears every earlier hold).
     next_request_id: AtomicU64,
+    clock: Clock,
 }
 
 /// What the proxy needs to forward a request for one provider.
@@ -230,6 +250,10 @@ pub enum AuthFailure {
 
 impl State {
     pub fn new(store: Store, snapshot: Snapshot, home: PathBuf) -> Result<State, StateError> {
+        State::with_clock(store, snapshot, home, Clock::default())
+    }
+
+    pub fn with_clock(store: Store, snapshot: Snapshot, home: PathBuf, clock: Clock) -> Result<State, StateError> {
         let mut providers: BTreeMap<String, Provider> =
             providers::builtin_providers().into_iter().map(|p| (p.name.clone(), p)).collect();
         for p in snapshot.providers {
@@ -241,7 +265,7 @@ impl State {
             .map(|(name, k)| (name, MasterKey { secret: Arc::new(Secret::new(k.secret)), added_at: k.added_at }))
             .collect();
         let prices = PriceTable::with_overrides(snapshot.prices.into_iter().collect());
-        let now = now_seconds();
+        let now = clock.now_seconds();
         let mut registry = Registry {
             providers,
             keys,
@@ -272,11 +296,16 @@ impl State {
             listen_addr: OnceLock::new(),
             home,
             next_request_id: AtomicU64::new(1),
+            clock,
         })
     }
 
     pub fn store(&self) -> &Store {
         &self.store
+    }
+
+    pub fn clock(&self) -> &Clock {
+        &self.clock
     }
 
     pub fn set_listen_addr(&self, addr: SocketAddr) {
@@ -317,7 +346,7 @@ impl State {
         if !self.read().providers.contains_key(provider) {
             return Err(StateError::UnknownProvider(provider.to_string()));
         }
-        let added_at = now_seconds();
+        let added_at = self.clock.now_seconds();
         let stored = StoredKey { secret: text.clone(), added_at };
         self.store.write(WriteOp::PutKey { provider: provider.to_string(), key: stored }).await?;
         let secret = Secret::new(text);
@@ -420,7 +449,7 @@ impl State {
     /// Mints a grant and its virtual key; the key is returned once and only its hash is kept.
     pub async fn create_grant(&self, spec: GrantSpec) -> Result<(GrantView, Secret), StateError> {
         crate::grants::validate_name(&spec.name)?;
-        let now = now_seconds();
+        let now = self.clock.now_seconds();
         if spec.expires_at.is_some_and(|at| at <= now) {
             return Err(GrantError::ExpiryInPast.into());
         }
@@ -470,7 +499,7 @@ impl State {
     }
 
     pub fn list_grants(&self, include_revoked: bool) -> Vec<GrantView> {
-        let now = now_seconds();
+        let now = self.clock.now_seconds();
         let slots: Vec<Arc<GrantSlot>> = self.read().grants.values().cloned().collect();
         slots
             .iter()
@@ -489,12 +518,12 @@ impl State {
     }
 
     pub fn grant_view(&self, slot: &GrantSlot) -> GrantView {
-        slot.view(now_seconds(), &self.store)
+        slot.view(self.clock.now_seconds(), &self.store)
     }
 
     /// Changes a grant's limits in place; its key, spend and ledger stay.
     pub async fn update_grant(&self, name: &str, update: GrantUpdate) -> Result<GrantView, StateError> {
-        let now = now_seconds();
+        let now = self.clock.now_seconds();
         let _admin = self.admin.lock().await;
         let slot = self.active_slot(name)?;
         let mut grant = slot.grant();
@@ -568,7 +597,7 @@ impl State {
         let _admin = self.admin.lock().await;
         let slot = self.active_slot(name)?;
         let mut revoked = slot.grant();
-        revoked.revoked_at = Some(now_seconds());
+        revoked.revoked_at = Some(self.clock.now_seconds());
         self.store.write(WriteOp::PutGrant(revoked.clone())).await?;
         {
             let mut registry = self.write();
@@ -635,7 +664,7 @@ impl State {
             return None;
         }
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let stored = StoredReservation { grant: reservation.grant(), amount: reservation.amount, model: model.to_string(), api: api.to_string(), at_ms: now_millis() };
+        let stored = StoredReservation { grant: reservation.grant(), amount: reservation.amount, model: model.to_string(), api: api.to_string(), at_ms: self.clock.now_millis() };
         reservation.durable_id = Some(id);
         Some(self.store.submit(WriteOp::PutReservation { id, reservation: stored }))
     }
@@ -798,15 +827,67 @@ mod tests {
     use crate::ledger::EntryStatus;
     use crate::usage::Usage;
 
-    fn temp_state() -> (State, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("capit-state-{}-{}", std::process::id(), now_millis()));
+    fn temp_state(clock: Clock) -> (State, std::path::PathBuf) {
+        let dir = std::env::temp_dir().join(format!("capit-state-{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)));
         std::fs::create_dir_all(&dir).unwrap();
         let (store, snapshot) = Store::open(&dir.join("capit.redb")).unwrap();
-        (State::new(store, snapshot, dir.clone()).unwrap(), dir)
+        (State::with_clock(store, snapshot, dir.clone(), clock).unwrap(), dir)
     }
 
-    fn entry(grant: GrantId, cost: Decimal) -> LedgerEntry {
-        LedgerEntry { grant, at_ms: now_millis(), model: "m".into(), api: "chat.completions".into(), usage: Usage::default(), cost, status: EntryStatus::Metered, http_status: 200, error: None }
+    fn entry(state: &State, grant: GrantId, cost: Decimal) -> LedgerEntry {
+        LedgerEntry { grant, at_ms: state.clock().now_millis(), model: "m".into(), api: "chat.completions".into(), usage: Usage::default(), cost, status: EntryStatus::Metered, http_status: 200, error: None }
+    }
+
+    fn grant_spec(period: Period, expires_at: Option<i64>) -> GrantSpec {
+        GrantSpec { name: "g".into(), provider: "openai".into(), cap: Decimal::ONE, period, expires_at, models: vec![], note: String::new(), created_by: "t".into(), limits: Limits::default() }
+    }
+
+    fn dollars(text: &str) -> Decimal {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn a_day_rolls_over_at_local_midnight_and_an_expiry_bites_at_its_second() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let clock = Clock::default();
+        let (state, dir) = temp_state(clock.clone());
+        let expires_at = clock.now_seconds() + 3 * 86_400;
+        runtime.block_on(state.create_grant(grant_spec(Period::Day, Some(expires_at)))).unwrap();
+        let slot = state.find_grant("g").unwrap();
+        let bound = |cost: &str| Bound { cost: dollars(cost), tokens: 0 };
+
+        let first = state.admit(&slot, "m", clock.now_millis(), bound("0.95")).unwrap();
+        drop(state.settle(first, entry(&state, slot.id, dollars("0.90"))));
+        // A request admitted before midnight and settled after it.
+        let straddling = state.admit(&slot, "m", clock.now_millis(), bound("0.10")).unwrap();
+        let refused = state.admit(&slot, "m", clock.now_millis(), bound("0.01")).unwrap_err();
+        assert!(matches!(refused, Refusal::WouldExceed { .. }), "{refused}");
+        let today = state.grant_view(&slot).window;
+        let midnight = today.end.unwrap();
+        assert_eq!(state.grant_view(&slot).state, GrantState::Active);
+
+        clock.advance(std::time::Duration::from_secs((midnight - clock.now_seconds()) as u64));
+        let tomorrow = state.grant_view(&slot);
+        assert_eq!(tomorrow.window.start, midnight, "the new day starts at local midnight");
+        assert_eq!((tomorrow.spent, tomorrow.reserved), (Decimal::ZERO, dollars("0.10")), "spend resets; holds in flight stay");
+        drop(state.settle(straddling, entry(&state, slot.id, dollars("0.05"))));
+        assert_eq!(state.grant_view(&slot).spent, dollars("0.05"), "it counts in the day it settled");
+        let again = state.admit(&slot, "m", clock.now_millis(), bound("0.95")).unwrap();
+        drop(again);
+
+        // Expiry: admitted up to the second before, refused from the second itself.
+        clock.advance(std::time::Duration::from_secs((expires_at - 1 - clock.now_seconds()) as u64));
+        assert!(state.admit(&slot, "m", clock.now_millis(), bound("0")).is_ok());
+        clock.advance(std::time::Duration::from_secs(1));
+        assert!(matches!(state.admit(&slot, "m", clock.now_millis(), bound("0")), Err(Refusal::Expired { .. })));
+        assert_eq!(state.grant_view(&slot).state, GrantState::Expired);
+
+        // The ledger keeps both days, each window's totals its own.
+        state.store().close();
+        assert_eq!(state.store().totals(slot.id, today.start).unwrap().spent, dollars("0.90"));
+        assert_eq!(state.store().totals(slot.id, midnight).unwrap().spent, dollars("0.05"));
+        drop((state, slot));
+        let _ = std::fs::remove_dir_all(dir);
     }
 
     /// Random admissions, settlements (at most the bound) and releases, checked step by step
@@ -814,10 +895,9 @@ mod tests {
     #[test]
     fn reservations_match_a_reference_model() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let (state, dir) = temp_state();
-        let cap = Decimal::new(100, 2);
-        let spec = GrantSpec { name: "g".into(), provider: "openai".into(), cap, period: Period::Total, expires_at: None, models: vec![], note: String::new(), created_by: "t".into(), limits: Limits::default() };
-        runtime.block_on(state.create_grant(spec)).unwrap();
+        let (state, dir) = temp_state(Clock::default());
+        let cap = Decimal::ONE;
+        runtime.block_on(state.create_grant(grant_spec(Period::Total, None))).unwrap();
         let slot = state.find_grant("g").unwrap();
 
         let (mut model_spent, mut model_reserved) = (Decimal::ZERO, Decimal::ZERO);
@@ -834,7 +914,7 @@ mod tests {
                 0 => {
                     let bound = Decimal::new(next(30_001) as i64, 5); // $0 to $0.30000
                     let fits = model_spent < cap && model_spent + model_reserved + bound <= cap;
-                    match state.admit(&slot, "m", now_millis(), Bound { cost: bound, tokens: 10 }) {
+                    match state.admit(&slot, "m", state.clock().now_millis(), Bound { cost: bound, tokens: 10 }) {
                         Ok(reservation) => {
                             assert!(fits, "step {step}: admitted {bound} with {model_spent} spent, {model_reserved} held");
                             model_reserved += bound;
@@ -849,7 +929,7 @@ mod tests {
                     let cost = bound * Decimal::new(next(101) as i64, 2); // 0% to 100% of the bound
                     model_reserved -= bound;
                     model_spent += cost;
-                    drop(state.settle(reservation, entry(slot.id, cost)));
+                    drop(state.settle(reservation, entry(&state, slot.id, cost)));
                 }
                 _ if !open.is_empty() => {
                     let reservation = open.swap_remove(next(open.len() as u64) as usize);

@@ -22,7 +22,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::ledger::{EntryStatus, LedgerEntry};
 use crate::providers::MeteredApi;
-use crate::state::{Reservation, State, now_millis};
+use crate::state::{Reservation, State};
 use crate::store::StoreError;
 use crate::usage::{Observed, ResponseMeter, Usage};
 
@@ -103,7 +103,7 @@ impl Settlement {
     pub fn settle_upstream_error(self) -> oneshot::Receiver<Result<(), StoreError>> {
         let entry = LedgerEntry {
             grant: self.reservation.grant(),
-            at_ms: now_millis(),
+            at_ms: self.state.clock().now_millis(),
             model: self.request_model.clone(),
             api: self.api.as_str().to_string(),
             usage: Usage::default(),
@@ -144,7 +144,7 @@ impl Settlement {
         };
         LedgerEntry {
             grant: self.reservation.grant(),
-            at_ms: now_millis(),
+            at_ms: self.state.clock().now_millis(),
             model,
             api: self.api.as_str().to_string(),
             usage,

@@ -29,7 +29,7 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::providers::{Endpoint, ErrorFormat, MeteredApi, Provider, ProviderKind};
-use crate::state::{AuthFailure, GrantSlot, State, StateError, now_seconds};
+use crate::state::{AuthFailure, GrantSlot, State, StateError};
 use crate::usage::{BodyFormat, ResponseMeter};
 pub use body::BodyLimits;
 use body::{GatedBody, MeteredBody, ProxyBody, Settlement};
@@ -193,7 +193,7 @@ impl Proxy {
         let upstream = self.state.upstream(&target.provider.name).map_err(|e| fail(state_error(e)))?;
         match endpoint {
             Endpoint::Free => {
-                self.state.admit_free(&slot, now_seconds()).map_err(|r| fail(refusal_error(r)))?;
+                self.state.admit_free(&slot, self.state.clock().now_seconds()).map_err(|r| fail(refusal_error(r)))?;
                 self.forward_free(req, &target, &upstream).await.map_err(fail)
             }
             Endpoint::Metered(api) => self.forward_metered(req, target, upstream, slot, api).await.map_err(fail),
@@ -242,7 +242,7 @@ impl Proxy {
         let path_model = crate::providers::gemini_model(&target.rest);
         let chat = request::prepare(api, body, path_model).map_err(body_error)?;
         tracing::Span::current().record("grant", slot.id.0);
-        self.state.precheck(&slot, &chat.model, now_seconds()).map_err(refusal_error)?;
+        self.state.precheck(&slot, &chat.model, self.state.clock().now_seconds()).map_err(refusal_error)?;
         let reports_cost = upstream.provider.kind == ProviderKind::OpenRouter;
         let price = self.state.price(&chat.model).map(|(_, price)| price);
         if !upstream.provider.price_zero && !reports_cost && price.is_none() {
@@ -256,7 +256,7 @@ impl Proxy {
             ));
         }
         let bound = reservation_bound(price.as_ref().filter(|_| !upstream.provider.price_zero), &chat, request_bytes);
-        let mut reservation = self.state.admit(&slot, &chat.model, crate::state::now_millis(), bound).map_err(refusal_error)?;
+        let mut reservation = self.state.admit(&slot, &chat.model, self.state.clock().now_millis(), bound).map_err(refusal_error)?;
         let durable = self.state.make_durable(&mut reservation, &chat.model, api.as_str());
         let uri = self.upstream_uri(&upstream.provider, &target)?;
         let response = self.send(Method::POST, uri, &parts.headers, &upstream, GatedBody::new(chat.body, durable)).await?;

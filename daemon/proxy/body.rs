@@ -89,6 +89,22 @@ pub struct Settlement {
     /// Size of the request body, for estimating input when usage never arrives.
     pub request_bytes: u64,
     pub http_status: u16,
+    /// The request model's price, for the running cost of a stream (the cutoff).
+    pub price: Option<crate::pricing::Price>,
+}
+
+/// Bytes of generated text counted as one token when judging a running stream against its
+/// hold. Generous (real text runs nearer 4), so that a reply within its limit is never cut.
+const CUTOFF_BYTES_PER_TOKEN: u64 = 6;
+
+impl Settlement {
+    /// What the reply has cost so far by what was seen, when that can be judged.
+    fn running_cost(&self, observed: &Observed) -> Option<rust_decimal::Decimal> {
+        let price = self.price.as_ref()?;
+        let mut usage = observed.usage.clone().unwrap_or_default();
+        usage.output_tokens = usage.output_tokens.max(observed.output_text_bytes / CUTOFF_BYTES_PER_TOKEN);
+        Some(crate::pricing::cost(&usage, price))
+    }
 }
 
 impl Settlement {
@@ -186,6 +202,8 @@ pub struct MeteredBody {
     idle_timer: Pin<Box<Sleep>>,
     limits: BodyLimits,
     tracker: TaskTracker,
+    /// Text bytes seen at the last cutoff check (checks run only when more text arrives).
+    checked_text_bytes: u64,
 }
 
 impl MeteredBody {
@@ -199,7 +217,40 @@ impl MeteredBody {
             idle_timer: Box::pin(tokio::time::sleep(limits.idle)),
             limits,
             tracker,
+            checked_text_bytes: 0,
         }
+    }
+
+    /// Ends the stream if its running cost has passed its hold (an upstream ignoring the
+    /// request's max tokens): returns the error event to send last, after settling what was
+    /// seen. Only between whole events, so the client's stream stays well formed.
+    fn cut_if_over(&mut self) -> Option<Vec<u8>> {
+        let meter = self.meter.as_ref()?;
+        let observed = meter.observed();
+        if !meter.at_event_boundary() || observed.output_text_bytes == self.checked_text_bytes {
+            return None;
+        }
+        self.checked_text_bytes = observed.output_text_bytes;
+        let settlement = self.settlement.as_ref()?;
+        let hold = settlement.reservation.amount();
+        let running = settlement.running_cost(observed)?;
+        if hold.is_zero() || running <= hold {
+            return None;
+        }
+        let api = settlement.api;
+        let message = format!(
+            "capit: this reply passed the ${} held for it (its max output tokens); the upstream was stopped",
+            crate::grants::money(hold)
+        );
+        self.upstream = None;
+        let (mut observed, _) = self.finish_meter();
+        observed.error = Some("cut off: the reply passed its reservation".into());
+        observed.usage_final = false;
+        if let Some(settlement) = self.settlement.take() {
+            self.committing = Some(settlement.settle(observed));
+        }
+        tracing::warn!(api = api.as_str(), "cut a stream that passed its reservation");
+        Some(crate::usage::cutoff_event(api, &message))
     }
 
     fn finish_meter(&mut self) -> (Observed, Bytes) {
@@ -244,6 +295,12 @@ impl Body for MeteredBody {
                                 Some(meter) => meter.feed(data),
                                 None => data,
                             };
+                            if let Some(event) = this.cut_if_over() {
+                                let mut last = out.to_vec();
+                                last.extend_from_slice(&event);
+                                this.tail = Some(Bytes::from(last));
+                                continue;
+                            }
                             if out.is_empty() {
                                 continue;
                             }

@@ -270,6 +270,7 @@ impl Proxy {
             trust_reported_cost: reports_cost,
             request_bytes,
             http_status: head.status.as_u16(),
+            price: price.clone().filter(|_| !upstream.provider.price_zero && !reports_cost),
         };
         if !head.status.is_success() {
             // The upstream refused: nothing was generated. Record it at zero, durably before the
@@ -294,7 +295,9 @@ impl Proxy {
         };
         let hide = is_sse && chat.injected_usage;
         let encoding = head.headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
-        let meter = ResponseMeter::new(api, format, hide).with_content_encoding(encoding);
+        // A stream with a hold is forwarded in whole events, so that it can be cut cleanly.
+        let can_cut = !settlement.reservation.amount().is_zero();
+        let meter = ResponseMeter::new(api, format, hide).with_whole_events(can_cut).with_content_encoding(encoding);
         let body = MeteredBody::new(incoming, meter, settlement, self.config.body_limits, self.settlements.clone());
         let mut out = Response::new(body.boxed());
         *out.status_mut() = head.status;

@@ -93,6 +93,8 @@ pub struct ResponseMeter {
     anthropic: anthropic::AnthropicCounts,
     /// Drop the usage-only chunk that exists only because the proxy injected `include_usage`.
     hide_injected_usage: bool,
+    /// Forward SSE only in whole events (so that a stream can be ended cleanly between two).
+    whole_events: bool,
     /// Set when the upstream compressed its reply: the meter reads a decoded copy.
     decoder: Option<decode::Decoder>,
 }
@@ -116,7 +118,24 @@ impl ResponseMeter {
             BodyFormat::Json => BodyState::Json { buf: Vec::new(), overflowed: false },
             BodyFormat::JsonArray => BodyState::JsonArray(gemini::JsonArraySplitter::default()),
         };
-        ResponseMeter { api, body, observed: Observed::default(), anthropic: Default::default(), hide_injected_usage, decoder: None }
+        ResponseMeter { api, body, observed: Observed::default(), anthropic: Default::default(), hide_injected_usage, whole_events: hide_injected_usage, decoder: None }
+    }
+
+    /// Forwards SSE in whole events, so that the stream can be ended between two of them.
+    pub fn with_whole_events(mut self, whole: bool) -> ResponseMeter {
+        if whole && !self.whole_events {
+            if let BodyState::Sse(framer) = &mut self.body {
+                *framer = SseFramer::new(true);
+                self.whole_events = true;
+            }
+        }
+        self
+    }
+
+    /// True when the bytes returned so far end on an event boundary (the stream can be cut
+    /// cleanly there).
+    pub fn at_event_boundary(&self) -> bool {
+        self.whole_events && self.decoder.is_none() && matches!(self.body, BodyState::Sse(_))
     }
 
     /// Meters a reply sent with this `Content-Encoding`. A compressed reply is forwarded as it
@@ -125,9 +144,7 @@ impl ResponseMeter {
         self.decoder = encoding.and_then(decode::Decoder::for_encoding);
         if self.decoder.is_some() {
             self.hide_injected_usage = false;
-            if let BodyState::Sse(framer) = &mut self.body {
-                *framer = SseFramer::new(false);
-            }
+            self.whole_events = false;
         }
         self
     }
@@ -168,10 +185,11 @@ impl ResponseMeter {
                 chunk
             }
             BodyState::Sse(framer) => {
-                if self.hide_injected_usage {
+                if self.whole_events {
+                    let hide = self.hide_injected_usage;
                     let mut out = Vec::new();
                     framer.push(&chunk, &mut |event| {
-                        if observe_event(api, observed, counts, &event) == Verdict::Forward {
+                        if observe_event(api, observed, counts, &event) == Verdict::Forward || !hide {
                             out.extend_from_slice(&event.raw);
                         }
                     });
@@ -191,6 +209,7 @@ impl ResponseMeter {
     pub fn finish(&mut self) -> (Observed, Bytes) {
         let api = self.api;
         let hide = self.hide_injected_usage;
+        let whole = self.whole_events;
         let observed = &mut self.observed;
         let counts = &mut self.anthropic;
         let mut tail = Vec::new();
@@ -204,11 +223,11 @@ impl ResponseMeter {
             BodyState::JsonArray(_) => {}
             BodyState::Sse(framer) => {
                 let rest = framer.finish(&mut |event| {
-                    if observe_event(api, observed, counts, &event) == Verdict::Forward && hide {
+                    if (observe_event(api, observed, counts, &event) == Verdict::Forward || !hide) && whole {
                         tail.extend_from_slice(&event.raw);
                     }
                 });
-                if hide {
+                if whole {
                     tail.extend_from_slice(&rest);
                 }
             }
@@ -220,6 +239,29 @@ impl ResponseMeter {
     pub fn observed(&self) -> &Observed {
         &self.observed
     }
+}
+
+/// The event that ends a stream the proxy cut off, in the API's own stream format, so that the
+/// client's SDK raises it as an error with our message.
+pub fn cutoff_event(api: MeteredApi, message: &str) -> Vec<u8> {
+    use serde_json::json;
+    let text = match api {
+        MeteredApi::OpenAiChat | MeteredApi::OpenAiEmbeddings => format!(
+            "data: {}\n\ndata: [DONE]\n\n",
+            json!({"error": {"message": message, "type": "insufficient_quota", "param": null, "code": "capit_stream_cut"}})
+        ),
+        MeteredApi::OpenAiResponses => format!(
+            "event: error\ndata: {}\n\n",
+            json!({"type": "error", "code": "capit_stream_cut", "message": message, "param": null, "sequence_number": 0})
+        ),
+        MeteredApi::AnthropicMessages => {
+            format!("event: error\ndata: {}\n\n", json!({"type": "error", "error": {"type": "rate_limit_error", "message": message}}))
+        }
+        MeteredApi::GeminiGenerate => {
+            format!("data: {}\n\n", json!({"error": {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED"}}))
+        }
+    };
+    text.into_bytes()
 }
 
 /// Whether an event goes on to the client.

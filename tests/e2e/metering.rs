@@ -350,3 +350,37 @@ fn an_http2_upstream_over_tls_is_metered_the_same() {
     assert!(reply.error_message().to_lowercase().contains("certificate"), "{}", reply.text());
     assert_eq!(fake.received().len(), 3);
 }
+
+#[test]
+fn a_stream_that_ignores_its_max_tokens_is_cut_off_in_the_provider_s_format() {
+    let (daemon, fake) = setup();
+    let key = daemon.grant("script", "5.00", &["--provider", "openai"]);
+    fake.script(|s| {
+        s.text = vec!["word"; 600].join(" ");
+        s.chunk_delay = Duration::from_millis(1);
+    });
+    let rt = runtime();
+    let body = r#"{"model":"test-model","stream":true,"max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+    let reply = rt.block_on(post_json(&chat_url(&daemon), &key, body));
+    assert_eq!(reply.status, 200);
+    let text = reply.text();
+    let data = sse_data(&text);
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"), "the stream ends cleanly: {text}");
+    let error: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(error["error"]["code"], "capit_stream_cut");
+    assert!(error["error"]["message"].as_str().unwrap().contains("passed the $"), "{error}");
+    let words = text.matches("word").count();
+    assert!(words > 100 && words < 550, "cut part-way: {words} words arrived");
+    // Every event before the cut is whole JSON.
+    for event in &data[..data.len() - 2] {
+        serde_json::from_str::<Value>(event).unwrap_or_else(|e| panic!("{e}: {event}"));
+    }
+    let usage = wait_for("the cut stream to settle", Duration::from_secs(10), || {
+        let u = daemon.ctl_json(&["usage", "script"]);
+        (u["requests"] == 1).then_some(u)
+    });
+    assert_eq!(usage["estimated"], 1);
+    assert!(dec(usage["spent"].as_str().unwrap()) > dec("0"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fake.finished_streams(), 0, "the upstream was stopped, not read to its end");
+}

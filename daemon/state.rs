@@ -828,7 +828,9 @@ mod tests {
     use crate::usage::Usage;
 
     fn temp_state(clock: Clock) -> (State, std::path::PathBuf) {
-        let dir = std::env::temp_dir().join(format!("capit-state-{}-{}", std::process::id(), chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0)));
+        static NEXT: AtomicU64 = AtomicU64::new(0);
+        let dir = std::env::temp_dir().join(format!("capit-state-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         let (store, snapshot) = Store::open(&dir.join("capit.redb")).unwrap();
         (State::with_clock(store, snapshot, dir.clone(), clock).unwrap(), dir)

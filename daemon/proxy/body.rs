@@ -227,7 +227,9 @@ impl MeteredBody {
     fn cut_if_over(&mut self) -> Option<Vec<u8>> {
         let meter = self.meter.as_ref()?;
         let observed = meter.observed();
-        if !meter.at_event_boundary() || observed.output_text_bytes == self.checked_text_bytes {
+        // A reply whose final usage has arrived is done: its cost is fixed, and cutting it would
+        // only report a false error.
+        if !meter.at_event_boundary() || observed.usage_final || observed.output_text_bytes == self.checked_text_bytes {
             return None;
         }
         self.checked_text_bytes = observed.output_text_bytes;
@@ -245,7 +247,6 @@ impl MeteredBody {
         self.upstream = None;
         let (mut observed, _) = self.finish_meter();
         observed.error = Some("cut off: the reply passed its reservation".into());
-        observed.usage_final = false;
         if let Some(settlement) = self.settlement.take() {
             self.committing = Some(settlement.settle(observed));
         }

@@ -41,6 +41,12 @@ fn post(url: &str, headers: &[(&str, &str)], body: &str) -> Reply {
 const CLAUDE: &str = r#"{"model":"claude-haiku-4-5","max_tokens":1024,"messages":[{"role":"user","content":"hi"}]}"#;
 const CLAUDE_STREAM: &str = r#"{"model":"claude-haiku-4-5","max_tokens":1024,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
 
+/// A request whose body is as large as the cached prompt the fake reports, as a real one is
+/// (a token is at least a byte): `body` with a long system prompt added.
+fn with_system_prompt(body: &str) -> String {
+    body.replacen('{', &format!("{{\"system\":\"{}\",", "cached context ".repeat(1000)), 1)
+}
+
 #[test]
 fn anthropic_json_and_streams_with_cache_writes_and_searches() {
     let (daemon, fake, key) = setup("anthropic");
@@ -60,11 +66,11 @@ fn anthropic_json_and_streams_with_cache_writes_and_searches() {
             s.byte_by_byte = byte_by_byte;
             s.crlf = byte_by_byte;
         });
-        let reply = post(&url, &headers, body);
+        let reply = post(&url, &headers, &with_system_prompt(body));
         assert_eq!(reply.status, 200, "case {i}: {}", reply.text());
         assert_eq!(daemon.spent("agent"), fake.bill(), "case {i}");
     }
-    let stream = post(&url, &[("authorization", &format!("Bearer {key}")), ("anthropic-version", "2023-06-01")], CLAUDE_STREAM);
+    let stream = post(&url, &[("authorization", &format!("Bearer {key}")), ("anthropic-version", "2023-06-01")], &with_system_prompt(CLAUDE_STREAM));
     assert!(stream.text().contains("event: message_stop"));
     assert_eq!(daemon.spent("agent"), fake.bill(), "Bearer, as Claude Code sends it");
     let received = fake.received();

@@ -151,6 +151,10 @@ pub struct LimitArgs {
     /// Requests in flight at once.
     #[arg(long)]
     pub concurrency: Option<u64>,
+    /// Lower a request's max output tokens to fit what is left of the cap, rather than refuse
+    /// it (`--fit`, or `--fit false` to stop).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true")]
+    pub fit: Option<bool>,
 }
 
 #[derive(Debug, Args)]

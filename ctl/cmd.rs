@@ -294,13 +294,14 @@ fn limits_pb(l: &LimitArgs) -> pb::Limits {
         rpm: l.rpm.unwrap_or(0),
         tpm: l.tpm.unwrap_or(0),
         concurrency: l.concurrency.unwrap_or(0),
+        fit: l.fit.unwrap_or(false),
     }
 }
 
 fn limits_json(l: Option<&pb::Limits>) -> Value {
     let l = l.cloned().unwrap_or_default();
     let n = |v: u64| if v == 0 { Value::Null } else { json!(v) };
-    json!({"max_requests": n(l.max_requests), "max_tokens": n(l.max_tokens), "rpm": n(l.rpm), "tpm": n(l.tpm), "concurrency": n(l.concurrency)})
+    json!({"max_requests": n(l.max_requests), "max_tokens": n(l.max_tokens), "rpm": n(l.rpm), "tpm": n(l.tpm), "concurrency": n(l.concurrency), "fit": l.fit})
 }
 
 async fn set(client: &mut Client, args: SetArgs, json: bool) -> anyhow::Result<()> {
@@ -324,9 +325,10 @@ async fn set(client: &mut Client, args: SetArgs, json: bool) -> anyhow::Result<(
         rpm: l.rpm,
         tpm: l.tpm,
         concurrency: l.concurrency,
+        fit: l.fit,
     };
     let unchanged = request.cap.is_none() && request.period.is_none() && request.expires_at.is_none() && !request.set_models && request.note.is_none()
-        && [l.max_requests, l.max_tokens, l.rpm, l.tpm, l.concurrency].iter().all(Option::is_none);
+        && [l.max_requests, l.max_tokens, l.rpm, l.tpm, l.concurrency].iter().all(Option::is_none) && l.fit.is_none();
     if unchanged {
         bail!("nothing to change; give --cap, --period, --expires, --models, --note or a limit");
     }

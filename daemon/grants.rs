@@ -147,7 +147,14 @@ pub struct Limits {
     /// Requests in flight at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u64>,
+    /// Lower a request's max output tokens to what the budget has room for, rather than refuse
+    /// it, as long as at least [`MIN_FIT_OUTPUT_TOKENS`] fit.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fit: bool,
 }
+
+/// The least output worth sending a request for when fitting it into what is left.
+pub const MIN_FIT_OUTPUT_TOKENS: u64 = 256;
 
 /// What a grant has used of its count and rate limits, as the daemon tracks it.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -187,6 +194,14 @@ mod hash_hex {
 }
 
 impl Refusal {
+    /// What is left of the cap when a request was refused only for not fitting in it.
+    pub fn room_left(&self) -> Option<Decimal> {
+        match self {
+            Refusal::WouldExceed { spent, reserved, cap, .. } => Some(*cap - *spent - *reserved),
+            _ => None,
+        }
+    }
+
     /// Seconds after which the same request may succeed, for refusals that pass with time.
     pub fn retry_after(&self) -> Option<u64> {
         match self {
@@ -438,7 +453,7 @@ mod tests {
     #[test]
     fn count_and_rate_limits_refuse_at_their_edge() {
         let mut g = grant();
-        g.limits = Limits { max_requests: Some(3), max_tokens: Some(1000), rpm: Some(2), tpm: Some(500), concurrency: Some(1) };
+        g.limits = Limits { max_requests: Some(3), max_tokens: Some(1000), rpm: Some(2), tpm: Some(500), concurrency: Some(1), fit: false };
         let fresh = Usage::default();
         assert_eq!(g.check_limits(0, &fresh, 1000), Ok(()));
         assert!(matches!(g.check_limits(0, &Usage { requests: 3, ..fresh }, 1), Err(Refusal::RequestsUsed { max: 3, .. })));

@@ -554,6 +554,9 @@ impl State {
                 *slot_value = (new > 0).then_some(new);
             }
         }
+        if let Some(fit) = update.fit {
+            grant.limits.fit = fit;
+        }
         self.store.write(WriteOp::PutGrant(grant.clone())).await?;
         {
             let mut live = slot.lock();
@@ -767,6 +770,7 @@ pub struct GrantUpdate {
     pub rpm: Option<u64>,
     pub tpm: Option<u64>,
     pub concurrency: Option<u64>,
+    pub fit: Option<bool>,
 }
 
 /// What a new grant is made of, as the control API hands it over (validated by `create_grant`).

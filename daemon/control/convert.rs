@@ -152,6 +152,7 @@ pub fn limits(l: &crate::grants::Limits) -> pb::Limits {
         rpm: l.rpm.unwrap_or(0),
         tpm: l.tpm.unwrap_or(0),
         concurrency: l.concurrency.unwrap_or(0),
+        fit: l.fit,
     }
 }
 
@@ -163,6 +164,7 @@ pub fn limits_from(l: Option<&pb::Limits>) -> crate::grants::Limits {
         rpm: some(l.rpm),
         tpm: some(l.tpm),
         concurrency: some(l.concurrency),
+        fit: l.fit,
     })
     .unwrap_or_default()
 }

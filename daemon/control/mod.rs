@@ -161,6 +161,7 @@ impl Control for ControlService {
             rpm: req.rpm,
             tpm: req.tpm,
             concurrency: req.concurrency,
+            fit: req.fit,
         };
         let view = self.state.update_grant(&req.name, update).await.map_err(status_from)?;
         Ok(Response::new(pb::UpdateGrantResponse { grant: Some(convert::grant(&view)) }))

@@ -180,6 +180,21 @@ pub fn bound(price: &Price, input_tokens: u64, output_tokens: u64) -> Decimal {
     (per_million / Decimal::from(1_000_000u32)).normalize()
 }
 
+/// The most output tokens a request with `input_tokens` of input can have for its bound to stay
+/// within `budget` (none when even its input does not fit).
+pub fn output_that_fits(price: &Price, input_tokens: u64, budget: Decimal) -> Option<u64> {
+    let input_only = bound(price, input_tokens, 0);
+    let per_token = bound(price, input_tokens, 1) - input_only;
+    if budget < input_only {
+        return None;
+    }
+    if per_token.is_zero() {
+        return Some(u64::MAX);
+    }
+    let tokens = ((budget - input_only) / per_token).floor();
+    Some(u64::try_from(tokens.mantissa() / 10i128.pow(tokens.scale())).unwrap_or(u64::MAX))
+}
+
 /// Built-in prices and user overrides, looked up by the model a response names.
 #[derive(Clone, Debug, Default)]
 pub struct PriceTable {
@@ -370,6 +385,17 @@ mod tests {
             assert!(cost(&usage, sonnet) <= bound(sonnet, 1000, 500), "{usage:?}");
         }
         assert!(bound(sonnet, u64::MAX, u64::MAX) > Decimal::ZERO, "huge counts do not panic");
+    }
+
+    #[test]
+    fn output_that_fits_is_the_largest_whose_bound_fits() {
+        let t = table();
+        let mini = t.lookup("gpt-5-mini").unwrap().1;
+        let budget = d("0.01");
+        let fits = output_that_fits(mini, 1000, budget).unwrap();
+        assert!(bound(mini, 1000, fits) <= budget);
+        assert!(bound(mini, 1000, fits + 1) > budget);
+        assert_eq!(output_that_fits(mini, 1_000_000, d("0.0001")), None);
     }
 
     #[test]

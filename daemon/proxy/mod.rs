@@ -255,8 +255,31 @@ impl Proxy {
                 ),
             ));
         }
-        let bound = reservation_bound(price.as_ref().filter(|_| !upstream.provider.price_zero), &chat, request_bytes);
-        let mut reservation = self.state.admit(&slot, &chat.model, self.state.clock().now_millis(), bound).map_err(refusal_error)?;
+        let priced = price.as_ref().filter(|_| !upstream.provider.price_zero);
+        let mut chat = chat;
+        let mut fitted = None;
+        let now_ms = self.state.clock().now_millis();
+        let mut reservation = match self.state.admit(&slot, &chat.model, now_ms, reservation_bound(priced, &chat, request_bytes)) {
+            Ok(reservation) => reservation,
+            Err(refusal) => {
+                // Fit: as much output as what is left has room for, if that is worth sending.
+                let tokens = match (refusal.room_left(), priced) {
+                    (Some(room), Some(price)) if slot.grant().limits.fit => {
+                        let input = request_input_tokens(Some(price), &chat, request_bytes);
+                        crate::pricing::output_that_fits(price, input, room)
+                            .filter(|t| *t >= crate::grants::MIN_FIT_OUTPUT_TOKENS && chat.max_output_tokens.is_none_or(|m| *t < m))
+                    }
+                    _ => None,
+                };
+                let Some(tokens) = tokens else {
+                    return Err(refusal_error(refusal));
+                };
+                chat.body = request::set_max_output(api, &chat.body, tokens).map_err(body_error)?;
+                chat.max_output_tokens = Some(tokens);
+                fitted = Some(tokens);
+                self.state.admit(&slot, &chat.model, now_ms, reservation_bound(priced, &chat, request_bytes)).map_err(refusal_error)?
+            }
+        };
         let durable = self.state.make_durable(&mut reservation, &chat.model, api.as_str());
         let uri = self.upstream_uri(&upstream.provider, &target)?;
         let response = self.send(Method::POST, uri, &parts.headers, &upstream, GatedBody::new(chat.body, durable)).await?;
@@ -304,6 +327,9 @@ impl Proxy {
         // No content-length: the client's end of the reply is the one that comes after the
         // ledger entry is durable, not the last byte of the upstream's body.
         *out.headers_mut() = request::client_headers(&head.headers, true);
+        if let Some(tokens) = fitted {
+            out.headers_mut().insert("x-capit-max-output-tokens", http::HeaderValue::from(tokens));
+        }
         Ok(out)
     }
 
@@ -363,16 +389,22 @@ impl Proxy {
 /// With no price (a provider priced at zero, or one that reports its own cost) the cost bound
 /// is zero and only the token bound counts.
 fn reservation_bound(price: Option<&crate::pricing::Price>, request: &request::Prepared, request_bytes: u64) -> crate::state::Bound {
-    /// For models whose table entry lacks them (user-set prices): generous, never small.
-    const DEFAULT_CONTEXT: u64 = 2_000_000;
+    /// For models whose table entry lacks it (user-set prices): generous, never small.
     const DEFAULT_MAX_OUTPUT: u64 = 128_000;
-    let context = price.and_then(|p| p.max_input_tokens).unwrap_or(DEFAULT_CONTEXT);
-    let input = if request.external_input { context } else { request_bytes.saturating_add(crate::pricing::HIDDEN_PROMPT_ALLOWANCE).min(context) };
+    let input = request_input_tokens(price, request, request_bytes);
     let output = request.max_output_tokens.or(price.and_then(|p| p.max_output_tokens)).unwrap_or(DEFAULT_MAX_OUTPUT);
     crate::state::Bound {
         cost: price.map_or(rust_decimal::Decimal::ZERO, |p| crate::pricing::bound(p, input, output)),
         tokens: input.saturating_add(output),
     }
+}
+
+/// The most input tokens a request can have (see [`reservation_bound`]).
+fn request_input_tokens(price: Option<&crate::pricing::Price>, request: &request::Prepared, request_bytes: u64) -> u64 {
+    /// For models whose table entry lacks it (user-set prices): generous, never small.
+    const DEFAULT_CONTEXT: u64 = 2_000_000;
+    let context = price.and_then(|p| p.max_input_tokens).unwrap_or(DEFAULT_CONTEXT);
+    if request.external_input { context } else { request_bytes.saturating_add(crate::pricing::HIDDEN_PROMPT_ALLOWANCE).min(context) }
 }
 
 /// The reply to a call the proxy answers itself.

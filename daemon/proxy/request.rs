@@ -212,6 +212,52 @@ fn references_external_input(value: &Value) -> bool {
     }
 }
 
+/// Sets a request's max output tokens to `tokens` in all (shared among its choices), the way its
+/// API names the limit. Used only to fit a request into what is left of a cap.
+pub fn set_max_output(api: MeteredApi, body: &[u8], tokens: u64) -> Result<Bytes, BodyError> {
+    use serde_json::json;
+    let mut value: Value = serde_json::from_slice(body).map_err(|e| BodyError::Malformed(e.to_string()))?;
+    let object = value.as_object_mut().ok_or_else(|| BodyError::Malformed("the body is not a JSON object".into()))?;
+    match api {
+        MeteredApi::OpenAiChat => {
+            let choices = object.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+            let field = if object.contains_key("max_tokens") && !object.contains_key("max_completion_tokens") { "max_tokens" } else { "max_completion_tokens" };
+            object.insert(field.into(), json!(tokens / choices));
+        }
+        MeteredApi::OpenAiResponses => {
+            object.insert("max_output_tokens".into(), json!(tokens));
+        }
+        MeteredApi::AnthropicMessages => {
+            object.insert("max_tokens".into(), json!(tokens));
+            // Thinking counts toward max_tokens and must stay below it.
+            if let Some(budget) = object.get_mut("thinking").and_then(|t| t.get_mut("budget_tokens")) {
+                if budget.as_u64().is_some_and(|b| b >= tokens) {
+                    *budget = json!(tokens / 2);
+                }
+            }
+        }
+        MeteredApi::GeminiGenerate => {
+            let config = object.entry("generationConfig").or_insert_with(|| json!({}));
+            let candidates = config.get("candidateCount").and_then(Value::as_u64).unwrap_or(1).max(1);
+            let per_candidate = tokens / candidates;
+            let thinking = config.pointer("/thinkingConfig/thinkingBudget").and_then(Value::as_u64);
+            let (output, thinking) = match thinking {
+                Some(t) => {
+                    let t = t.min(per_candidate / 2);
+                    (per_candidate - t, Some(t))
+                }
+                None => (per_candidate, None),
+            };
+            config["maxOutputTokens"] = json!(output);
+            if let Some(t) = thinking {
+                config["thinkingConfig"]["thinkingBudget"] = json!(t);
+            }
+        }
+        MeteredApi::OpenAiEmbeddings => {}
+    }
+    serde_json::to_vec(&value).map(Bytes::from).map_err(|e| BodyError::Malformed(e.to_string()))
+}
+
 /// Reads a Chat Completions body and, for a stream without `include_usage`, asks for usage.
 fn prepare_chat(body: Bytes) -> Result<Prepared, BodyError> {
     let fields: ChatFields = serde_json::from_slice(&body).map_err(|e| BodyError::Malformed(e.to_string()))?;
@@ -356,6 +402,18 @@ mod tests {
         assert_eq!((a.max_output_tokens, a.external_input), (Some(9), true));
         let g = prepare(MeteredApi::GeminiGenerate, body(r#"{"contents":[{"parts":[{"fileData":{"fileUri":"gs://b/f.pdf"}}]}],"generationConfig":{"maxOutputTokens":100,"candidateCount":2,"thinkingConfig":{"thinkingBudget":50}}}"#), Some("g")).unwrap();
         assert_eq!((g.max_output_tokens, g.external_input), (Some(300), true));
+    }
+
+    #[test]
+    fn max_output_is_set_the_way_each_api_names_it() {
+        let set = |api, body: &str, n| json(&set_max_output(api, body.as_bytes(), n).unwrap());
+        assert_eq!(set(MeteredApi::OpenAiChat, r#"{"model":"m"}"#, 300)["max_completion_tokens"], 300);
+        assert_eq!(set(MeteredApi::OpenAiChat, r#"{"model":"m","max_tokens":9000,"n":3}"#, 300)["max_tokens"], 100);
+        assert_eq!(set(MeteredApi::OpenAiResponses, r#"{"model":"m"}"#, 300)["max_output_tokens"], 300);
+        let claude = set(MeteredApi::AnthropicMessages, r#"{"model":"m","max_tokens":9000,"thinking":{"type":"enabled","budget_tokens":8000}}"#, 300);
+        assert_eq!((claude["max_tokens"].as_u64(), claude["thinking"]["budget_tokens"].as_u64()), (Some(300), Some(150)));
+        let gemini = set(MeteredApi::GeminiGenerate, r#"{"contents":[],"generationConfig":{"thinkingConfig":{"thinkingBudget":1000}}}"#, 300);
+        assert_eq!((gemini["generationConfig"]["maxOutputTokens"].as_u64(), gemini["generationConfig"]["thinkingConfig"]["thinkingBudget"].as_u64()), (Some(150), Some(150)));
     }
 
     #[test]

@@ -127,3 +127,39 @@ fn set_changes_limits_in_place_and_rotate_swaps_the_key() {
     let auth = format!("Bearer {new_key}");
     assert_eq!(rt.block_on(http::send(Method::GET, &daemon.url("/openai/v1/models"), &[("authorization", &auth)], "")).status, 200);
 }
+
+#[test]
+fn fit_lowers_max_output_to_what_is_left_instead_of_refusing() {
+    let (daemon, fake) = setup();
+    // test-model has no max output in its user-set price: a request without a limit may cost
+    // 128,000 × $4.40 per million, far above a $0.01 cap.
+    let plain = r#"{"model":"test-model","messages":[{"role":"user","content":"hi"}]}"#;
+    let rt = runtime();
+    let strict = daemon.grant("strict", "0.01", &["--provider", "openai"]);
+    assert_eq!(rt.block_on(post_json(&chat_url(&daemon), &strict, plain)).status, 429);
+
+    let key = daemon.grant("fit", "0.01", &["--provider", "openai", "--fit"]);
+    assert_eq!(daemon.ctl_json(&["ls"]).as_array().unwrap().iter().find(|g| g["name"] == "fit").unwrap()["limits"]["fit"], true);
+    let reply = rt.block_on(post_json(&chat_url(&daemon), &key, plain));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let fitted: u64 = reply.headers["x-capit-max-output-tokens"].to_str().unwrap().parse().unwrap();
+    let sent = fake.received().last().unwrap().json();
+    assert_eq!(sent["max_completion_tokens"].as_u64(), Some(fitted));
+    assert_eq!(sent["messages"][0]["content"], "hi", "the rest of the body is kept");
+    // What is left of $0.01 after (bytes + 1024) input tokens at $1.10, at $4.40 per output token.
+    let input = dec(&(plain.len() as u64 + 1024).to_string()) * dec("0.0000011");
+    let expected = ((dec("0.01") - input) / dec("0.0000044")).floor();
+    assert_eq!(dec(&fitted.to_string()), expected);
+
+    // When not even 256 output tokens fit, the request is refused as before.
+    fake.script(|s| {
+        s.prompt_tokens = 1000;
+        s.completion_tokens = 1900;
+    });
+    assert_eq!(rt.block_on(post_json(&chat_url(&daemon), &key, plain)).status, 200);
+    let refused = rt.block_on(post_json(&chat_url(&daemon), &key, plain));
+    assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(daemon.spent("fit") <= dec("0.01"));
+    daemon.ctl_ok(&["set", "fit", "--fit", "false"]);
+    assert_eq!(daemon.ctl_json(&["ls"]).as_array().unwrap().iter().find(|g| g["name"] == "fit").unwrap()["limits"]["fit"], false);
+}

@@ -684,8 +684,10 @@ impl State {
         live.grant.check_model(model)
     }
 
-    /// Records a finished request: its hold is swapped for its cost at once, and the returned
-    /// receiver resolves when the entry (with its running total) is durable.
+    /// Records a finished request: its hold is swapped for its cost at once, and the entry (with
+    /// its running total, removing the stored hold) is written with the next batch; the returned
+    /// receiver resolves then. Nobody needs to wait for it: until it commits, a crash charges the
+    /// stored hold, which is never less than the cost.
     pub fn settle(&self, mut reservation: Reservation, entry: LedgerEntry) -> tokio::sync::oneshot::Receiver<Result<(), StoreError>> {
         let slot = reservation.slot.clone();
         let window_start = {
@@ -711,8 +713,10 @@ impl State {
         (registry.by_name.len(), registry.grants.len(), registry.keys.len(), registry.providers.len())
     }
 
-    /// Sums of ledger entries since `since_ms`, for one grant or all.
+    /// Ledger entries since `since_ms`, for one grant or all, including every settlement made
+    /// before the call (settlements are written behind the replies they end).
     pub async fn usage(&self, grant: Option<GrantId>, since_ms: i64) -> Result<Vec<LedgerEntry>, StateError> {
+        self.store.write(WriteOp::Barrier).await?;
         let store = self.store.clone();
         tokio::task::spawn_blocking(move || store.entries(grant, since_ms))
             .await

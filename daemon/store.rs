@@ -114,6 +114,9 @@ pub enum WriteOp {
     AppendEntry { entry: LedgerEntry, window_start: i64, reservation: Option<u64> },
     PutReservation { id: u64, reservation: StoredReservation },
     DeleteReservation { id: u64 },
+    /// Writes nothing: it commits after every write queued before it, so awaiting it means
+    /// those are durable (a reader's barrier).
+    Barrier,
 }
 
 struct Job {
@@ -368,6 +371,7 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Resul
                 WriteOp::DeleteReservation { id } => {
                     reservations.remove(*id)?;
                 }
+                WriteOp::Barrier => {}
                 WriteOp::AppendEntry { entry, window_start, reservation } => {
                     if let Some(id) = reservation {
                         reservations.remove(*id)?;

@@ -40,6 +40,7 @@ impl ControlService {
 impl Control for ControlService {
     async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
         let (active, total, keys, providers) = self.state.counts();
+        self.state.store().write(crate::store::WriteOp::Barrier).await.map_err(|e| status_from(e.into()))?;
         let store = self.state.store().clone();
         let ledger_entries = tokio::task::spawn_blocking(move || store.ledger_len())
             .await

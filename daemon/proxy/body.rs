@@ -1,9 +1,9 @@
 //! Response bodies: the metered stream that carries an upstream reply to the client, chunk by
 //! chunk, and settles its cost when it ends.
 //!
-//! Invariants: nothing is buffered beyond one SSE event (and only when events are filtered);
-//! the final end-of-stream reaches the client only after its ledger entry is durable (replies
-//! carry no content-length, so the client waits for that end); and a
+//! Invariants: nothing is buffered beyond one SSE event (and only when events are filtered or
+//! the stream may be cut); a reply is settled (its cost counted against the grant) before its
+//! end reaches the client, so the next request sees it; and a
 //! client that goes away does not stop the metering: the rest of the upstream reply is read,
 //! for a bounded time, to capture its usage before the request is settled.
 
@@ -198,7 +198,6 @@ pub struct MeteredBody {
     /// Held-back bytes owed to the client before the end.
     tail: Option<Bytes>,
     settlement: Option<Settlement>,
-    committing: Option<oneshot::Receiver<Result<(), StoreError>>>,
     idle_timer: Pin<Box<Sleep>>,
     limits: BodyLimits,
     tracker: TaskTracker,
@@ -213,7 +212,6 @@ impl MeteredBody {
             meter: Some(meter),
             tail: None,
             settlement: Some(settlement),
-            committing: None,
             idle_timer: Box::pin(tokio::time::sleep(limits.idle)),
             limits,
             tracker,
@@ -248,7 +246,7 @@ impl MeteredBody {
         let (mut observed, _) = self.finish_meter();
         observed.error = Some("cut off: the reply passed its reservation".into());
         if let Some(settlement) = self.settlement.take() {
-            self.committing = Some(settlement.settle(observed));
+            drop(settlement.settle(observed));
         }
         tracing::warn!(api = api.as_str(), "cut a stream that passed its reservation");
         Some(crate::usage::cutoff_event(api, &message))
@@ -271,18 +269,6 @@ impl Body for MeteredBody {
         loop {
             if let Some(tail) = this.tail.take().filter(|t| !t.is_empty()) {
                 return Poll::Ready(Some(Ok(Frame::data(tail))));
-            }
-            if let Some(committing) = this.committing.as_mut() {
-                return match Pin::new(committing).poll(cx) {
-                    Poll::Ready(result) => {
-                        this.committing = None;
-                        if let Ok(Err(e)) = result {
-                            tracing::error!(error = %e, "a ledger entry could not be written");
-                        }
-                        Poll::Ready(None)
-                    }
-                    Poll::Pending => Poll::Pending,
-                };
             }
             let Some(upstream) = this.upstream.as_mut() else {
                 return Poll::Ready(None);
@@ -323,7 +309,7 @@ impl Body for MeteredBody {
                     let (observed, tail) = this.finish_meter();
                     this.tail = Some(tail);
                     if let Some(settlement) = this.settlement.take() {
-                        this.committing = Some(settlement.settle(observed));
+                        drop(settlement.settle(observed));
                     }
                 }
                 Poll::Pending => {
@@ -343,7 +329,7 @@ impl Body for MeteredBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.upstream.is_none() && self.committing.is_none() && self.tail.as_ref().is_none_or(Bytes::is_empty)
+        self.upstream.is_none() && self.tail.as_ref().is_none_or(Bytes::is_empty)
     }
 }
 

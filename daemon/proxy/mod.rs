@@ -296,11 +296,8 @@ impl Proxy {
             price: price.clone().filter(|_| !upstream.provider.price_zero && !reports_cost),
         };
         if !head.status.is_success() {
-            // The upstream refused: nothing was generated. Record it at zero, durably before the
-            // client hears of it (as for every settled request), and pass the error on.
-            if let Ok(Err(e)) = settlement.settle_upstream_error().await {
-                tracing::error!(error = %e, "a ledger entry could not be written");
-            }
+            // The upstream refused: nothing was generated. Record it at zero and pass it on.
+            drop(settlement.settle_upstream_error());
             let mut out = Response::new(incoming.map_err(|e| Box::new(e) as body::BoxError).boxed());
             *out.status_mut() = head.status;
             *out.headers_mut() = request::client_headers(&head.headers, false);
@@ -324,8 +321,8 @@ impl Proxy {
         let body = MeteredBody::new(incoming, meter, settlement, self.config.body_limits, self.settlements.clone());
         let mut out = Response::new(body.boxed());
         *out.status_mut() = head.status;
-        // No content-length: the client's end of the reply is the one that comes after the
-        // ledger entry is durable, not the last byte of the upstream's body.
+        // No content-length: the client's end of the reply comes after the settlement, so that
+        // its next request is checked against this one's cost.
         *out.headers_mut() = request::client_headers(&head.headers, true);
         if let Some(tokens) = fitted {
             out.headers_mut().insert("x-capit-max-output-tokens", http::HeaderValue::from(tokens));

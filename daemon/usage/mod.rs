@@ -241,6 +241,19 @@ impl ResponseMeter {
     }
 }
 
+/// Runs a whole reply through a meter in the given chunks: what was observed and the bytes the
+/// client would have received. For tests, fuzzing and benchmarks.
+pub fn meter_whole(api: MeteredApi, format: BodyFormat, hide_injected_usage: bool, chunks: &[&[u8]]) -> (Observed, Vec<u8>) {
+    let mut meter = ResponseMeter::new(api, format, hide_injected_usage);
+    let mut out = Vec::new();
+    for chunk in chunks {
+        out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(chunk)));
+    }
+    let (observed, tail) = meter.finish();
+    out.extend_from_slice(&tail);
+    (observed, out)
+}
+
 /// The event that ends a stream the proxy cut off, in the API's own stream format, so that the
 /// client's SDK raises it as an error with our message.
 pub fn cutoff_event(api: MeteredApi, message: &str) -> Vec<u8> {
@@ -309,15 +322,7 @@ pub(crate) mod test_support {
     /// Runs a whole response through a meter in the given chunks; returns what was observed and
     /// the bytes the client would have received.
     pub fn meter_chunks(api: MeteredApi, is_sse: bool, hide: bool, chunks: &[&[u8]]) -> (Observed, Vec<u8>) {
-        let format = if is_sse { BodyFormat::Sse } else { BodyFormat::Json };
-        let mut meter = ResponseMeter::new(api, format, hide);
-        let mut out = Vec::new();
-        for chunk in chunks {
-            out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(chunk)));
-        }
-        let (observed, tail) = meter.finish();
-        out.extend_from_slice(&tail);
-        (observed, out)
+        meter_whole(api, if is_sse { BodyFormat::Sse } else { BodyFormat::Json }, hide, chunks)
     }
 
     /// Checks that an SSE stream gives the same observation whole, byte by byte, split at every

@@ -2,9 +2,8 @@
 //! the same usage whole and split, and forwards the bytes unchanged unless it filters events.
 #![no_main]
 
-use bytes::Bytes;
 use capit::providers::MeteredApi;
-use capit::usage::{BodyFormat, ResponseMeter};
+use capit::usage::{BodyFormat, meter_whole as run};
 use libfuzzer_sys::fuzz_target;
 
 const APIS: [MeteredApi; 5] = [
@@ -15,17 +14,6 @@ const APIS: [MeteredApi; 5] = [
     MeteredApi::GeminiGenerate,
 ];
 const FORMATS: [BodyFormat; 3] = [BodyFormat::Json, BodyFormat::Sse, BodyFormat::JsonArray];
-
-fn run(api: MeteredApi, format: BodyFormat, hide: bool, chunks: &[&[u8]]) -> (capit::usage::Observed, Vec<u8>) {
-    let mut meter = ResponseMeter::new(api, format, hide);
-    let mut out = Vec::new();
-    for chunk in chunks {
-        out.extend_from_slice(&meter.feed(Bytes::copy_from_slice(chunk)));
-    }
-    let (observed, tail) = meter.finish();
-    out.extend_from_slice(&tail);
-    (observed, out)
-}
 
 fuzz_target!(|input: &[u8]| {
     let [selector, cut, body @ ..] = input else { return };

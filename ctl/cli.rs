@@ -46,6 +46,8 @@ pub enum Command {
     Rotate { grant: String },
     /// Daemon version, uptime, addresses and counts.
     Status,
+    /// The agents capit can install a key into, and which are found here.
+    Agents,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +131,12 @@ pub struct GrantArgs {
     /// Print the key and base URL instead of installing them into the agent's configuration.
     #[arg(long)]
     pub no_install: bool,
+    /// Show the change an install would make, and change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Write the base URL and key into this dotenv file (for any agent or script).
+    #[arg(long)]
+    pub env_file: Option<std::path::PathBuf>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }

@@ -10,6 +10,7 @@ use tonic::transport::{Channel, Endpoint};
 use capit::proto::v1 as pb;
 use capit::proto::v1::control_client::ControlClient;
 
+use crate::consumers::{self, AgentEnv, Consumer, Target, files};
 use crate::cli::{Cli, Command, GrantArgs, KeyCommand, LimitArgs, PriceCommand, ProviderCommand, SetArgs, UsageArgs};
 use crate::output::{self, dollars, time_human, time_json};
 use crate::when;
@@ -31,6 +32,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Set(args) => set(&mut client, args, json).await,
         Command::Rotate { grant } => rotate(&mut client, &grant, json).await,
         Command::Status => status(&mut client, json).await,
+        Command::Agents => agents(json),
     }
 }
 
@@ -234,24 +236,155 @@ fn local_user() -> String {
         .unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }))
 }
 
+/// Where a grant's key goes: an agent's own configuration, or a dotenv file.
+enum Installer {
+    Agent(&'static dyn Consumer),
+    EnvFile,
+}
+
+impl Installer {
+    fn name(&self) -> &'static str {
+        match self {
+            Installer::Agent(c) => c.name(),
+            Installer::EnvFile => "env",
+        }
+    }
+
+    fn install(&self, path: &std::path::Path, existing: Option<&str>, kind: &str, target: &Target) -> Result<String, consumers::EditError> {
+        match self {
+            Installer::Agent(c) => c.install(path, existing, target),
+            Installer::EnvFile => {
+                let (url, key) = consumers::dotenv::variables(kind);
+                Ok(consumers::dotenv::set(existing.unwrap_or(""), &[(url, target.base_url), (key, target.key)]))
+            }
+        }
+    }
+
+    fn uninstall(&self, path: &std::path::Path, current: &str, original: Option<&str>, kind: &str) -> Result<String, consumers::EditError> {
+        match self {
+            Installer::Agent(c) => c.uninstall(path, current, original),
+            Installer::EnvFile => {
+                let (url, key) = consumers::dotenv::variables(kind);
+                Ok(consumers::dotenv::unset(current, &[url, key], original))
+            }
+        }
+    }
+}
+
+/// A line-by-line view of a change, for `--dry-run`: the lines that go and the lines that come,
+/// between the unchanged start and end.
+fn diff(path: &str, old: &str, new: &str) -> String {
+    let (a, b): (Vec<&str>, Vec<&str>) = (old.lines().collect(), new.lines().collect());
+    let head = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
+    let tail = a[head..].iter().rev().zip(b[head..].iter().rev()).take_while(|(x, y)| x == y).count();
+    let mut out = format!("--- {path}\n+++ {path} (with capit)\n@@ line {} @@\n", head + 1);
+    for line in &a[head..a.len() - tail] {
+        out.push_str(&format!("-{line}\n"));
+    }
+    for line in &b[head..b.len() - tail] {
+        out.push_str(&format!("+{line}\n"));
+    }
+    out
+}
+
+/// Undoes an install: a file still exactly as capit wrote it gets its original bytes back (or
+/// goes, if there was none); a file edited since loses only capit's keys. Returns what it did.
+fn restore(install: &pb::InstallRecord, kind: &str, env: &AgentEnv) -> anyhow::Result<String> {
+    let path = std::path::PathBuf::from(&install.path);
+    let shown = consumers::display_path(&path, env);
+    let installer = match consumers::find(&install.agent) {
+        Some(c) => Installer::Agent(c),
+        None => Installer::EnvFile,
+    };
+    let Some(current) = files::read(&path).with_context(|| format!("reading {shown}"))? else {
+        return Ok(format!("{shown} is gone; nothing to restore"));
+    };
+    if files::fingerprint(&current) == install.written_sha256 {
+        match &install.original {
+            Some(original) => files::write_atomic(&path, original).with_context(|| format!("restoring {shown}"))?,
+            None => std::fs::remove_file(&path).with_context(|| format!("removing {shown}"))?,
+        }
+        return Ok(format!("restored {shown}"));
+    }
+    let text = installer.uninstall(&path, &current, install.original.as_deref(), kind)?;
+    files::write_atomic(&path, &text).with_context(|| format!("writing {shown}"))?;
+    Ok(format!("took capit's settings out of {shown} (it was edited since the install)"))
+}
+
 async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Result<()> {
-    let provider = args.provider.clone().unwrap_or_else(|| default_provider(&args.agent).to_string());
+    if let Some(reason) = consumers::unsupported(&args.agent) {
+        bail!("{reason}");
+    }
+    let env = AgentEnv::from_process();
+    let consumer = consumers::find(&args.agent).filter(|_| !args.no_install);
+    let provider = args.provider.clone().or(consumer.map(|c| c.provider().to_string())).unwrap_or_else(|| default_provider(&args.agent).to_string());
     let now = chrono::Utc::now().timestamp();
     let expires_at = match &args.expires {
         Some(text) => when::parse_expiry(text, now)?,
         None => 0,
     };
     let providers = client.list_providers(pb::ListProvidersRequest {}).await.map_err(rpc)?.into_inner().providers;
-    let Some(info) = providers.iter().find(|p| p.name == provider) else {
+    let Some(info) = providers.iter().find(|p| p.name == provider).cloned() else {
         let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
         bail!("unknown provider {provider:?}; known: {}", names.join(", "));
     };
+    let installer = match (&args.env_file, consumer) {
+        (Some(_), _) => Some(Installer::EnvFile),
+        (None, Some(c)) => {
+            if c.provider() != info.kind {
+                bail!("{} speaks the {} API, but provider {provider:?} is {}; give --no-install or --env-file to get the key", c.name(), c.provider(), info.kind);
+            }
+            Some(Installer::Agent(c))
+        }
+        (None, None) => None,
+    };
+    // The file is read and checked before any grant exists: a broken file stops here, untouched.
+    let plan = match &installer {
+        Some(installer) => {
+            let path = match (installer, &args.env_file) {
+                (Installer::EnvFile, Some(file)) => std::path::absolute(file)?,
+                (Installer::Agent(c), _) => c.config_path(&env).context("cannot find the agent's configuration: HOME is not set")?,
+                (Installer::EnvFile, None) => unreachable!("an env installer exists only with --env-file"),
+            };
+            let existing = files::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            installer.install(&path, existing.as_deref(), &info.kind, &Target { base_url: "http://127.0.0.1/", key: "sk-capit-check" })?;
+            Some((path, existing))
+        }
+        None => None,
+    };
+    if args.dry_run {
+        let Some((path, existing)) = &plan else { bail!("--dry-run shows an install; {} has none (give a known agent or --env-file)", args.agent) };
+        let status = client.get_status(pb::GetStatusRequest {}).await.map_err(rpc)?.into_inner();
+        let suffix = if info.kind == "anthropic" || info.kind == "gemini" { "" } else { "/v1" };
+        let base_url = format!("http://{}/{}{suffix}", status.listen_addr, info.name);
+        let installer = installer.as_ref().expect("a plan has an installer");
+        let new = installer.install(path, existing.as_deref(), &info.kind, &Target { base_url: &base_url, key: "sk-capit-<new key>" })?;
+        print!("{}", diff(&consumers::display_path(path, &env), existing.as_deref().unwrap_or(""), &new));
+        return Ok(());
+    }
     if !info.has_key && !info.price_zero {
         // A first-time user needs one command: ask for the master key on the spot.
         let secret = read_secret(&format!("No {provider} key is stored yet. Master key for {provider} (input hidden): "))
             .with_context(|| format!("no master key is stored for {provider}; add one with: capitctl key add {provider}"))?;
         client.add_key(pb::AddKeyRequest { provider: provider.clone(), secret }).await.map_err(rpc)?;
     }
+    if plan.is_some() {
+        // Granting an agent again replaces its grant: the old key dies and its install is undone.
+        let existing = client.list_grants(pb::ListGrantsRequest { include_revoked: false }).await.map_err(rpc)?.into_inner().grants;
+        if existing.iter().any(|g| g.name == args.agent) {
+            let old = client.revoke_grant(pb::RevokeGrantRequest { name: args.agent.clone() }).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
+            if let Some(install) = &old.install {
+                restore(install, &info.kind, &env)?;
+            }
+        }
+    }
+    let plan = match plan {
+        Some((path, _)) => {
+            let existing = files::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            Some((path, existing))
+        }
+        None => None,
+    };
     let request = pb::CreateGrantRequest {
         name: args.agent.clone(),
         provider: provider.clone(),
@@ -265,17 +398,42 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
     };
     let created = client.create_grant(request).await.map_err(rpc)?.into_inner();
     let g = created.grant.unwrap_or_default();
+    let mut installed_into = None;
+    if let (Some((path, existing)), Some(installer)) = (&plan, &installer) {
+        let shown = consumers::display_path(path, &env);
+        let result: anyhow::Result<()> = async {
+            let text = installer.install(path, existing.as_deref(), &info.kind, &Target { base_url: &created.base_url, key: &created.key })?;
+            files::write_atomic(path, &text).with_context(|| format!("writing {shown}"))?;
+            let record = pb::InstallRecord { agent: installer.name().to_string(), path: path.display().to_string(), original: existing.clone(), written_sha256: files::fingerprint(&text) };
+            if let Err(e) = client.record_install(pb::RecordInstallRequest { name: g.name.clone(), install: Some(record.clone()) }).await {
+                let _ = restore(&record, &info.kind, &env);
+                return Err(rpc(e));
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            // Nothing half-done: the grant goes again.
+            let _ = client.revoke_grant(pb::RevokeGrantRequest { name: g.name.clone() }).await;
+            return Err(e.context(format!("installing into {shown}; no grant was made")));
+        }
+        installed_into = Some(shown);
+    }
     let exports = export_lines(&info.kind, &created.base_url, &created.key);
+    let per = if g.period == "total" { " in total".to_string() } else { format!("/{}", g.period) };
     if json {
         output::json(&json!({
             "name": g.name, "provider": g.provider, "key": created.key, "base_url": created.base_url,
             "cap": g.cap, "period": g.period, "expires_at": time_json(g.expires_at),
             "models": g.models, "state": g.state, "created_by": g.created_by, "note": g.note,
-            "resets_at": time_json(g.resets_at), "exports": exports,
+            "resets_at": time_json(g.resets_at), "exports": exports, "installed_into": installed_into,
         }));
         return Ok(());
     }
-    let per = if g.period == "total" { " in total".to_string() } else { format!("/{}", g.period) };
+    if let Some(shown) = installed_into {
+        println!("${}{per} {} grant \"{}\" installed into {shown}", g.cap, g.provider, g.name);
+        return Ok(());
+    }
     println!("${}{per} {} grant \"{}\" created; its key is shown only now:", g.cap, g.provider, g.name);
     println!();
     println!("  key:      {}", created.key);
@@ -283,6 +441,35 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
     println!();
     for line in exports {
         println!("{line}");
+    }
+    Ok(())
+}
+
+fn agents(json: bool) -> anyhow::Result<()> {
+    let env = AgentEnv::from_process();
+    let rows: Vec<(String, String, String, bool, String)> = consumers::all()
+        .iter()
+        .map(|c| {
+            let path = c.config_path(&env).map(|p| consumers::display_path(&p, &env)).unwrap_or_default();
+            (c.name().to_string(), c.describe().to_string(), c.provider().to_string(), c.detect(&env), path)
+        })
+        .collect();
+    if json {
+        let mut list: Vec<Value> = rows.iter().map(|(name, what, provider, found, path)| json!({"agent": name, "describes": what, "provider": provider, "found": found, "config": path, "supported": true})).collect();
+        for name in ["cursor", "windsurf"] {
+            list.push(json!({"agent": name, "supported": false, "reason": consumers::unsupported(name)}));
+        }
+        output::json(&Value::Array(list));
+        return Ok(());
+    }
+    let mut table = vec![["AGENT", "WHAT", "PROVIDER", "FOUND", "CONFIG"].map(String::from).to_vec()];
+    for (name, what, provider, found, path) in rows {
+        table.push(vec![name, what, provider, if found { "yes" } else { "no" }.into(), path]);
+    }
+    output::table(&table);
+    println!("any other name: capitctl grant NAME AMOUNT --provider P prints the key and export lines (or --env-file FILE)");
+    for name in ["cursor", "windsurf"] {
+        println!("{name}: not supported: {}", consumers::unsupported(name).unwrap_or_default());
     }
     Ok(())
 }
@@ -364,6 +551,7 @@ fn grant_json(g: &pb::Grant) -> Value {
         "expires_at": time_json(g.expires_at), "state": g.state, "resets_at": time_json(g.resets_at),
         "models": g.models, "created_at": time_json(g.created_at), "created_by": g.created_by, "note": g.note,
         "revoked_at": time_json(g.revoked_at), "limits": limits_json(g.limits.as_ref()),
+        "installed_into": g.install.as_ref().map(|i| i.path.clone()),
     })
 }
 
@@ -465,10 +653,23 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
 
 async fn revoke(client: &mut Client, name: &str, json: bool) -> anyhow::Result<()> {
     let g = client.revoke_grant(pb::RevokeGrantRequest { name: name.to_string() }).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
+    let restored = match &g.install {
+        Some(install) => {
+            let providers = client.list_providers(pb::ListProvidersRequest {}).await.map_err(rpc)?.into_inner().providers;
+            let kind = providers.iter().find(|p| p.name == g.provider).map(|p| p.kind.clone()).unwrap_or_default();
+            Some(restore(install, &kind, &AgentEnv::from_process()).context("the key is revoked, but its install could not be undone")?)
+        }
+        None => None,
+    };
     if json {
-        output::json(&grant_json(&g));
+        let mut doc = grant_json(&g);
+        doc["restored"] = json!(restored);
+        output::json(&doc);
     } else {
         println!("revoked grant \"{}\"; its key no longer works (it had spent {})", g.name, dollars(&g.spent));
+        if let Some(restored) = restored {
+            println!("{restored}");
+        }
     }
     Ok(())
 }

@@ -3,6 +3,7 @@
 
 mod cli;
 mod cmd;
+mod consumers;
 mod output;
 mod when;
 

@@ -128,6 +128,19 @@ pub struct Grant {
     /// Limits besides the spend cap; all optional.
     #[serde(default)]
     pub limits: Limits,
+    /// The agent configuration capitctl installed the key into, to undo on revoke.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub install: Option<InstallRecord>,
+}
+
+/// An agent's configuration file changed for a grant: its text before, and a hash of the text
+/// written (which holds the key, so it is not kept).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct InstallRecord {
+    pub agent: String,
+    pub path: String,
+    pub original: Option<String>,
+    pub written_sha256: String,
 }
 
 /// A grant's limits besides money. `max_requests` and `max_tokens` count over the grant's
@@ -447,6 +460,7 @@ mod tests {
             note: String::new(),
             revoked_at: None,
             limits: Limits::default(),
+            install: None,
         }
     }
 

@@ -485,6 +485,7 @@ impl State {
             note: spec.note,
             revoked_at: None,
             limits: spec.limits,
+            install: None,
         };
         self.store.write(WriteOp::PutGrant(grant.clone())).await?;
         let window = local_window(grant.period, now);
@@ -587,6 +588,17 @@ impl State {
         }
         slot.lock().grant = grant;
         Ok((self.grant_view(&slot), key))
+    }
+
+    /// Remembers (or, with `None`, forgets) where capitctl installed a grant's key.
+    pub async fn record_install(&self, name: &str, install: Option<crate::grants::InstallRecord>) -> Result<(), StateError> {
+        let _admin = self.admin.lock().await;
+        let slot = self.active_slot(name)?;
+        let mut grant = slot.grant();
+        grant.install = install;
+        self.store.write(WriteOp::PutGrant(grant.clone())).await?;
+        slot.lock().grant = grant;
+        Ok(())
     }
 
     fn active_slot(&self, name: &str) -> Result<Arc<GrantSlot>, StateError> {

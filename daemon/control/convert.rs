@@ -68,6 +68,12 @@ pub fn grant(view: &GrantView) -> pb::Grant {
         id: g.id.0,
         reserved: decimal_string(view.reserved),
         limits: Some(limits(&g.limits)),
+        install: g.install.as_ref().map(|i| pb::InstallRecord {
+            agent: i.agent.clone(),
+            path: i.path.clone(),
+            original: i.original.clone(),
+            written_sha256: i.written_sha256.clone(),
+        }),
     }
 }
 

@@ -174,6 +174,13 @@ impl Control for ControlService {
         Ok(Response::new(pb::RotateGrantResponse { grant: Some(convert::grant(&view)), key: key.expose().to_string(), base_url }))
     }
 
+    async fn record_install(&self, request: Request<pb::RecordInstallRequest>) -> Result<Response<pb::RecordInstallResponse>, Status> {
+        let req = request.into_inner();
+        let install = req.install.map(|i| crate::grants::InstallRecord { agent: i.agent, path: i.path, original: i.original, written_sha256: i.written_sha256 });
+        self.state.record_install(&req.name, install).await.map_err(status_from)?;
+        Ok(Response::new(pb::RecordInstallResponse {}))
+    }
+
     async fn get_usage(&self, request: Request<pb::GetUsageRequest>) -> Result<Response<pb::GetUsageResponse>, Status> {
         let req = request.into_inner();
         let slot = if req.grant.is_empty() {

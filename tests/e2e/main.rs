@@ -4,6 +4,7 @@
 mod support;
 
 mod cli;
+mod consumers;
 mod durability;
 mod lifecycle;
 mod limits;

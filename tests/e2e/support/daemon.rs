@@ -156,6 +156,17 @@ impl Daemon {
         cmd
     }
 
+    /// Runs capitctl as if HOME were `home` (and the agents' own directory variables unset).
+    pub fn ctl_home(&self, home: &Path, args: &[&str]) -> Output {
+        self.ctl_command(args)
+            .env("HOME", home)
+            .env_remove("CLAUDE_CONFIG_DIR")
+            .env_remove("CODEX_HOME")
+            .stdin(Stdio::null())
+            .output()
+            .expect("running capitctl")
+    }
+
     /// Runs capitctl with no stdin.
     pub fn ctl(&self, args: &[&str]) -> Output {
         self.ctl_command(args).stdin(Stdio::null()).output().expect("running capitctl")

@@ -1,0 +1,92 @@
+//! Consumers: agents whose own configuration capit can point at the proxy with a grant's key.
+//!
+//! Each consumer is a pure text transform (`install`, `uninstall`) over its file's format, so
+//! the edits are unit-tested without touching a disk; `files` does the one safe write. An edit
+//! changes only capit's own keys and keeps every other setting, comment (where the format has
+//! them) and the key order. What an install replaced is recovered from the file's original
+//! text, which the daemon keeps with the grant: on revoke, a file still exactly as capit wrote
+//! it gets its original bytes back; one the user has edited since loses only capit's keys.
+
+mod claude;
+mod codex;
+pub mod dotenv;
+pub mod files;
+
+use std::path::{Path, PathBuf};
+
+/// What an install points the agent at.
+pub struct Target<'a> {
+    pub base_url: &'a str,
+    pub key: &'a str,
+}
+
+/// A file that does not parse in its own format.
+#[derive(Debug, thiserror::Error)]
+#[error("{}{}: {message}", path.display(), line.map(|l| format!(":{l}")).unwrap_or_default())]
+pub struct EditError {
+    pub path: PathBuf,
+    pub line: Option<usize>,
+    pub message: String,
+}
+
+/// The environment values consumers find their files by, read once by capitctl.
+#[derive(Clone, Debug, Default)]
+pub struct AgentEnv {
+    pub home: Option<PathBuf>,
+    pub claude_config_dir: Option<PathBuf>,
+    pub codex_home: Option<PathBuf>,
+}
+
+impl AgentEnv {
+    pub fn from_process() -> AgentEnv {
+        let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
+        AgentEnv { home: var("HOME"), claude_config_dir: var("CLAUDE_CONFIG_DIR"), codex_home: var("CODEX_HOME") }
+    }
+}
+
+pub trait Consumer: Sync {
+    /// The agent's name on the command line (`capitctl grant claude 5`).
+    fn name(&self) -> &'static str;
+    /// The provider whose API the agent speaks by default.
+    fn provider(&self) -> &'static str;
+    /// What it is, for `capitctl agents`.
+    fn describe(&self) -> &'static str;
+    /// The configuration file capit edits.
+    fn config_path(&self, env: &AgentEnv) -> Option<PathBuf>;
+    /// The file's text with capit's settings in.
+    fn install(&self, path: &Path, existing: Option<&str>, target: &Target) -> Result<String, EditError>;
+    /// The file's text with capit's settings taken out again: each key capit set gets the value
+    /// it had in `original` (the file before the install), or goes.
+    fn uninstall(&self, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError>;
+
+    /// Found on this machine: its configuration directory exists.
+    fn detect(&self, env: &AgentEnv) -> bool {
+        self.config_path(env).and_then(|p| p.parent().map(Path::to_path_buf)).is_some_and(|d| d.is_dir())
+    }
+}
+
+/// Every consumer capit can install into.
+pub fn all() -> &'static [&'static dyn Consumer] {
+    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli]
+}
+
+pub fn find(name: &str) -> Option<&'static dyn Consumer> {
+    all().iter().copied().find(|c| c.name() == name)
+}
+
+/// Agents capit knows but cannot serve, with the reason given instead of a half-working install.
+pub fn unsupported(name: &str) -> Option<&'static str> {
+    match name {
+        "cursor" => Some("cursor sends its requests from Cursor's own servers, which cannot reach a proxy on 127.0.0.1; capit cannot cap it"),
+        "windsurf" => Some("windsurf has no custom base URL for its models; capit cannot cap it"),
+        _ => None,
+    }
+}
+
+/// `~/…` for paths under the home directory, for the one-line messages.
+pub fn display_path(path: &Path, env: &AgentEnv) -> String {
+    match env.home.as_ref().and_then(|home| path.strip_prefix(home).ok()) {
+        Some(rest) => format!("~/{}", rest.display()),
+        None => path.display().to_string(),
+    }
+}

@@ -1,0 +1,223 @@
+//! `capitctl grant <agent>` installs a capped key into the agent's own configuration, and
+//! `revoke` puts the file back: byte for byte when it was not touched since, or with only
+//! capit's keys taken out when it was. What is installed works against the real proxy.
+
+use std::path::Path;
+use std::process::Output;
+
+use ::http::Method;
+use serde_json::Value;
+
+use crate::metering::MASTER;
+use crate::support::daemon::Daemon;
+use crate::support::http;
+use crate::support::upstream::Fake;
+use crate::support::{TempDir, runtime};
+
+fn ok(out: Output) -> String {
+    assert!(out.status.success(), "capitctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
+/// The directory's entries, to show that no temp file is left behind.
+fn entries(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    names.sort();
+    names
+}
+
+fn setup(provider: &str) -> (Daemon, Fake, TempDir) {
+    let fake = Fake::openai();
+    let daemon = Daemon::start();
+    daemon.setup_provider(provider, &fake.base_url(), MASTER);
+    (daemon, fake, TempDir::new())
+}
+
+const CLAUDE_SETTINGS: &str = r#"{
+    "model": "opus",
+    "permissions": {
+        "allow": ["Bash(git status:*)"],
+        "deny": []
+    },
+    "env": {
+        "DISABLE_TELEMETRY": "1"
+    }
+}
+"#;
+
+#[test]
+fn claude_code_settings_get_the_key_and_come_back_byte_for_byte() {
+    let (daemon, fake, home) = setup("anthropic");
+    fake.set_price("claude-haiku-4-5", "1.00", "0.10", "5.00");
+    let dir = home.path().join(".claude");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("settings.json");
+    std::fs::write(&file, CLAUDE_SETTINGS).unwrap();
+
+    let line = ok(daemon.ctl_home(home.path(), &["grant", "claude", "5.00"]));
+    assert_eq!(line.trim(), r#"$5.00/month anthropic grant "claude" installed into ~/.claude/settings.json"#);
+    let settings: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let base = settings["env"]["ANTHROPIC_BASE_URL"].as_str().unwrap().to_string();
+    let token = settings["env"]["ANTHROPIC_AUTH_TOKEN"].as_str().unwrap().to_string();
+    assert_eq!(base, format!("http://{}/anthropic", daemon.proxy));
+    assert!(token.starts_with("sk-capit-"));
+    assert_eq!(settings["env"]["DISABLE_TELEMETRY"], "1");
+    assert_eq!(settings["permissions"]["allow"][0], "Bash(git status:*)");
+    assert_eq!(settings["model"], "opus");
+    assert_eq!(entries(&dir), ["settings.json"], "no temp file left");
+    assert!(daemon.ctl_json(&["ls"])[0]["installed_into"].as_str().unwrap().ends_with(".claude/settings.json"));
+
+    // What was installed works, as Claude Code sends it: Bearer, to <base>/v1/messages.
+    let auth = format!("Bearer {token}");
+    let body = r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
+    let reply = runtime().block_on(http::send(Method::POST, &format!("{base}/v1/messages?beta=true"), &[("authorization", &auth), ("anthropic-version", "2023-06-01")], body));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(daemon.spent("claude"), fake.bill());
+
+    let out = ok(daemon.ctl_home(home.path(), &["revoke", "claude"]));
+    assert!(out.contains("restored ~/.claude/settings.json"), "{out}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), CLAUDE_SETTINGS, "byte-identical after revoke");
+    assert_eq!(entries(&dir), ["settings.json"]);
+}
+
+const CODEX_CONFIG: &str = "# Codex settings\nmodel = \"gpt-5.5\"  # my default\napproval_policy = \"on-request\"\n\n[model_providers.ollama]\nname = \"Ollama\"\nbase_url = \"http://localhost:11434/v1\"\n\n[profiles.fast]\nmodel = \"gpt-5-mini\"\n";
+
+#[test]
+fn codex_gets_its_own_provider_and_the_config_comes_back_byte_for_byte() {
+    let (daemon, fake, home) = setup("openai");
+    fake.set_price("gpt-5", "1.25", "0.125", "10.00");
+    let dir = home.path().join(".codex");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.toml");
+    std::fs::write(&file, CODEX_CONFIG).unwrap();
+    let line = ok(daemon.ctl_home(home.path(), &["grant", "codex", "3"]));
+    assert_eq!(line.trim(), r#"$3.00/month openai grant "codex" installed into ~/.codex/config.toml"#);
+    let text = std::fs::read_to_string(&file).unwrap();
+    let config: toml_edit::DocumentMut = text.parse().expect("still valid TOML");
+    assert_eq!(config["model_provider"].as_str(), Some("capit"));
+    let capit = &config["model_providers"]["capit"];
+    assert_eq!(capit["wire_api"].as_str(), Some("responses"));
+    assert_eq!(config["model_providers"]["ollama"]["name"].as_str(), Some("Ollama"));
+    assert!(text.contains("# Codex settings") && text.contains("# my default"), "comments kept: {text}");
+
+    // Codex appends /responses to base_url and sends the token as Bearer.
+    let url = format!("{}/responses", capit["base_url"].as_str().unwrap());
+    let auth = format!("Bearer {}", capit["experimental_bearer_token"].as_str().unwrap());
+    let reply = runtime().block_on(http::send(Method::POST, &url, &[("authorization", &auth)], r#"{"model":"gpt-5","input":"hi","stream":true}"#));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(daemon.spent("codex"), fake.bill());
+
+    ok(daemon.ctl_home(home.path(), &["revoke", "codex"]));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), CODEX_CONFIG);
+    assert_eq!(entries(&dir), ["config.toml"]);
+}
+
+#[test]
+fn gemini_cli_env_file_and_a_dotenv_for_any_script() {
+    let (daemon, fake, home) = setup("gemini");
+    fake.set_price("gemini-2.5-flash", "0.30", "0.03", "2.50");
+    let dir = home.path().join(".gemini");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join(".env");
+    let original = "# Gemini CLI\nGOOGLE_CLOUD_PROJECT=my-project\n";
+    std::fs::write(&file, original).unwrap();
+    ok(daemon.ctl_home(home.path(), &["grant", "gemini", "2"]));
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with(original), "{text}");
+    let value = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap().to_string();
+    let url = format!("{}/v1beta/models/gemini-2.5-flash:generateContent", value("GOOGLE_GEMINI_BASE_URL"));
+    let reply = runtime().block_on(http::send(Method::POST, &url, &[("x-goog-api-key", &value("GEMINI_API_KEY"))], r#"{"contents":[]}"#));
+    assert_eq!(reply.status, 200);
+    assert_eq!(daemon.spent("gemini"), fake.bill());
+    ok(daemon.ctl_home(home.path(), &["revoke", "gemini"]));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
+
+    // Any name with --env-file: a dotenv of the provider's variables, removed again on revoke.
+    daemon.setup_provider("openai", &fake.base_url(), MASTER);
+    let env_file = home.path().join("agent.env");
+    let doc: Value = serde_json::from_str(&ok(daemon.ctl_home(home.path(), &["grant", "nightly", "1", "--provider", "openai", "--env-file", env_file.to_str().unwrap(), "--json"]))).unwrap();
+    let text = std::fs::read_to_string(&env_file).unwrap();
+    assert_eq!(text, format!("OPENAI_BASE_URL={}\nOPENAI_API_KEY={}\n", doc["base_url"].as_str().unwrap(), doc["key"].as_str().unwrap()));
+    ok(daemon.ctl_home(home.path(), &["revoke", "nightly"]));
+    assert!(!env_file.exists(), "a file capit created goes again");
+}
+
+#[test]
+fn a_broken_file_is_left_untouched_and_no_grant_is_made() {
+    let (daemon, _fake, home) = setup("anthropic");
+    let dir = home.path().join(".claude");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("settings.json");
+    let broken = "{\n  \"model\": \"opus\",\n  \"env\": {\n}\n";
+    std::fs::write(&file, broken).unwrap();
+    let out = daemon.ctl_home(home.path(), &["grant", "claude", "5"]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains(&format!("{}:5: not valid JSON", file.display())) && err.trim_end().lines().count() == 1, "{err}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), broken);
+    assert_eq!(entries(&dir), ["settings.json"]);
+    assert!(daemon.ctl_json(&["ls", "--all"]).as_array().unwrap().is_empty());
+}
+
+#[test]
+fn edits_made_after_an_install_survive_its_revoke() {
+    let (daemon, _fake, home) = setup("anthropic");
+    let file = home.path().join(".claude").join("settings.json");
+    ok(daemon.ctl_home(home.path(), &["grant", "claude", "5"]));
+    assert!(file.exists(), "the file is created when there was none");
+    let mut settings: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    settings["theme"] = Value::String("dark".into());
+    std::fs::write(&file, serde_json::to_string_pretty(&settings).unwrap()).unwrap();
+    let out = ok(daemon.ctl_home(home.path(), &["revoke", "claude"]));
+    assert!(out.contains("edited since the install"), "{out}");
+    let after: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    assert_eq!(after, serde_json::json!({"theme": "dark"}));
+}
+
+#[test]
+fn granting_again_replaces_the_key_and_dry_run_changes_nothing() {
+    let (daemon, _fake, home) = setup("anthropic");
+    let dir = home.path().join(".claude");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("settings.json");
+    std::fs::write(&file, CLAUDE_SETTINGS).unwrap();
+
+    let diff = ok(daemon.ctl_home(home.path(), &["grant", "claude", "5", "--dry-run"]));
+    assert!(diff.contains("+++ ~/.claude/settings.json (with capit)") && diff.contains("+") && diff.contains("ANTHROPIC_AUTH_TOKEN"), "{diff}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), CLAUDE_SETTINGS);
+    assert!(daemon.ctl_json(&["ls"]).as_array().unwrap().is_empty(), "a dry run makes no grant");
+
+    let key_of = || {
+        let v: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        v["env"]["ANTHROPIC_AUTH_TOKEN"].as_str().unwrap().to_string()
+    };
+    ok(daemon.ctl_home(home.path(), &["grant", "claude", "5"]));
+    let first = key_of();
+    ok(daemon.ctl_home(home.path(), &["grant", "claude", "7"]));
+    let second = key_of();
+    assert_ne!(first, second);
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert_eq!(text.matches("ANTHROPIC_AUTH_TOKEN").count(), 1, "replaced, not duplicated");
+    let grants = daemon.ctl_json(&["ls"]);
+    assert_eq!((grants.as_array().unwrap().len(), grants[0]["cap"].as_str()), (1, Some("7.00")));
+    let auth = format!("Bearer {first}");
+    let old = runtime().block_on(http::send(Method::POST, &daemon.url("/anthropic/v1/messages"), &[("authorization", &auth)], "{}"));
+    assert_eq!(old.status, 401, "the first key is dead");
+    ok(daemon.ctl_home(home.path(), &["revoke", "claude"]));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), CLAUDE_SETTINGS);
+}
+
+#[test]
+fn agents_are_listed_and_cloud_editors_refused() {
+    let (daemon, _fake, home) = setup("openai");
+    std::fs::create_dir_all(home.path().join(".codex")).unwrap();
+    let list: Value = serde_json::from_str(&ok(daemon.ctl_home(home.path(), &["agents", "--json"]))).unwrap();
+    let find = |name: &str| list.as_array().unwrap().iter().find(|a| a["agent"] == name).cloned().unwrap();
+    assert_eq!((find("codex")["found"].as_bool(), find("codex")["provider"].as_str()), (Some(true), Some("openai")));
+    assert_eq!(find("claude")["found"], false);
+    assert_eq!(find("cursor")["supported"], false);
+    let out = daemon.ctl_home(home.path(), &["grant", "cursor", "5"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach a proxy on 127.0.0.1"));
+    assert!(daemon.ctl_json(&["ls", "--all"]).as_array().unwrap().is_empty(), "nothing half-made");
+}

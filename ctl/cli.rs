@@ -48,6 +48,8 @@ pub enum Command {
     Status,
     /// The agents capit can install a key into, and which are found here.
     Agents,
+    /// Take a grant's key out of the agent's configuration (the grant stays; see revoke).
+    Uninstall { agent: String },
 }
 
 #[derive(Debug, Subcommand)]

@@ -33,6 +33,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Rotate { grant } => rotate(&mut client, &grant, json).await,
         Command::Status => status(&mut client, json).await,
         Command::Agents => agents(json),
+        Command::Uninstall { agent } => uninstall(&mut client, &agent, json).await,
     }
 }
 
@@ -441,6 +442,22 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
     println!();
     for line in exports {
         println!("{line}");
+    }
+    Ok(())
+}
+
+async fn uninstall(client: &mut Client, agent: &str, json: bool) -> anyhow::Result<()> {
+    let grants = client.list_grants(pb::ListGrantsRequest { include_revoked: false }).await.map_err(rpc)?.into_inner().grants;
+    let Some(grant) = grants.iter().find(|g| g.name == agent) else { bail!("no active grant named {agent:?}") };
+    let Some(install) = &grant.install else { bail!("grant {agent:?} is not installed into any configuration") };
+    let providers = client.list_providers(pb::ListProvidersRequest {}).await.map_err(rpc)?.into_inner().providers;
+    let kind = providers.iter().find(|p| p.name == grant.provider).map(|p| p.kind.clone()).unwrap_or_default();
+    let restored = restore(install, &kind, &AgentEnv::from_process())?;
+    client.record_install(pb::RecordInstallRequest { name: agent.to_string(), install: None }).await.map_err(rpc)?;
+    if json {
+        output::json(&json!({"grant": agent, "restored": restored}));
+    } else {
+        println!("{restored}; grant \"{agent}\" still works (revoke it to stop its key)");
     }
     Ok(())
 }

@@ -2,36 +2,16 @@
 //! object: `ANTHROPIC_BASE_URL` and `ANTHROPIC_AUTH_TOKEN` (sent as `Authorization: Bearer`,
 //! which avoids the interactive "use this API key?" prompt that `ANTHROPIC_API_KEY` triggers).
 //!
-//! JSON keeps every key and the key order; it loses the original indentation and spacing
-//! (written back with two-space indentation) — byte-identical restores come from the original
-//! text the daemon keeps.
+//! Edited as JSON by key path (see `json`).
 
 use std::path::{Path, PathBuf};
 
-use serde_json::{Map, Value};
-
-use super::{AgentEnv, Consumer, EditError, Target};
+use super::{AgentEnv, Consumer, EditError, Target, json};
 
 pub struct Claude;
 
-const KEYS: [&str; 2] = ["ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"];
-
-fn parse(path: &Path, text: &str) -> Result<Map<String, Value>, EditError> {
-    if text.trim().is_empty() {
-        return Ok(Map::new());
-    }
-    match serde_json::from_str::<Value>(text) {
-        Ok(Value::Object(map)) => Ok(map),
-        Ok(_) => Err(EditError { path: path.to_path_buf(), line: Some(1), message: "the settings are not a JSON object".into() }),
-        Err(e) => Err(EditError { path: path.to_path_buf(), line: Some(e.line()), message: format!("not valid JSON: {e}") }),
-    }
-}
-
-fn render(map: Map<String, Value>) -> String {
-    let mut text = serde_json::to_string_pretty(&Value::Object(map)).unwrap_or_default();
-    text.push('\n');
-    text
-}
+const BASE_URL: &[&str] = &["env", "ANTHROPIC_BASE_URL"];
+const TOKEN: &[&str] = &["env", "ANTHROPIC_AUTH_TOKEN"];
 
 impl Consumer for Claude {
     fn name(&self) -> &'static str {
@@ -54,42 +34,18 @@ impl Consumer for Claude {
     }
 
     fn install(&self, path: &Path, existing: Option<&str>, target: &Target) -> Result<String, EditError> {
-        let mut map = parse(path, existing.unwrap_or(""))?;
-        let env = map.entry("env").or_insert_with(|| Value::Object(Map::new()));
-        let Value::Object(env) = env else {
-            return Err(EditError { path: path.to_path_buf(), line: None, message: "\"env\" is not an object".into() });
-        };
-        env.insert(KEYS[0].into(), Value::String(target.base_url.to_string()));
-        env.insert(KEYS[1].into(), Value::String(target.key.to_string()));
-        Ok(render(map))
+        json::set(path, existing, &[(BASE_URL, target.base_url), (TOKEN, target.key)])
     }
 
     fn uninstall(&self, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError> {
-        let mut map = parse(path, current)?;
-        let before = parse(path, original.unwrap_or("")).unwrap_or_default();
-        let old_env = before.get("env").and_then(Value::as_object);
-        if let Some(Value::Object(env)) = map.get_mut("env") {
-            for key in KEYS {
-                match old_env.and_then(|e| e.get(key)) {
-                    Some(value) => {
-                        env.insert(key.into(), value.clone());
-                    }
-                    None => {
-                        env.shift_remove(key);
-                    }
-                }
-            }
-            if env.is_empty() && old_env.is_none() {
-                map.shift_remove("env");
-            }
-        }
-        Ok(render(map))
+        json::restore(path, current, original, &[BASE_URL, TOKEN])
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::Value;
 
     const EXISTING: &str = r#"{
   "model": "opus",

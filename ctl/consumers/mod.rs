@@ -11,6 +11,8 @@ mod claude;
 mod codex;
 pub mod dotenv;
 pub mod files;
+mod json;
+mod opencode;
 
 use std::path::{Path, PathBuf};
 
@@ -67,7 +69,7 @@ pub trait Consumer: Sync {
 
 /// Every consumer capit can install into.
 pub fn all() -> &'static [&'static dyn Consumer] {
-    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli]
+    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli, &opencode::OpenCode]
 }
 
 pub fn find(name: &str) -> Option<&'static dyn Consumer> {

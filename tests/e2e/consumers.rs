@@ -221,3 +221,34 @@ fn agents_are_listed_and_cloud_editors_refused() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach a proxy on 127.0.0.1"));
     assert!(daemon.ctl_json(&["ls", "--all"]).as_array().unwrap().is_empty(), "nothing half-made");
 }
+
+#[test]
+fn opencode_gets_the_anthropic_base_with_v1_and_uninstall_keeps_the_grant() {
+    let (daemon, fake, home) = setup("anthropic");
+    fake.set_price("claude-haiku-4-5", "1.00", "0.10", "5.00");
+    let dir = home.path().join(".config").join("opencode");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("opencode.json");
+    let original = "{\n  \"$schema\": \"https://opencode.ai/config.json\",\n  \"theme\": \"tokyonight\",\n  \"provider\": {\"openai\": {\"options\": {\"timeout\": 60000}}}\n}\n";
+    std::fs::write(&file, original).unwrap();
+    let line = ok(daemon.ctl_home(home.path(), &["grant", "opencode", "4"]));
+    assert!(line.contains("installed into ~/.config/opencode/opencode.json"), "{line}");
+    let config: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let options = &config["provider"]["anthropic"]["options"];
+    assert_eq!(options["baseURL"], format!("http://{}/anthropic/v1", daemon.proxy));
+    assert_eq!(config["provider"]["openai"]["options"]["timeout"], 60000);
+    // @ai-sdk/anthropic posts to {baseURL}/messages with x-api-key.
+    let url = format!("{}/messages", options["baseURL"].as_str().unwrap());
+    let body = r#"{"model":"claude-haiku-4-5","max_tokens":50,"messages":[]}"#;
+    let reply = runtime().block_on(http::send(Method::POST, &url, &[("x-api-key", options["apiKey"].as_str().unwrap())], body));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(daemon.spent("opencode"), fake.bill());
+
+    let out = ok(daemon.ctl_home(home.path(), &["uninstall", "opencode"]));
+    assert!(out.contains("restored ~/.config/opencode/opencode.json") && out.contains("still works"), "{out}");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
+    assert_eq!(daemon.ctl_json(&["ls"])[0]["state"], "active");
+    assert!(daemon.ctl_json(&["ls"])[0]["installed_into"].is_null());
+    let again = daemon.ctl_home(home.path(), &["uninstall", "opencode"]);
+    assert!(String::from_utf8_lossy(&again.stderr).contains("not installed"));
+}

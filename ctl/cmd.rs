@@ -215,7 +215,7 @@ async fn price(client: &mut Client, cmd: PriceCommand, json: bool) -> anyhow::Re
 /// The provider an agent speaks by default; unknown agents get OpenAI's API, the most common.
 fn default_provider(agent: &str) -> &'static str {
     match agent {
-        "claude" | "claude-code" | "opencode" | "openclaw" | "goose" | "continue" | "aider" => "anthropic",
+        "claude" | "claude-code" | "opencode" | "openclaw" | "goose" | "continue" => "anthropic",
         "gemini" | "gemini-cli" => "gemini",
         _ => "openai",
     }

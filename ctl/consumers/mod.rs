@@ -7,11 +7,13 @@
 //! text, which the daemon keeps with the grant: on revoke, a file still exactly as capit wrote
 //! it gets its original bytes back; one the user has edited since loses only capit's keys.
 
+mod aider;
 mod claude;
 mod codex;
 pub mod dotenv;
 pub mod files;
 mod json;
+mod lines;
 mod opencode;
 
 use std::path::{Path, PathBuf};
@@ -69,7 +71,7 @@ pub trait Consumer: Sync {
 
 /// Every consumer capit can install into.
 pub fn all() -> &'static [&'static dyn Consumer] {
-    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli, &opencode::OpenCode]
+    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli, &opencode::OpenCode, &aider::Aider]
 }
 
 pub fn find(name: &str) -> Option<&'static dyn Consumer> {

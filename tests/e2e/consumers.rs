@@ -252,3 +252,25 @@ fn opencode_gets_the_anthropic_base_with_v1_and_uninstall_keeps_the_grant() {
     let again = daemon.ctl_home(home.path(), &["uninstall", "opencode"]);
     assert!(String::from_utf8_lossy(&again.stderr).contains("not installed"));
 }
+
+#[test]
+fn aider_options_file_keeps_its_comments_and_comes_back_byte_for_byte() {
+    let (daemon, fake, home) = setup("openai");
+    let file = home.path().join(".aider.conf.yml");
+    let original = "# aider options\nmodel: openai/test-model\nauto-commits: false  # I commit myself\nread:\n  - CONVENTIONS.md\n";
+    std::fs::write(&file, original).unwrap();
+    daemon.ctl_ok(&["price", "set", "test-model", "--input", "1", "--output", "2"]);
+    fake.set_price("test-model", "1", "1", "2");
+    let line = ok(daemon.ctl_home(home.path(), &["grant", "aider", "2"]));
+    assert!(line.contains("openai grant \"aider\" installed into ~/.aider.conf.yml"), "{line}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.starts_with(original), "every line of the user's stays: {text}");
+    let value = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}: "))).unwrap().trim_matches('"').to_string();
+    // aider's OpenAI-compatible route: {openai-api-base}/chat/completions with a Bearer key.
+    let url = format!("{}/chat/completions", value("openai-api-base"));
+    let reply = runtime().block_on(http::send(Method::POST, &url, &[("authorization", &format!("Bearer {}", value("openai-api-key")))], r#"{"model":"test-model","messages":[]}"#));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(daemon.spent("aider"), fake.bill());
+    ok(daemon.ctl_home(home.path(), &["revoke", "aider"]));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
+}

@@ -1,0 +1,71 @@
+//! aider: `~/.aider.conf.yml`, a flat YAML mapping of its command-line options:
+//! `openai-api-base` and `openai-api-key` (its OpenAI-compatible route; models are then named
+//! `openai/<model>`). Edited line by line (see `lines`), so comments and every other line stay
+//! byte for byte; the file is checked with a YAML parser first, and a broken one is refused.
+
+use std::path::{Path, PathBuf};
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+use super::lines::{self, Syntax};
+use super::{AgentEnv, Consumer, EditError, Target};
+
+pub struct Aider;
+
+const KEYS: [&str; 2] = ["openai-api-base", "openai-api-key"];
+
+/// Parses the file as YAML: it must be empty or a mapping.
+fn check(path: &Path, text: &str) -> Result<(), EditError> {
+    let docs = YamlLoader::load_from_str(text).map_err(|e| EditError { path: path.to_path_buf(), line: Some(e.marker().line()), message: format!("not valid YAML: {}", e.info()) })?;
+    match docs.first() {
+        None | Some(Yaml::Hash(_)) | Some(Yaml::Null) => Ok(()),
+        Some(_) => Err(EditError { path: path.to_path_buf(), line: Some(1), message: "the file is not a YAML mapping of options".into() }),
+    }
+}
+
+impl Consumer for Aider {
+    fn name(&self) -> &'static str {
+        "aider"
+    }
+
+    fn provider(&self) -> &'static str {
+        "openai"
+    }
+
+    fn describe(&self) -> &'static str {
+        "aider (OpenAI-compatible route)"
+    }
+
+    fn config_path(&self, env: &AgentEnv) -> Option<PathBuf> {
+        env.home.as_ref().map(|h| h.join(".aider.conf.yml"))
+    }
+
+    fn detect(&self, env: &AgentEnv) -> bool {
+        self.config_path(env).is_some_and(|p| p.exists())
+    }
+
+    fn install(&self, path: &Path, existing: Option<&str>, target: &Target) -> Result<String, EditError> {
+        let text = existing.unwrap_or("");
+        check(path, text)?;
+        let out = lines::set(text, &[(KEYS[0], target.base_url), (KEYS[1], target.key)], Syntax::FlatYaml);
+        check(path, &out)?;
+        Ok(out)
+    }
+
+    fn uninstall(&self, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError> {
+        check(path, current)?;
+        Ok(lines::unset(current, &KEYS, original, Syntax::FlatYaml))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_broken_file_names_its_line() {
+        let err = Aider.install(Path::new("a.yml"), Some("model: gpt-5\nread: [a, b\nx: 1\n"), &Target { base_url: "u", key: "k" }).unwrap_err();
+        assert!(err.line.is_some() && err.to_string().starts_with("a.yml:"), "{err}");
+        assert!(Aider.install(Path::new("a.yml"), Some("- just\n- a list\n"), &Target { base_url: "u", key: "k" }).is_err());
+    }
+}

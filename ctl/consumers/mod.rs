@@ -10,6 +10,7 @@
 mod aider;
 mod claude;
 mod codex;
+mod continue_dev;
 pub mod dotenv;
 pub mod files;
 mod json;
@@ -71,7 +72,7 @@ pub trait Consumer: Sync {
 
 /// Every consumer capit can install into.
 pub fn all() -> &'static [&'static dyn Consumer] {
-    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli, &opencode::OpenCode, &aider::Aider]
+    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli, &opencode::OpenCode, &aider::Aider, &continue_dev::ContinueDev]
 }
 
 pub fn find(name: &str) -> Option<&'static dyn Consumer> {

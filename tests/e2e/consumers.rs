@@ -274,3 +274,28 @@ fn aider_options_file_keeps_its_comments_and_comes_back_byte_for_byte() {
     ok(daemon.ctl_home(home.path(), &["revoke", "aider"]));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
 }
+
+#[test]
+fn continue_gets_one_model_item_and_the_file_comes_back_byte_for_byte() {
+    let (daemon, fake, home) = setup("anthropic");
+    fake.set_price("claude-sonnet-4-5", "3.00", "0.30", "15.00");
+    let dir = home.path().join(".continue");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("config.yaml");
+    let original = "name: my assistant\nversion: 0.0.1\nschema: v1\n# models I use\nmodels:\n  - name: local\n    provider: ollama\n    model: qwen3\n";
+    std::fs::write(&file, original).unwrap();
+    ok(daemon.ctl_home(home.path(), &["grant", "continue", "3"]));
+    let text = std::fs::read_to_string(&file).unwrap();
+    let doc = &yaml_rust2::YamlLoader::load_from_str(&text).expect("still valid YAML")[0];
+    let item = &doc["models"][1];
+    assert_eq!(doc["models"][0]["name"].as_str(), Some("local"));
+    assert!(text.contains("# models I use"));
+    // Continue posts to new URL("messages", apiBase + "/") with x-api-key.
+    let url = format!("{}/messages", item["apiBase"].as_str().unwrap());
+    let body = format!(r#"{{"model":"{}","max_tokens":100,"messages":[]}}"#, item["model"].as_str().unwrap());
+    let reply = runtime().block_on(http::send(Method::POST, &url, &[("x-api-key", item["apiKey"].as_str().unwrap())], body));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(daemon.spent("continue"), fake.bill());
+    ok(daemon.ctl_home(home.path(), &["revoke", "continue"]));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
+}

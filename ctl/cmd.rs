@@ -332,6 +332,7 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
     let installer = match (&args.env_file, consumer) {
         (Some(_), _) => Some(Installer::EnvFile),
         (None, Some(c)) => {
+            c.check(&env).map_err(|reason| anyhow!("{reason}"))?;
             if c.provider() != info.kind {
                 bail!("{} speaks the {} API, but provider {provider:?} is {}; give --no-install or --env-file to get the key", c.name(), c.provider(), info.kind);
             }

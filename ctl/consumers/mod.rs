@@ -15,6 +15,7 @@ pub mod dotenv;
 pub mod files;
 mod json;
 mod lines;
+mod openclaw;
 mod opencode;
 
 use std::path::{Path, PathBuf};
@@ -40,12 +41,22 @@ pub struct AgentEnv {
     pub home: Option<PathBuf>,
     pub claude_config_dir: Option<PathBuf>,
     pub codex_home: Option<PathBuf>,
+    pub openclaw_config_path: Option<PathBuf>,
+    pub openclaw_state_dir: Option<PathBuf>,
+    pub openclaw_profile: Option<String>,
 }
 
 impl AgentEnv {
     pub fn from_process() -> AgentEnv {
         let var = |name: &str| std::env::var_os(name).filter(|v| !v.is_empty()).map(PathBuf::from);
-        AgentEnv { home: var("HOME"), claude_config_dir: var("CLAUDE_CONFIG_DIR"), codex_home: var("CODEX_HOME") }
+        AgentEnv {
+            home: var("HOME"),
+            claude_config_dir: var("CLAUDE_CONFIG_DIR"),
+            codex_home: var("CODEX_HOME"),
+            openclaw_config_path: var("OPENCLAW_CONFIG_PATH"),
+            openclaw_state_dir: var("OPENCLAW_STATE_DIR"),
+            openclaw_profile: var("OPENCLAW_PROFILE").map(|p| p.to_string_lossy().into_owned()),
+        }
     }
 }
 
@@ -64,6 +75,12 @@ pub trait Consumer: Sync {
     /// it had in `original` (the file before the install), or goes.
     fn uninstall(&self, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError>;
 
+    /// Anything else on this machine that would defeat an install (a file that overrides it);
+    /// checked before a grant is made.
+    fn check(&self, _env: &AgentEnv) -> Result<(), String> {
+        Ok(())
+    }
+
     /// Found on this machine: its configuration directory exists.
     fn detect(&self, env: &AgentEnv) -> bool {
         self.config_path(env).and_then(|p| p.parent().map(Path::to_path_buf)).is_some_and(|d| d.is_dir())
@@ -72,7 +89,7 @@ pub trait Consumer: Sync {
 
 /// Every consumer capit can install into.
 pub fn all() -> &'static [&'static dyn Consumer] {
-    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli, &opencode::OpenCode, &aider::Aider, &continue_dev::ContinueDev]
+    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli, &opencode::OpenCode, &aider::Aider, &continue_dev::ContinueDev, &openclaw::OpenClaw]
 }
 
 pub fn find(name: &str) -> Option<&'static dyn Consumer> {

@@ -299,3 +299,37 @@ fn continue_gets_one_model_item_and_the_file_comes_back_byte_for_byte() {
     ok(daemon.ctl_home(home.path(), &["revoke", "continue"]));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
 }
+
+#[test]
+fn openclaw_json5_keeps_its_comments_and_a_per_agent_override_is_refused() {
+    let (daemon, fake, home) = setup("anthropic");
+    fake.set_price("claude-sonnet-4-5", "3.00", "0.30", "15.00");
+    let dir = home.path().join(".openclaw");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("openclaw.json");
+    let original = "// openclaw, by hand\n{\n  gateway: { port: 18789 }, // loopback only\n  agents: { defaults: { model: { primary: 'ollama/qwen3' } } },\n}\n";
+    std::fs::write(&file, original).unwrap();
+    let line = ok(daemon.ctl_home(home.path(), &["grant", "openclaw", "4"]));
+    assert!(line.contains("installed into ~/.openclaw/openclaw.json"), "{line}");
+    let text = std::fs::read_to_string(&file).unwrap();
+    assert!(text.contains("// openclaw, by hand") && text.contains("// loopback only"), "{text}");
+    let options = jsonc_parser::ParseOptions { allow_single_quoted_strings: true, ..Default::default() };
+    let config = jsonc_parser::cst::CstRootNode::parse(&text, &options).unwrap().value().unwrap().to_serde_value().unwrap();
+    let provider = &config["models"]["providers"]["capit"];
+    assert_eq!(config["agents"]["defaults"]["model"]["primary"], "capit/claude-sonnet-4-5");
+    // The anthropic-messages client appends /v1/messages to baseUrl and sends x-api-key.
+    let url = format!("{}/v1/messages", provider["baseUrl"].as_str().unwrap());
+    let reply = runtime().block_on(http::send(Method::POST, &url, &[("x-api-key", provider["apiKey"].as_str().unwrap())], r#"{"model":"claude-sonnet-4-5","max_tokens":50,"messages":[]}"#));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(daemon.spent("openclaw"), fake.bill());
+    ok(daemon.ctl_home(home.path(), &["revoke", "openclaw"]));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
+
+    let agent = dir.join("agents").join("main").join("agent");
+    std::fs::create_dir_all(&agent).unwrap();
+    std::fs::write(agent.join("models.json"), r#"{"providers": {"capit": {"baseUrl": "http://elsewhere", "apiKey": "x"}}}"#).unwrap();
+    let out = daemon.ctl_home(home.path(), &["grant", "openclaw", "4"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("models.json sets its own \"capit\" provider"));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
+}

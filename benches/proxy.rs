@@ -8,7 +8,6 @@
 //!
 //! Run: cargo bench --bench proxy
 
-#[allow(dead_code)]
 #[path = "../tests/e2e/support/mod.rs"]
 mod support;
 
@@ -212,6 +211,7 @@ fn main() {
         println!("  after they finished    {:>8} KiB", rss_kib(daemon.pid()));
     });
     let _ = forwarder.kill();
+    let _ = forwarder.wait();
     let spent = daemon.spent("bench");
     println!("ledger {spent} vs the fake's bill {} ({} requests; the bare forwarder's and direct calls are billed too)", fake.bill(), fake.billed_requests());
 }

@@ -49,11 +49,10 @@ impl PathEnv {
         if let Some(home) = &self.capit_home {
             return Some(home.join("capitd.sock"));
         }
-        if !cfg!(target_os = "macos") {
-            if let Some(runtime) = self.xdg_runtime_dir.as_ref().filter(|r| r.is_absolute()) {
+        if !cfg!(target_os = "macos")
+            && let Some(runtime) = self.xdg_runtime_dir.as_ref().filter(|r| r.is_absolute()) {
                 return Some(runtime.join("capit").join("capitd.sock"));
             }
-        }
         self.data_dir().map(|d| d.join("capitd.sock"))
     }
 }

@@ -125,11 +125,10 @@ impl Consumer for ContinueDev {
         let had_models = original.is_some_and(|o| o.lines().any(|l| l.starts_with("models:")));
         if !had_models {
             let refs: Vec<&str> = out.iter().map(String::as_str).collect();
-            if let Some((start, end)) = models_block(&refs) {
-                if end == start + 1 {
+            if let Some((start, end)) = models_block(&refs)
+                && end == start + 1 {
                     out.remove(start);
                 }
-            }
         }
         Ok(join(out))
     }

@@ -81,11 +81,10 @@ fn drop_if_empty(object: &CstObject, name: &str, before: Option<&Value>) {
     if before.is_some() {
         return;
     }
-    if let Some(prop) = object.get(name) {
-        if prop.value().and_then(|v| v.to_serde_value()).is_some_and(|v| v.as_object().is_some_and(|m| m.is_empty())) {
+    if let Some(prop) = object.get(name)
+        && prop.value().and_then(|v| v.to_serde_value()).is_some_and(|v| v.as_object().is_some_and(|m| m.is_empty())) {
             prop.remove();
         }
-    }
 }
 
 impl Consumer for OpenClaw {

@@ -277,11 +277,10 @@ fn candidates(model: &str) -> Vec<String> {
 /// `name-2025-08-07` or `name-20250807` → `name`.
 fn strip_date_suffix(model: &str) -> Option<&str> {
     let is_digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
-    if let Some((head, tail)) = model.rsplit_once('-') {
-        if is_digits(tail, 8) {
+    if let Some((head, tail)) = model.rsplit_once('-')
+        && is_digits(tail, 8) {
             return Some(head);
         }
-    }
     let parts: Vec<&str> = model.rsplitn(4, '-').collect();
     if parts.len() == 4 && is_digits(parts[0], 2) && is_digits(parts[1], 2) && is_digits(parts[2], 4) {
         return Some(parts[3]);

@@ -230,11 +230,10 @@ pub fn set_max_output(api: MeteredApi, body: &[u8], tokens: u64) -> Result<Bytes
         MeteredApi::AnthropicMessages => {
             object.insert("max_tokens".into(), json!(tokens));
             // Thinking counts toward max_tokens and must stay below it.
-            if let Some(budget) = object.get_mut("thinking").and_then(|t| t.get_mut("budget_tokens")) {
-                if budget.as_u64().is_some_and(|b| b >= tokens) {
+            if let Some(budget) = object.get_mut("thinking").and_then(|t| t.get_mut("budget_tokens"))
+                && budget.as_u64().is_some_and(|b| b >= tokens) {
                     *budget = json!(tokens / 2);
                 }
-            }
         }
         MeteredApi::GeminiGenerate => {
             let config = object.entry("generationConfig").or_insert_with(|| json!({}));

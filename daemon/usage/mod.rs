@@ -123,12 +123,11 @@ impl ResponseMeter {
 
     /// Forwards SSE in whole events, so that the stream can be ended between two of them.
     pub fn with_whole_events(mut self, whole: bool) -> ResponseMeter {
-        if whole && !self.whole_events {
-            if let BodyState::Sse(framer) = &mut self.body {
+        if whole && !self.whole_events
+            && let BodyState::Sse(framer) = &mut self.body {
                 *framer = SseFramer::new(true);
                 self.whole_events = true;
             }
-        }
         self
     }
 

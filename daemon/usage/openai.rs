@@ -119,11 +119,10 @@ pub fn observe_chat_event(observed: &mut Observed, event: &SseEvent) -> Verdict 
         observed.error = Some(error_message(&error));
         return Verdict::Forward;
     }
-    if observed.model.is_none() {
-        if let Some(model) = chunk.model.filter(|m| !m.is_empty()) {
+    if observed.model.is_none()
+        && let Some(model) = chunk.model.filter(|m| !m.is_empty()) {
             observed.model = Some(model.into_owned());
         }
-    }
     let mut choices_empty = true;
     for choice in chunk.choices.iter().flatten() {
         choices_empty = false;

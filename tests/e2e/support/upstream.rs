@@ -359,11 +359,10 @@ fn stream_reply(inner: Arc<Inner>, script: Script, content_type: &'static str, e
             } else if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
                 return;
             }
-            if i == 0 && script.hold_after_first_event {
-                if let Ok(permit) = inner.release.acquire().await {
+            if i == 0 && script.hold_after_first_event
+                && let Ok(permit) = inner.release.acquire().await {
                     permit.forget();
                 }
-            }
         }
         if gzip {
             let _ = tx.send(Ok(Frame::data(Bytes::from(encoder.finish().unwrap())))).await;

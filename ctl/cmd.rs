@@ -293,7 +293,7 @@ fn diff(path: &str, old: &str, new: &str) -> String {
 fn restore(install: &pb::InstallRecord, kind: &str, env: &AgentEnv) -> anyhow::Result<String> {
     let path = std::path::PathBuf::from(&install.path);
     let shown = consumers::display_path(&path, env);
-    let installer = match consumers::find(&install.agent) {
+    let installer = match consumers::editor(&install.agent) {
         Some(c) => Installer::Agent(c),
         None => Installer::EnvFile,
     };
@@ -340,28 +340,36 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         }
         (None, None) => None,
     };
-    // The file is read and checked before any grant exists: a broken file stops here, untouched.
-    let plan = match &installer {
-        Some(installer) => {
-            let path = match (installer, &args.env_file) {
-                (Installer::EnvFile, Some(file)) => std::path::absolute(file)?,
-                (Installer::Agent(c), _) => c.config_path(&env).context("cannot find the agent's configuration: HOME is not set")?,
-                (Installer::EnvFile, None) => unreachable!("an env installer exists only with --env-file"),
-            };
-            let existing = files::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            installer.install(&path, existing.as_deref(), &info.kind, &Target { base_url: "http://127.0.0.1/", key: "sk-capit-check" })?;
-            Some((path, existing))
-        }
-        None => None,
+    // Every file (the agent's and its companions) is read and checked before any grant exists:
+    // a broken file stops here, untouched.
+    let installers: Vec<Installer> = match installer {
+        Some(Installer::Agent(c)) => std::iter::once(c).chain(c.companions().iter().copied()).map(Installer::Agent).collect(),
+        Some(Installer::EnvFile) => vec![Installer::EnvFile],
+        None => Vec::new(),
     };
+    let mut plan = Vec::new();
+    for installer in &installers {
+        let path = match (installer, &args.env_file) {
+            (Installer::EnvFile, Some(file)) => std::path::absolute(file)?,
+            (Installer::Agent(c), _) => c.config_path(&env).context("cannot find the agent's configuration: HOME is not set")?,
+            (Installer::EnvFile, None) => unreachable!("an env installer exists only with --env-file"),
+        };
+        let existing = files::read(&path).with_context(|| format!("reading {}", path.display()))?;
+        installer.install(&path, existing.as_deref(), &info.kind, &Target { base_url: "http://127.0.0.1/", key: "sk-capit-check" })?;
+        plan.push((installer, path));
+    }
     if args.dry_run {
-        let Some((path, existing)) = &plan else { bail!("--dry-run shows an install; {} has none (give a known agent or --env-file)", args.agent) };
+        if plan.is_empty() {
+            bail!("--dry-run shows an install; {} has none (give a known agent or --env-file)", args.agent);
+        }
         let status = client.get_status(pb::GetStatusRequest {}).await.map_err(rpc)?.into_inner();
         let suffix = if info.kind == "anthropic" || info.kind == "gemini" { "" } else { "/v1" };
         let base_url = format!("http://{}/{}{suffix}", status.listen_addr, info.name);
-        let installer = installer.as_ref().expect("a plan has an installer");
-        let new = installer.install(path, existing.as_deref(), &info.kind, &Target { base_url: &base_url, key: "sk-capit-<new key>" })?;
-        print!("{}", diff(&consumers::display_path(path, &env), existing.as_deref().unwrap_or(""), &new));
+        for (installer, path) in &plan {
+            let existing = files::read(path)?;
+            let new = installer.install(path, existing.as_deref(), &info.kind, &Target { base_url: &base_url, key: "sk-capit-<new key>" })?;
+            print!("{}", diff(&consumers::display_path(path, &env), existing.as_deref().unwrap_or(""), &new));
+        }
         return Ok(());
     }
     if !info.has_key && !info.price_zero {
@@ -370,23 +378,16 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
             .with_context(|| format!("no master key is stored for {provider}; add one with: capitctl key add {provider}"))?;
         client.add_key(pb::AddKeyRequest { provider: provider.clone(), secret }).await.map_err(rpc)?;
     }
-    if plan.is_some() {
+    if !plan.is_empty() {
         // Granting an agent again replaces its grant: the old key dies and its install is undone.
         let existing = client.list_grants(pb::ListGrantsRequest { include_revoked: false }).await.map_err(rpc)?.into_inner().grants;
         if existing.iter().any(|g| g.name == args.agent) {
             let old = client.revoke_grant(pb::RevokeGrantRequest { name: args.agent.clone() }).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
-            if let Some(install) = &old.install {
+            for install in &old.installs {
                 restore(install, &info.kind, &env)?;
             }
         }
     }
-    let plan = match plan {
-        Some((path, _)) => {
-            let existing = files::read(&path).with_context(|| format!("reading {}", path.display()))?;
-            Some((path, existing))
-        }
-        None => None,
-    };
     let request = pb::CreateGrantRequest {
         name: args.agent.clone(),
         provider: provider.clone(),
@@ -401,21 +402,36 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
     let created = client.create_grant(request).await.map_err(rpc)?.into_inner();
     let g = created.grant.unwrap_or_default();
     let mut installed_into = None;
-    if let (Some((path, existing)), Some(installer)) = (&plan, &installer) {
-        let shown = consumers::display_path(path, &env);
-        let result: anyhow::Result<()> = async {
-            let text = installer.install(path, existing.as_deref(), &info.kind, &Target { base_url: &created.base_url, key: &created.key })?;
-            files::write_atomic(path, &text).with_context(|| format!("writing {shown}"))?;
-            let record = pb::InstallRecord { agent: installer.name().to_string(), path: path.display().to_string(), original: existing.clone(), written_sha256: files::fingerprint(&text) };
-            if let Err(e) = client.record_install(pb::RecordInstallRequest { name: g.name.clone(), install: Some(record.clone()) }).await {
-                let _ = restore(&record, &info.kind, &env);
-                return Err(rpc(e));
+    if let Some((_, first)) = plan.first() {
+        let shown = consumers::display_path(first, &env);
+        let target = Target { base_url: &created.base_url, key: &created.key };
+        let mut records: Vec<pb::InstallRecord> = Vec::new();
+        let mut result: anyhow::Result<()> = Ok(());
+        for (installer, path) in &plan {
+            let step = (|| -> anyhow::Result<pb::InstallRecord> {
+                let existing = files::read(path).with_context(|| format!("reading {}", path.display()))?;
+                let text = installer.install(path, existing.as_deref(), &info.kind, &target)?;
+                files::write_atomic(path, &text).with_context(|| format!("writing {}", consumers::display_path(path, &env)))?;
+                Ok(pb::InstallRecord { agent: installer.name().to_string(), path: path.display().to_string(), original: existing, written_sha256: files::fingerprint(&text) })
+            })();
+            match step {
+                Ok(record) => records.push(record),
+                Err(e) => {
+                    result = Err(e);
+                    break;
+                }
             }
-            Ok(())
         }
-        .await;
+        if result.is_ok() {
+            if let Err(e) = client.record_install(pb::RecordInstallRequest { name: g.name.clone(), installs: records.clone() }).await {
+                result = Err(rpc(e));
+            }
+        }
         if let Err(e) = result {
-            // Nothing half-done: the grant goes again.
+            // Nothing half-done: every file written goes back, and the grant goes again.
+            for record in &records {
+                let _ = restore(record, &info.kind, &env);
+            }
             let _ = client.revoke_grant(pb::RevokeGrantRequest { name: g.name.clone() }).await;
             return Err(e.context(format!("installing into {shown}; no grant was made")));
         }
@@ -450,11 +466,18 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
 async fn uninstall(client: &mut Client, agent: &str, json: bool) -> anyhow::Result<()> {
     let grants = client.list_grants(pb::ListGrantsRequest { include_revoked: false }).await.map_err(rpc)?.into_inner().grants;
     let Some(grant) = grants.iter().find(|g| g.name == agent) else { bail!("no active grant named {agent:?}") };
-    let Some(install) = &grant.install else { bail!("grant {agent:?} is not installed into any configuration") };
+    if grant.installs.is_empty() {
+        bail!("grant {agent:?} is not installed into any configuration");
+    }
     let providers = client.list_providers(pb::ListProvidersRequest {}).await.map_err(rpc)?.into_inner().providers;
     let kind = providers.iter().find(|p| p.name == grant.provider).map(|p| p.kind.clone()).unwrap_or_default();
-    let restored = restore(install, &kind, &AgentEnv::from_process())?;
-    client.record_install(pb::RecordInstallRequest { name: agent.to_string(), install: None }).await.map_err(rpc)?;
+    let env = AgentEnv::from_process();
+    let mut done = Vec::new();
+    for install in &grant.installs {
+        done.push(restore(install, &kind, &env)?);
+    }
+    let restored = done.join("; ");
+    client.record_install(pb::RecordInstallRequest { name: agent.to_string(), installs: Vec::new() }).await.map_err(rpc)?;
     if json {
         output::json(&json!({"grant": agent, "restored": restored}));
     } else {
@@ -569,7 +592,7 @@ fn grant_json(g: &pb::Grant) -> Value {
         "expires_at": time_json(g.expires_at), "state": g.state, "resets_at": time_json(g.resets_at),
         "models": g.models, "created_at": time_json(g.created_at), "created_by": g.created_by, "note": g.note,
         "revoked_at": time_json(g.revoked_at), "limits": limits_json(g.limits.as_ref()),
-        "installed_into": g.install.as_ref().map(|i| i.path.clone()),
+        "installed_into": g.installs.first().map(|i| i.path.clone()),
     })
 }
 
@@ -671,13 +694,17 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
 
 async fn revoke(client: &mut Client, name: &str, json: bool) -> anyhow::Result<()> {
     let g = client.revoke_grant(pb::RevokeGrantRequest { name: name.to_string() }).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
-    let restored = match &g.install {
-        Some(install) => {
-            let providers = client.list_providers(pb::ListProvidersRequest {}).await.map_err(rpc)?.into_inner().providers;
-            let kind = providers.iter().find(|p| p.name == g.provider).map(|p| p.kind.clone()).unwrap_or_default();
-            Some(restore(install, &kind, &AgentEnv::from_process()).context("the key is revoked, but its install could not be undone")?)
+    let restored = if g.installs.is_empty() {
+        None
+    } else {
+        let providers = client.list_providers(pb::ListProvidersRequest {}).await.map_err(rpc)?.into_inner().providers;
+        let kind = providers.iter().find(|p| p.name == g.provider).map(|p| p.kind.clone()).unwrap_or_default();
+        let env = AgentEnv::from_process();
+        let mut done = Vec::new();
+        for install in &g.installs {
+            done.push(restore(install, &kind, &env).context("the key is revoked, but its install could not be undone")?);
         }
-        None => None,
+        Some(done.join("; "))
     };
     if json {
         let mut doc = grant_json(&g);

@@ -128,9 +128,9 @@ pub struct Grant {
     /// Limits besides the spend cap; all optional.
     #[serde(default)]
     pub limits: Limits,
-    /// The agent configuration capitctl installed the key into, to undo on revoke.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub install: Option<InstallRecord>,
+    /// The agent configuration files capitctl changed for this grant, to undo on revoke.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub installs: Vec<InstallRecord>,
 }
 
 /// An agent's configuration file changed for a grant: its text before, and a hash of the text
@@ -460,7 +460,7 @@ mod tests {
             note: String::new(),
             revoked_at: None,
             limits: Limits::default(),
-            install: None,
+            installs: Vec::new(),
         }
     }
 

@@ -485,7 +485,7 @@ impl State {
             note: spec.note,
             revoked_at: None,
             limits: spec.limits,
-            install: None,
+            installs: Vec::new(),
         };
         self.store.write(WriteOp::PutGrant(grant.clone())).await?;
         let window = local_window(grant.period, now);
@@ -590,12 +590,12 @@ impl State {
         Ok((self.grant_view(&slot), key))
     }
 
-    /// Remembers (or, with `None`, forgets) where capitctl installed a grant's key.
-    pub async fn record_install(&self, name: &str, install: Option<crate::grants::InstallRecord>) -> Result<(), StateError> {
+    /// Remembers (or, when empty, forgets) the files capitctl changed for a grant.
+    pub async fn record_install(&self, name: &str, installs: Vec<crate::grants::InstallRecord>) -> Result<(), StateError> {
         let _admin = self.admin.lock().await;
         let slot = self.active_slot(name)?;
         let mut grant = slot.grant();
-        grant.install = install;
+        grant.installs = installs;
         self.store.write(WriteOp::PutGrant(grant.clone())).await?;
         slot.lock().grant = grant;
         Ok(())

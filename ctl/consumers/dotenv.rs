@@ -25,9 +25,42 @@ pub fn unset(current: &str, keys: &[&str], original: Option<&str>) -> String {
     lines::unset(current, keys, original, Syntax::Dotenv)
 }
 
-/// Gemini CLI: `~/.gemini/.env`, which it always reads: `GOOGLE_GEMINI_BASE_URL` selects its
-/// gateway mode and `GEMINI_API_KEY` is sent as `x-goog-api-key`.
+/// Gemini CLI: `~/.gemini/.env` (read in trusted folders): `GOOGLE_GEMINI_BASE_URL` selects its
+/// gateway mode and `GEMINI_API_KEY` is sent as `x-goog-api-key`; and, in `settings.json`,
+/// `security.auth.selectedType: "gemini-api-key"`, without which it refuses to use the key
+/// (checked with Gemini CLI 0.61: "Invalid auth method selected").
 pub struct GeminiCli;
+
+/// The `~/.gemini/settings.json` half of the Gemini CLI install.
+pub struct GeminiSettings;
+
+const AUTH_TYPE: &[&str] = &["security", "auth", "selectedType"];
+
+impl Consumer for GeminiSettings {
+    fn name(&self) -> &'static str {
+        "gemini-settings"
+    }
+
+    fn provider(&self) -> &'static str {
+        "gemini"
+    }
+
+    fn describe(&self) -> &'static str {
+        "Gemini CLI settings"
+    }
+
+    fn config_path(&self, env: &AgentEnv) -> Option<PathBuf> {
+        env.home.as_ref().map(|h| h.join(".gemini").join("settings.json"))
+    }
+
+    fn install(&self, path: &Path, existing: Option<&str>, _target: &Target) -> Result<String, EditError> {
+        super::json::set(path, existing, &[(AUTH_TYPE, "gemini-api-key")])
+    }
+
+    fn uninstall(&self, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError> {
+        super::json::restore(path, current, original, &[AUTH_TYPE])
+    }
+}
 
 impl Consumer for GeminiCli {
     fn name(&self) -> &'static str {
@@ -44,6 +77,10 @@ impl Consumer for GeminiCli {
 
     fn config_path(&self, env: &AgentEnv) -> Option<PathBuf> {
         env.home.as_ref().map(|h| h.join(".gemini").join(".env"))
+    }
+
+    fn companions(&self) -> &'static [&'static dyn Consumer] {
+        &[&GeminiSettings]
     }
 
     fn install(&self, _path: &Path, existing: Option<&str>, target: &Target) -> Result<String, EditError> {

@@ -75,6 +75,11 @@ pub trait Consumer: Sync {
     /// it had in `original` (the file before the install), or goes.
     fn uninstall(&self, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError>;
 
+    /// Further files the agent needs changed with this one, each edited by its own consumer.
+    fn companions(&self) -> &'static [&'static dyn Consumer] {
+        &[]
+    }
+
     /// Anything else on this machine that would defeat an install (a file that overrides it);
     /// checked before a grant is made.
     fn check(&self, _env: &AgentEnv) -> Result<(), String> {
@@ -94,6 +99,11 @@ pub fn all() -> &'static [&'static dyn Consumer] {
 
 pub fn find(name: &str) -> Option<&'static dyn Consumer> {
     all().iter().copied().find(|c| c.name() == name)
+}
+
+/// The editor an install record names: a consumer or one of their companions.
+pub fn editor(name: &str) -> Option<&'static dyn Consumer> {
+    all().iter().flat_map(|c| std::iter::once(*c).chain(c.companions().iter().copied())).find(|c| c.name() == name)
 }
 
 /// Agents capit knows but cannot serve, with the reason given instead of a half-working install.

@@ -68,12 +68,11 @@ pub fn grant(view: &GrantView) -> pb::Grant {
         id: g.id.0,
         reserved: decimal_string(view.reserved),
         limits: Some(limits(&g.limits)),
-        install: g.install.as_ref().map(|i| pb::InstallRecord {
-            agent: i.agent.clone(),
-            path: i.path.clone(),
-            original: i.original.clone(),
-            written_sha256: i.written_sha256.clone(),
-        }),
+        installs: g
+            .installs
+            .iter()
+            .map(|i| pb::InstallRecord { agent: i.agent.clone(), path: i.path.clone(), original: i.original.clone(), written_sha256: i.written_sha256.clone() })
+            .collect(),
     }
 }
 

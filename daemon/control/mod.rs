@@ -176,8 +176,8 @@ impl Control for ControlService {
 
     async fn record_install(&self, request: Request<pb::RecordInstallRequest>) -> Result<Response<pb::RecordInstallResponse>, Status> {
         let req = request.into_inner();
-        let install = req.install.map(|i| crate::grants::InstallRecord { agent: i.agent, path: i.path, original: i.original, written_sha256: i.written_sha256 });
-        self.state.record_install(&req.name, install).await.map_err(status_from)?;
+        let installs = req.installs.into_iter().map(|i| crate::grants::InstallRecord { agent: i.agent, path: i.path, original: i.original, written_sha256: i.written_sha256 }).collect();
+        self.state.record_install(&req.name, installs).await.map_err(status_from)?;
         Ok(Response::new(pb::RecordInstallResponse {}))
     }
 

@@ -121,9 +121,15 @@ fn gemini_cli_env_file_and_a_dotenv_for_any_script() {
     let file = dir.join(".env");
     let original = "# Gemini CLI\nGOOGLE_CLOUD_PROJECT=my-project\n";
     std::fs::write(&file, original).unwrap();
+    let settings = dir.join("settings.json");
+    let settings_before = "{\n  \"ui\": {\"theme\": \"GitHub\"},\n  \"security\": {\"auth\": {\"selectedType\": \"oauth-personal\"}}\n}\n";
+    std::fs::write(&settings, settings_before).unwrap();
     ok(daemon.ctl_home(home.path(), &["grant", "gemini", "2"]));
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.starts_with(original), "{text}");
+    let chosen: Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
+    assert_eq!(chosen["security"]["auth"]["selectedType"], "gemini-api-key", "Gemini CLI uses the key only with this auth type");
+    assert_eq!(chosen["ui"]["theme"], "GitHub");
     let value = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}="))).unwrap().to_string();
     let url = format!("{}/v1beta/models/gemini-2.5-flash:generateContent", value("GOOGLE_GEMINI_BASE_URL"));
     let reply = runtime().block_on(http::send(Method::POST, &url, &[("x-goog-api-key", &value("GEMINI_API_KEY"))], r#"{"contents":[]}"#));
@@ -131,6 +137,8 @@ fn gemini_cli_env_file_and_a_dotenv_for_any_script() {
     assert_eq!(daemon.spent("gemini"), fake.bill());
     ok(daemon.ctl_home(home.path(), &["revoke", "gemini"]));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
+    assert_eq!(std::fs::read_to_string(&settings).unwrap(), settings_before, "both files come back");
+    assert_eq!(entries(&dir), [".env", "settings.json"]);
 
     // Any name with --env-file: a dotenv of the provider's variables, removed again on revoke.
     daemon.setup_provider("openai", &fake.base_url(), MASTER);
@@ -332,4 +340,138 @@ fn openclaw_json5_keeps_its_comments_and_a_per_agent_override_is_refused() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("models.json sets its own \"capit\" provider"));
     assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
+}
+
+/// The real Codex CLI, when it is installed (`npm install -g @openai/codex`), run against the
+/// configuration `grant codex` wrote: it must reach the fake through the proxy and be metered.
+#[test]
+fn the_real_codex_cli_runs_through_an_installed_grant() {
+    let Ok(found) = std::process::Command::new("codex").arg("--version").output() else {
+        assert!(std::env::var_os("CAPIT_REQUIRE_AGENTS").is_none(), "CAPIT_REQUIRE_AGENTS is set but codex is not installed");
+        eprintln!("skipped: the codex CLI is not installed (npm install -g @openai/codex)");
+        return;
+    };
+    assert!(found.status.success());
+    let (daemon, fake, home) = setup("openai");
+    fake.set_price("gpt-5", "1.25", "0.125", "10.00");
+    fake.script(|s| s.text = "Hello from the fake".into());
+    let dir = home.path().join(".codex");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.toml"), "model = \"gpt-5\"\n").unwrap();
+    ok(daemon.ctl_home(home.path(), &["grant", "codex", "3"]));
+    let work = home.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut child = std::process::Command::new("codex")
+        .args(["exec", "--skip-git-repo-check", "say hello"])
+        .current_dir(&work)
+        .env("HOME", home.path())
+        .env_remove("CODEX_HOME")
+        .env_remove("OPENAI_API_KEY")
+        .env_remove("OPENAI_BASE_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let calls: Vec<String> = fake.received().iter().map(|r| format!("{} {}", r.method, r.path)).collect();
+    assert!(calls.iter().any(|c| c == "POST /v1/responses"), "codex called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
+    assert!(fake.received().iter().all(|r| r.header("authorization").as_deref() == Some(&format!("Bearer {MASTER}")[..])));
+    assert!(stdout.contains("Hello from the fake") || stderr.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}");
+    assert_eq!(daemon.spent("codex"), fake.bill());
+}
+
+/// The real Claude Code, when it is installed (`npm install -g @anthropic-ai/claude-code`), in
+/// print mode with the settings `grant claude` wrote.
+#[test]
+fn the_real_claude_code_runs_through_an_installed_grant() {
+    let Ok(found) = std::process::Command::new("claude").arg("--version").output() else {
+        assert!(std::env::var_os("CAPIT_REQUIRE_AGENTS").is_none(), "CAPIT_REQUIRE_AGENTS is set but claude is not installed");
+        eprintln!("skipped: Claude Code is not installed (npm install -g @anthropic-ai/claude-code)");
+        return;
+    };
+    assert!(found.status.success());
+    let (daemon, fake, home) = setup("anthropic");
+    // List prices, written here independently of the daemon's table, for any model it may call.
+    for (model, input, cached, output) in [("claude-haiku-4-5", "1", "0.1", "5"), ("claude-sonnet-4-5", "3", "0.3", "15"), ("claude-sonnet-5", "3", "0.3", "15"), ("claude-opus-4-7", "5", "0.5", "25"), ("claude-opus-5", "5", "0.5", "25")] {
+        fake.set_price(model, input, cached, output);
+    }
+    ok(daemon.ctl_home(home.path(), &["grant", "claude", "3"]));
+    let work = home.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut child = std::process::Command::new("claude")
+        .args(["-p", "say hello", "--model", "claude-haiku-4-5"])
+        .current_dir(&work)
+        .env("HOME", home.path())
+        .env_remove("CLAUDE_CONFIG_DIR")
+        .env_remove("ANTHROPIC_API_KEY")
+        .env_remove("ANTHROPIC_BASE_URL")
+        .env_remove("ANTHROPIC_AUTH_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let calls: Vec<String> = fake.received().iter().map(|r| format!("{} {}?{}", r.method, r.path, r.query.clone().unwrap_or_default())).collect();
+    assert!(calls.iter().any(|c| c.starts_with("POST /v1/messages")), "claude called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}\ncalls: {calls:?}");
+    assert_eq!(daemon.spent("claude"), fake.bill());
+}
+
+/// The real Gemini CLI, when it is installed (`npm install -g @google/gemini-cli`), with the
+/// `~/.gemini/.env` that `grant gemini` wrote.
+#[test]
+fn the_real_gemini_cli_runs_through_an_installed_grant() {
+    let Ok(found) = std::process::Command::new("gemini").arg("--version").output() else {
+        assert!(std::env::var_os("CAPIT_REQUIRE_AGENTS").is_none(), "CAPIT_REQUIRE_AGENTS is set but gemini is not installed");
+        eprintln!("skipped: Gemini CLI is not installed (npm install -g @google/gemini-cli)");
+        return;
+    };
+    assert!(found.status.success());
+    let (daemon, fake, home) = setup("gemini");
+    // List prices, written here independently of the daemon's table, for any model it may call.
+    for (model, input, cached, output) in [("gemini-2.5-pro", "1.25", "0.125", "10"), ("gemini-2.5-flash", "0.30", "0.03", "2.50"), ("gemini-2.5-flash-lite", "0.10", "0.01", "0.40"), ("gemini-3.5-flash", "1.50", "0.15", "9"), ("gemini-3.1-pro-preview", "2", "0.2", "12")] {
+        fake.set_price(model, input, cached, output);
+    }
+    ok(daemon.ctl_home(home.path(), &["grant", "gemini", "3"]));
+    let work = home.path().join("work");
+    std::fs::create_dir_all(&work).unwrap();
+    let mut child = std::process::Command::new("gemini")
+        .args(["-p", "say hello", "-m", "gemini-2.5-flash"])
+        .current_dir(&work)
+        .env("HOME", home.path())
+        // Headless runs need a trusted folder; trust is the user's own setting, not capit's.
+        .env("GEMINI_CLI_TRUST_WORKSPACE", "true")
+        .env_remove("GEMINI_API_KEY")
+        .env_remove("GOOGLE_API_KEY")
+        .env_remove("GOOGLE_GEMINI_BASE_URL")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let calls: Vec<String> = fake.received().iter().map(|r| format!("{} {}?{}", r.method, r.path, r.query.clone().unwrap_or_default())).collect();
+    assert!(calls.iter().any(|c| c.contains(":streamGenerateContent") || c.contains(":generateContent")), "gemini called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
+    assert!(stdout.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}\ncalls: {calls:?}");
+    assert_eq!(daemon.spent("gemini"), fake.bill());
 }

@@ -422,11 +422,10 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
                 }
             }
         }
-        if result.is_ok() {
-            if let Err(e) = client.record_install(pb::RecordInstallRequest { name: g.name.clone(), installs: records.clone() }).await {
+        if result.is_ok()
+            && let Err(e) = client.record_install(pb::RecordInstallRequest { name: g.name.clone(), installs: records.clone() }).await {
                 result = Err(rpc(e));
             }
-        }
         if let Err(e) = result {
             // Nothing half-done: every file written goes back, and the grant goes again.
             for record in &records {

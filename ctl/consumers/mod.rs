@@ -13,6 +13,7 @@ mod codex;
 mod continue_dev;
 pub mod dotenv;
 pub mod files;
+mod goose;
 mod json;
 mod lines;
 mod openclaw;
@@ -94,7 +95,7 @@ pub trait Consumer: Sync {
 
 /// Every consumer capit can install into.
 pub fn all() -> &'static [&'static dyn Consumer] {
-    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli, &opencode::OpenCode, &aider::Aider, &continue_dev::ContinueDev, &openclaw::OpenClaw]
+    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli, &opencode::OpenCode, &aider::Aider, &continue_dev::ContinueDev, &openclaw::OpenClaw, &goose::Goose]
 }
 
 pub fn find(name: &str) -> Option<&'static dyn Consumer> {

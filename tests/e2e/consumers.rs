@@ -53,8 +53,11 @@ fn claude_code_settings_get_the_key_and_come_back_byte_for_byte() {
     std::fs::create_dir_all(&dir).unwrap();
     let file = dir.join("settings.json");
     std::fs::write(&file, CLAUDE_SETTINGS).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
 
     let line = ok(daemon.ctl_home(home.path(), &["grant", "claude", "5.00"]));
+    assert_eq!(Daemon::mode(&file), 0o640, "the file keeps its mode");
     assert_eq!(line.trim(), r#"$5.00/month anthropic grant "claude" installed into ~/.claude/settings.json"#);
     let settings: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     let base = settings["env"]["ANTHROPIC_BASE_URL"].as_str().unwrap().to_string();
@@ -77,6 +80,7 @@ fn claude_code_settings_get_the_key_and_come_back_byte_for_byte() {
     let out = ok(daemon.ctl_home(home.path(), &["revoke", "claude"]));
     assert!(out.contains("restored ~/.claude/settings.json"), "{out}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), CLAUDE_SETTINGS, "byte-identical after revoke");
+    assert_eq!(Daemon::mode(&file), 0o640);
     assert_eq!(entries(&dir), ["settings.json"]);
 }
 
@@ -474,4 +478,40 @@ fn the_real_gemini_cli_runs_through_an_installed_grant() {
     assert!(calls.iter().any(|c| c.contains(":streamGenerateContent") || c.contains(":generateContent")), "gemini called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}\ncalls: {calls:?}");
     assert_eq!(daemon.spent("gemini"), fake.bill());
+}
+
+#[test]
+fn goose_installs_where_it_keeps_keys_in_a_file_and_refuses_the_keyring() {
+    let (daemon, fake, home) = setup("anthropic");
+    fake.set_price("claude-sonnet-4-5", "3", "0.3", "15");
+    let dir = home.path().join(".config").join("goose");
+    std::fs::create_dir_all(&dir).unwrap();
+    let config = dir.join("config.yaml");
+    let config_before = "GOOSE_MODEL: claude-sonnet-4-5\nGOOSE_PROVIDER: openai\nextensions:\n  developer:\n    enabled: true\n    type: builtin\n";
+    std::fs::write(&config, config_before).unwrap();
+    // Keys in the system keyring: capit cannot write there, so it refuses and changes nothing.
+    let out = daemon.ctl_home(home.path(), &["grant", "goose", "3"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("system keyring"), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), config_before);
+    assert!(daemon.ctl_json(&["ls", "--all"]).as_array().unwrap().is_empty());
+
+    let secrets = dir.join("secrets.yaml");
+    let secrets_before = "OPENAI_API_KEY: sk-real-openai\n";
+    std::fs::write(&secrets, secrets_before).unwrap();
+    let line = ok(daemon.ctl_home(home.path(), &["grant", "goose", "3"]));
+    assert!(line.contains("installed into ~/.config/goose/config.yaml"), "{line}");
+    let cfg = &yaml_rust2::YamlLoader::load_from_str(&std::fs::read_to_string(&config).unwrap()).unwrap()[0];
+    let sec = &yaml_rust2::YamlLoader::load_from_str(&std::fs::read_to_string(&secrets).unwrap()).unwrap()[0];
+    assert_eq!(cfg["GOOSE_PROVIDER"].as_str(), Some("anthropic"));
+    assert_eq!(cfg["extensions"]["developer"]["type"].as_str(), Some("builtin"));
+    assert_eq!(sec["OPENAI_API_KEY"].as_str(), Some("sk-real-openai"));
+    // goose joins v1/messages onto ANTHROPIC_HOST and sends x-api-key.
+    let url = format!("{}/v1/messages", cfg["ANTHROPIC_HOST"].as_str().unwrap());
+    let reply = runtime().block_on(http::send(Method::POST, &url, &[("x-api-key", sec["ANTHROPIC_API_KEY"].as_str().unwrap())], r#"{"model":"claude-sonnet-4-5","max_tokens":50,"messages":[]}"#));
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    assert_eq!(daemon.spent("goose"), fake.bill());
+    ok(daemon.ctl_home(home.path(), &["revoke", "goose"]));
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), config_before);
+    assert_eq!(std::fs::read_to_string(&secrets).unwrap(), secrets_before);
 }

@@ -333,8 +333,8 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         (Some(_), _) => Some(Installer::EnvFile),
         (None, Some(c)) => {
             c.check(&env).map_err(|reason| anyhow!("{reason}"))?;
-            if c.provider() != info.kind {
-                bail!("{} speaks the {} API, but provider {provider:?} is {}; give --no-install or --env-file to get the key", c.name(), c.provider(), info.kind);
+            if !c.accepts(&info.kind) {
+                bail!("{} cannot use provider {provider:?} ({}); give --no-install or --env-file to get the key", c.name(), info.kind);
             }
             Some(Installer::Agent(c))
         }

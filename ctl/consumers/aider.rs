@@ -40,6 +40,10 @@ impl Consumer for Aider {
         env.home.as_ref().map(|h| h.join(".aider.conf.yml"))
     }
 
+    fn accepts(&self, kind: &str) -> bool {
+        matches!(kind, "openai" | "openrouter" | "openai-compatible")
+    }
+
     fn detect(&self, env: &AgentEnv) -> bool {
         self.config_path(env).is_some_and(|p| p.exists())
     }

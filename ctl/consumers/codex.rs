@@ -35,6 +35,10 @@ impl Consumer for Codex {
         "OpenAI Codex CLI"
     }
 
+    fn accepts(&self, kind: &str) -> bool {
+        matches!(kind, "openai" | "openai-compatible")
+    }
+
     fn config_path(&self, env: &AgentEnv) -> Option<PathBuf> {
         match &env.codex_home {
             Some(dir) => Some(dir.join("config.toml")),

@@ -76,6 +76,12 @@ pub trait Consumer: Sync {
     /// it had in `original` (the file before the install), or goes.
     fn uninstall(&self, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError>;
 
+    /// Whether the agent can use a provider of this kind (`--provider` overrides the default
+    /// where the agent speaks that provider's API).
+    fn accepts(&self, kind: &str) -> bool {
+        kind == self.provider()
+    }
+
     /// Further files the agent needs changed with this one, each edited by its own consumer.
     fn companions(&self) -> &'static [&'static dyn Consumer] {
         &[]

@@ -515,3 +515,15 @@ fn goose_installs_where_it_keeps_keys_in_a_file_and_refuses_the_keyring() {
     assert_eq!(std::fs::read_to_string(&config).unwrap(), config_before);
     assert_eq!(std::fs::read_to_string(&secrets).unwrap(), secrets_before);
 }
+
+#[test]
+fn provider_overrides_where_the_agent_supports_it() {
+    let (daemon, fake, home) = setup("openrouter");
+    fake.script(|s| s.report_cost = Some("0.0002"));
+    let line = ok(daemon.ctl_home(home.path(), &["grant", "aider", "2", "--provider", "openrouter"]));
+    assert!(line.contains("openrouter grant \"aider\" installed into ~/.aider.conf.yml"), "{line}");
+    let text = std::fs::read_to_string(home.path().join(".aider.conf.yml")).unwrap();
+    assert!(text.contains(&format!("openai-api-base: \"http://{}/openrouter/v1\"", daemon.proxy)), "{text}");
+    let out = daemon.ctl_home(home.path(), &["grant", "claude", "2", "--provider", "openrouter"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("claude cannot use provider \"openrouter\""));
+}

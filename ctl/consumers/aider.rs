@@ -5,8 +5,6 @@
 
 use std::path::{Path, PathBuf};
 
-use yaml_rust2::{Yaml, YamlLoader};
-
 use super::lines::{self, Syntax};
 use super::{AgentEnv, Consumer, EditError, Target};
 
@@ -14,13 +12,8 @@ pub struct Aider;
 
 const KEYS: [&str; 2] = ["openai-api-base", "openai-api-key"];
 
-/// Parses the file as YAML: it must be empty or a mapping.
 fn check(path: &Path, text: &str) -> Result<(), EditError> {
-    let docs = YamlLoader::load_from_str(text).map_err(|e| EditError { path: path.to_path_buf(), line: Some(e.marker().line()), message: format!("not valid YAML: {}", e.info()) })?;
-    match docs.first() {
-        None | Some(Yaml::Hash(_)) | Some(Yaml::Null) => Ok(()),
-        Some(_) => Err(EditError { path: path.to_path_buf(), line: Some(1), message: "the file is not a YAML mapping of options".into() }),
-    }
+    lines::yaml_mapping(path, text).map(|_| ())
 }
 
 impl Consumer for Aider {

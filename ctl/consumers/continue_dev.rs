@@ -6,7 +6,7 @@
 
 use std::path::{Path, PathBuf};
 
-use yaml_rust2::{Yaml, YamlLoader};
+use yaml_rust2::Yaml;
 
 use super::{AgentEnv, Consumer, EditError, Target};
 
@@ -17,12 +17,7 @@ const NAME: &str = "capit";
 const MODEL: &str = "claude-sonnet-4-5";
 
 fn parse(path: &Path, text: &str) -> Result<Option<Yaml>, EditError> {
-    let docs = YamlLoader::load_from_str(text).map_err(|e| EditError { path: path.to_path_buf(), line: Some(e.marker().line()), message: format!("not valid YAML: {}", e.info()) })?;
-    match docs.into_iter().next() {
-        None | Some(Yaml::Null) => Ok(None),
-        Some(doc @ Yaml::Hash(_)) => Ok(Some(doc)),
-        Some(_) => Err(EditError { path: path.to_path_buf(), line: Some(1), message: "the file is not a YAML mapping".into() }),
-    }
+    super::lines::yaml_mapping(path, text)
 }
 
 /// The line range of the top-level `models:` block (its key line through its last item line).
@@ -137,6 +132,7 @@ impl Consumer for ContinueDev {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use yaml_rust2::YamlLoader;
 
     const ORIGINAL: &str = "name: my assistant\nversion: 0.0.1\nschema: v1\n# my models\nmodels:\n  - name: local\n    provider: ollama\n    model: qwen3\n    roles:\n      - chat\ncontext:\n  - provider: code\n";
 

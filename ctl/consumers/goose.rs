@@ -23,12 +23,7 @@ fn goose_dir(env: &AgentEnv) -> Option<PathBuf> {
 }
 
 fn parse(path: &Path, text: &str) -> Result<Option<Yaml>, EditError> {
-    let docs = YamlLoader::load_from_str(text).map_err(|e| EditError { path: path.to_path_buf(), line: Some(e.marker().line()), message: format!("not valid YAML: {}", e.info()) })?;
-    match docs.into_iter().next() {
-        None | Some(Yaml::Null) => Ok(None),
-        Some(doc @ Yaml::Hash(_)) => Ok(Some(doc)),
-        Some(_) => Err(EditError { path: path.to_path_buf(), line: Some(1), message: "the file is not a YAML mapping".into() }),
-    }
+    super::lines::yaml_mapping(path, text)
 }
 
 fn edit(path: &Path, text: &str, pairs: &[(&str, &str)]) -> Result<String, EditError> {

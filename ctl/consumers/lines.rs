@@ -3,6 +3,23 @@
 //! a YAML value) is replaced in place or appended; every other line, comment and blank line is
 //! kept byte for byte.
 
+use std::path::Path;
+
+use yaml_rust2::{Yaml, YamlLoader};
+
+use super::EditError;
+
+/// Parses a YAML file that must be empty or a mapping; a file that is not is refused with the
+/// line where it breaks.
+pub fn yaml_mapping(path: &Path, text: &str) -> Result<Option<Yaml>, EditError> {
+    let docs = YamlLoader::load_from_str(text).map_err(|e| EditError { path: path.to_path_buf(), line: Some(e.marker().line()), message: format!("not valid YAML: {}", e.info()) })?;
+    match docs.into_iter().next() {
+        None | Some(Yaml::Null) => Ok(None),
+        Some(doc @ Yaml::Hash(_)) => Ok(Some(doc)),
+        Some(_) => Err(EditError { path: path.to_path_buf(), line: Some(1), message: "the file is not a YAML mapping".into() }),
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Syntax {
     Dotenv,

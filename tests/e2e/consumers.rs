@@ -346,46 +346,54 @@ fn openclaw_json5_keeps_its_comments_and_a_per_agent_override_is_refused() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
 }
 
-/// The real Codex CLI, when it is installed (`npm install -g @openai/codex`), run against the
-/// configuration `grant codex` wrote: it must reach the fake through the proxy and be metered.
-#[test]
-fn the_real_codex_cli_runs_through_an_installed_grant() {
-    let Ok(found) = std::process::Command::new("codex").arg("--version").output() else {
-        assert!(std::env::var_os("CAPIT_REQUIRE_AGENTS").is_none(), "CAPIT_REQUIRE_AGENTS is set but codex is not installed");
-        eprintln!("skipped: the codex CLI is not installed (npm install -g @openai/codex)");
-        return;
-    };
-    assert!(found.status.success());
-    let (daemon, fake, home) = setup("openai");
-    fake.set_price("gpt-5", "1.25", "0.125", "10.00");
-    fake.script(|s| s.text = "Hello from the fake".into());
-    let dir = home.path().join(".codex");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.toml"), "model = \"gpt-5\"\n").unwrap();
-    ok(daemon.ctl_home(home.path(), &["grant", "codex", "3"]));
-    let work = home.path().join("work");
+/// Runs an agent's real CLI as a user whose HOME is `home` would, for at most 90 s; returns
+/// its stdout and stderr. `None` when the CLI is not installed (fails under
+/// CAPIT_REQUIRE_AGENTS).
+fn run_agent(program: &str, args: &[&str], home: &Path, env: &[(&str, &str)], unset: &[&str]) -> Option<(String, String)> {
+    if std::process::Command::new(program).arg("--version").output().is_err() {
+        assert!(std::env::var_os("CAPIT_REQUIRE_AGENTS").is_none(), "CAPIT_REQUIRE_AGENTS is set but {program} is not installed");
+        eprintln!("skipped: {program} is not installed (see .ci/run for the npm package)");
+        return None;
+    }
+    let work = home.join("work");
     std::fs::create_dir_all(&work).unwrap();
-    let mut child = std::process::Command::new("codex")
-        .args(["exec", "--skip-git-repo-check", "say hello"])
-        .current_dir(&work)
-        .env("HOME", home.path())
-        .env_remove("CODEX_HOME")
-        .env_remove("OPENAI_API_KEY")
-        .env_remove("OPENAI_BASE_URL")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut command = std::process::Command::new(program);
+    command.args(args).current_dir(&work).env("HOME", home);
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    for name in unset {
+        command.env_remove(name);
+    }
+    let mut child = command.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     let _ = child.kill();
     let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let calls: Vec<String> = fake.received().iter().map(|r| format!("{} {}", r.method, r.path)).collect();
-    assert!(calls.iter().any(|c| c == "POST /v1/responses"), "codex called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
+    Some((String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned()))
+}
+
+/// What the fake received, as `METHOD path?query` lines.
+fn calls(fake: &Fake) -> Vec<String> {
+    fake.received().iter().map(|r| format!("{} {}?{}", r.method, r.path, r.query.clone().unwrap_or_default())).collect()
+}
+
+/// The real Codex CLI, when it is installed (`npm install -g @openai/codex`), run against the
+/// configuration `grant codex` wrote: it must reach the fake through the proxy and be metered.
+#[test]
+fn the_real_codex_cli_runs_through_an_installed_grant() {
+    let (daemon, fake, home) = setup("openai");
+    fake.set_price("gpt-5", "1.25", "0.125", "10.00");
+    let dir = home.path().join(".codex");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("config.toml"), "model = \"gpt-5\"\n").unwrap();
+    ok(daemon.ctl_home(home.path(), &["grant", "codex", "3"]));
+    let unset = ["CODEX_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL"];
+    let Some((stdout, stderr)) = run_agent("codex", &["exec", "--skip-git-repo-check", "say hello"], home.path(), &[], &unset) else { return };
+    let calls = calls(&fake);
+    assert!(calls.iter().any(|c| c.starts_with("POST /v1/responses")), "codex called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
     assert!(fake.received().iter().all(|r| r.header("authorization").as_deref() == Some(&format!("Bearer {MASTER}")[..])));
     assert!(stdout.contains("Hello from the fake") || stderr.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}");
     assert_eq!(daemon.spent("codex"), fake.bill());
@@ -395,41 +403,15 @@ fn the_real_codex_cli_runs_through_an_installed_grant() {
 /// print mode with the settings `grant claude` wrote.
 #[test]
 fn the_real_claude_code_runs_through_an_installed_grant() {
-    let Ok(found) = std::process::Command::new("claude").arg("--version").output() else {
-        assert!(std::env::var_os("CAPIT_REQUIRE_AGENTS").is_none(), "CAPIT_REQUIRE_AGENTS is set but claude is not installed");
-        eprintln!("skipped: Claude Code is not installed (npm install -g @anthropic-ai/claude-code)");
-        return;
-    };
-    assert!(found.status.success());
     let (daemon, fake, home) = setup("anthropic");
     // List prices, written here independently of the daemon's table, for any model it may call.
     for (model, input, cached, output) in [("claude-haiku-4-5", "1", "0.1", "5"), ("claude-sonnet-4-5", "3", "0.3", "15"), ("claude-sonnet-5", "3", "0.3", "15"), ("claude-opus-4-7", "5", "0.5", "25"), ("claude-opus-5", "5", "0.5", "25")] {
         fake.set_price(model, input, cached, output);
     }
     ok(daemon.ctl_home(home.path(), &["grant", "claude", "3"]));
-    let work = home.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let mut child = std::process::Command::new("claude")
-        .args(["-p", "say hello", "--model", "claude-haiku-4-5"])
-        .current_dir(&work)
-        .env("HOME", home.path())
-        .env_remove("CLAUDE_CONFIG_DIR")
-        .env_remove("ANTHROPIC_API_KEY")
-        .env_remove("ANTHROPIC_BASE_URL")
-        .env_remove("ANTHROPIC_AUTH_TOKEN")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let calls: Vec<String> = fake.received().iter().map(|r| format!("{} {}?{}", r.method, r.path, r.query.clone().unwrap_or_default())).collect();
+    let unset = ["CLAUDE_CONFIG_DIR", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"];
+    let Some((stdout, stderr)) = run_agent("claude", &["-p", "say hello", "--model", "claude-haiku-4-5"], home.path(), &[], &unset) else { return };
+    let calls = calls(&fake);
     assert!(calls.iter().any(|c| c.starts_with("POST /v1/messages")), "claude called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}\ncalls: {calls:?}");
     assert_eq!(daemon.spent("claude"), fake.bill());
@@ -439,42 +421,17 @@ fn the_real_claude_code_runs_through_an_installed_grant() {
 /// `~/.gemini/.env` that `grant gemini` wrote.
 #[test]
 fn the_real_gemini_cli_runs_through_an_installed_grant() {
-    let Ok(found) = std::process::Command::new("gemini").arg("--version").output() else {
-        assert!(std::env::var_os("CAPIT_REQUIRE_AGENTS").is_none(), "CAPIT_REQUIRE_AGENTS is set but gemini is not installed");
-        eprintln!("skipped: Gemini CLI is not installed (npm install -g @google/gemini-cli)");
-        return;
-    };
-    assert!(found.status.success());
     let (daemon, fake, home) = setup("gemini");
     // List prices, written here independently of the daemon's table, for any model it may call.
     for (model, input, cached, output) in [("gemini-2.5-pro", "1.25", "0.125", "10"), ("gemini-2.5-flash", "0.30", "0.03", "2.50"), ("gemini-2.5-flash-lite", "0.10", "0.01", "0.40"), ("gemini-3.5-flash", "1.50", "0.15", "9"), ("gemini-3.1-pro-preview", "2", "0.2", "12")] {
         fake.set_price(model, input, cached, output);
     }
     ok(daemon.ctl_home(home.path(), &["grant", "gemini", "3"]));
-    let work = home.path().join("work");
-    std::fs::create_dir_all(&work).unwrap();
-    let mut child = std::process::Command::new("gemini")
-        .args(["-p", "say hello", "-m", "gemini-2.5-flash"])
-        .current_dir(&work)
-        .env("HOME", home.path())
-        // Headless runs need a trusted folder; trust is the user's own setting, not capit's.
-        .env("GEMINI_CLI_TRUST_WORKSPACE", "true")
-        .env_remove("GEMINI_API_KEY")
-        .env_remove("GOOGLE_API_KEY")
-        .env_remove("GOOGLE_GEMINI_BASE_URL")
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
-    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    let _ = child.kill();
-    let out = child.wait_with_output().unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    let calls: Vec<String> = fake.received().iter().map(|r| format!("{} {}?{}", r.method, r.path, r.query.clone().unwrap_or_default())).collect();
+    // Headless runs need a trusted folder; trust is the user's own setting, not capit's.
+    let env = [("GEMINI_CLI_TRUST_WORKSPACE", "true")];
+    let unset = ["GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"];
+    let Some((stdout, stderr)) = run_agent("gemini", &["-p", "say hello", "-m", "gemini-2.5-flash"], home.path(), &env, &unset) else { return };
+    let calls = calls(&fake);
     assert!(calls.iter().any(|c| c.contains(":streamGenerateContent") || c.contains(":generateContent")), "gemini called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}\ncalls: {calls:?}");
     assert_eq!(daemon.spent("gemini"), fake.bill());

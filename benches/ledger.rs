@@ -23,7 +23,17 @@ fn main() {
     let state = Arc::new(State::new(store, snapshot, dir.clone()).unwrap());
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     runtime.block_on(async {
-        let spec = GrantSpec { name: "bench".into(), provider: "openai".into(), cap: Decimal::from(1_000_000), period: Period::Month, expires_at: None, models: vec![], note: String::new(), created_by: "bench".into(), limits: Limits::default() };
+        let spec = GrantSpec {
+            name: "bench".into(),
+            provider: "openai".into(),
+            cap: Decimal::from(1_000_000),
+            period: Period::Month,
+            expires_at: None,
+            models: vec![],
+            note: String::new(),
+            created_by: "bench".into(),
+            limits: Limits::default(),
+        };
         state.create_grant(spec).await.unwrap();
         let slot = state.find_grant("bench").unwrap();
         println!("settled requests per second (admit, settle, wait for the durable commit):");

@@ -34,7 +34,13 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 fn report(name: &str, mut samples: Vec<Duration>) -> (Duration, Duration) {
     samples.sort();
     let (p50, p99) = (percentile(&samples, 0.5), percentile(&samples, 0.99));
-    println!("  {name:<22} n={:<5} p50={:>8.1} µs  p90={:>8.1} µs  p99={:>8.1} µs", samples.len(), us(p50), us(percentile(&samples, 0.9)), us(p99));
+    println!(
+        "  {name:<22} n={:<5} p50={:>8.1} µs  p90={:>8.1} µs  p99={:>8.1} µs",
+        samples.len(),
+        us(p50),
+        us(percentile(&samples, 0.9)),
+        us(p99)
+    );
     (p50, p99)
 }
 
@@ -51,7 +57,8 @@ fn bare_forwarder(upstream: String) {
         std::io::stdout().flush().unwrap();
         let mut connector = hyper_util::client::legacy::connect::HttpConnector::new();
         connector.set_nodelay(true);
-        let http = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build::<_, hyper::body::Incoming>(connector);
+        let http =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new()).build::<_, hyper::body::Incoming>(connector);
         let builder = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
         loop {
             let (stream, _) = listener.accept().await.unwrap();
@@ -136,7 +143,11 @@ fn main() {
         let (bare50, bare99) = added(1);
         let (capit50, capit99) = added(2);
         println!("  added over direct: bare p50 {bare50:.1} µs p99 {bare99:.1} µs; capitd p50 {capit50:.1} µs p99 {capit99:.1} µs");
-        println!("  capitd / bare forwarder, whole request: p50 {:.2}x, p99 {:.2}x", us(figures[2].0) / us(figures[1].0), us(figures[2].1) / us(figures[1].1));
+        println!(
+            "  capitd / bare forwarder, whole request: p50 {:.2}x, p99 {:.2}x",
+            us(figures[2].0) / us(figures[1].0),
+            us(figures[2].1) / us(figures[1].1)
+        );
 
         let ttfb = |url: String, auth: String| async move {
             let started = Instant::now();
@@ -155,7 +166,11 @@ fn main() {
         }
         println!("streamed chat completion, time to first byte, new connection each:");
         let figures: Vec<_> = targets.iter().zip(samples).map(|((name, _, _), s)| report(name, s)).collect();
-        println!("  capitd / bare forwarder: p50 {:.2}x, p99 {:.2}x", us(figures[2].0) / us(figures[1].0), us(figures[2].1) / us(figures[1].1));
+        println!(
+            "  capitd / bare forwarder: p50 {:.2}x, p99 {:.2}x",
+            us(figures[2].0) / us(figures[1].0),
+            us(figures[2].1) / us(figures[1].1)
+        );
 
         println!("throughput, 16 concurrent clients on keep-alive connections, 3 s each:");
         let mut rates = Vec::new();
@@ -213,5 +228,9 @@ fn main() {
     let _ = forwarder.kill();
     let _ = forwarder.wait();
     let spent = daemon.spent("bench");
-    println!("ledger {spent} vs the fake's bill {} ({} requests; the bare forwarder's and direct calls are billed too)", fake.bill(), fake.billed_requests());
+    println!(
+        "ledger {spent} vs the fake's bill {} ({} requests; the bare forwarder's and direct calls are billed too)",
+        fake.bill(),
+        fake.billed_requests()
+    );
 }

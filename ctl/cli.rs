@@ -107,7 +107,9 @@ pub enum PriceCommand {
         max_output_tokens: Option<u64>,
     },
     /// Import a LiteLLM model_prices_and_context_window.json as overrides (all or nothing).
-    Import { file: std::path::PathBuf },
+    Import {
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Args)]

@@ -10,8 +10,8 @@ use tonic::transport::{Channel, Endpoint};
 use capit::proto::v1 as pb;
 use capit::proto::v1::control_client::ControlClient;
 
-use crate::consumers::{self, AgentEnv, Consumer, Target, files};
 use crate::cli::{Cli, Command, GrantArgs, KeyCommand, LimitArgs, PriceCommand, ProviderCommand, SetArgs, UsageArgs};
+use crate::consumers::{self, AgentEnv, Consumer, Target, files};
 use crate::output::{self, dollars, time_human, time_json};
 use crate::when;
 
@@ -92,7 +92,9 @@ async fn key(client: &mut Client, cmd: KeyCommand, json: bool) -> anyhow::Result
             let keys = client.list_keys(pb::ListKeysRequest {}).await.map_err(rpc)?.into_inner().keys;
             if json {
                 output::json(&Value::Array(
-                    keys.iter().map(|k| json!({"provider": k.provider, "fingerprint": k.fingerprint, "added_at": time_json(k.added_at)})).collect(),
+                    keys.iter()
+                        .map(|k| json!({"provider": k.provider, "fingerprint": k.fingerprint, "added_at": time_json(k.added_at)}))
+                        .collect(),
                 ));
             } else if keys.is_empty() {
                 println!("no master keys stored; add one with: capitctl key add <provider>");
@@ -127,7 +129,13 @@ async fn provider(client: &mut Client, cmd: ProviderCommand, json: bool) -> anyh
             } else {
                 let mut rows = vec![vec!["NAME".into(), "KIND".into(), "BASE URL".into(), "KEY".into()]];
                 for p in &providers {
-                    let key = if p.price_zero { "priced at zero" } else if p.has_key { "stored" } else { "missing" };
+                    let key = if p.price_zero {
+                        "priced at zero"
+                    } else if p.has_key {
+                        "stored"
+                    } else {
+                        "missing"
+                    };
                     rows.push(vec![p.name.clone(), p.kind.clone(), p.base_url.clone(), key.into()]);
                 }
                 output::table(&rows);
@@ -175,7 +183,15 @@ async fn price(client: &mut Client, cmd: PriceCommand, json: bool) -> anyhow::Re
                 let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
                 let mut rows = vec![["MODEL", "INPUT", "CACHED", "CACHE WRITE", "OUTPUT", "SOURCE", "CHECKED"].map(String::from).to_vec()];
                 for p in &prices {
-                    rows.push(vec![p.model.clone(), p.input.clone(), dash(&p.cached_input), dash(&p.cache_write_5m), p.output.clone(), p.source.clone(), dash(&p.checked)]);
+                    rows.push(vec![
+                        p.model.clone(),
+                        p.input.clone(),
+                        dash(&p.cached_input),
+                        dash(&p.cache_write_5m),
+                        p.output.clone(),
+                        p.source.clone(),
+                        dash(&p.checked),
+                    ]);
                 }
                 output::table(&rows);
                 println!("(USD per million tokens)");
@@ -187,7 +203,12 @@ async fn price(client: &mut Client, cmd: PriceCommand, json: bool) -> anyhow::Re
             if json {
                 output::json(&json!({"imported": r.imported, "skipped": r.skipped}));
             } else {
-                println!("imported prices for {} models from {} ({} entries skipped: other modes or no token prices)", r.imported, file.display(), r.skipped);
+                println!(
+                    "imported prices for {} models from {} ({} entries skipped: other modes or no token prices)",
+                    r.imported,
+                    file.display(),
+                    r.skipped
+                );
             }
         }
         PriceCommand::Set { model, input, output: out, cached_input, cache_write, cache_write_1h, max_output_tokens } => {
@@ -232,9 +253,7 @@ fn export_lines(kind: &str, base_url: &str, key: &str) -> Vec<String> {
 }
 
 fn local_user() -> String {
-    std::env::var("USER")
-        .or_else(|_| std::env::var("LOGNAME"))
-        .unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }))
+    std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }))
 }
 
 /// Where a grant's key goes: an agent's own configuration, or a dotenv file.
@@ -318,7 +337,8 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
     }
     let env = AgentEnv::from_process();
     let consumer = consumers::find(&args.agent).filter(|_| !args.no_install);
-    let provider = args.provider.clone().or(consumer.map(|c| c.provider().to_string())).unwrap_or_else(|| default_provider(&args.agent).to_string());
+    let provider =
+        args.provider.clone().or(consumer.map(|c| c.provider().to_string())).unwrap_or_else(|| default_provider(&args.agent).to_string());
     let now = chrono::Utc::now().timestamp();
     let expires_at = match &args.expires {
         Some(text) => when::parse_expiry(text, now)?,
@@ -367,7 +387,8 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         let base_url = format!("http://{}/{}{suffix}", status.listen_addr, info.name);
         for (installer, path) in &plan {
             let existing = files::read(path)?;
-            let new = installer.install(path, existing.as_deref(), &info.kind, &Target { base_url: &base_url, key: "sk-capit-<new key>" })?;
+            let new =
+                installer.install(path, existing.as_deref(), &info.kind, &Target { base_url: &base_url, key: "sk-capit-<new key>" })?;
             print!("{}", diff(&consumers::display_path(path, &env), existing.as_deref().unwrap_or(""), &new));
         }
         return Ok(());
@@ -382,7 +403,13 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         // Granting an agent again replaces its grant: the old key dies and its install is undone.
         let existing = client.list_grants(pb::ListGrantsRequest { include_revoked: false }).await.map_err(rpc)?.into_inner().grants;
         if existing.iter().any(|g| g.name == args.agent) {
-            let old = client.revoke_grant(pb::RevokeGrantRequest { name: args.agent.clone() }).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
+            let old = client
+                .revoke_grant(pb::RevokeGrantRequest { name: args.agent.clone() })
+                .await
+                .map_err(rpc)?
+                .into_inner()
+                .grant
+                .unwrap_or_default();
             for install in &old.installs {
                 restore(install, &info.kind, &env)?;
             }
@@ -412,7 +439,12 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
                 let existing = files::read(path).with_context(|| format!("reading {}", path.display()))?;
                 let text = installer.install(path, existing.as_deref(), &info.kind, &target)?;
                 files::write_atomic(path, &text).with_context(|| format!("writing {}", consumers::display_path(path, &env)))?;
-                Ok(pb::InstallRecord { agent: installer.name().to_string(), path: path.display().to_string(), original: existing, written_sha256: files::fingerprint(&text) })
+                Ok(pb::InstallRecord {
+                    agent: installer.name().to_string(),
+                    path: path.display().to_string(),
+                    original: existing,
+                    written_sha256: files::fingerprint(&text),
+                })
             })();
             match step {
                 Ok(record) => records.push(record),
@@ -423,9 +455,10 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
             }
         }
         if result.is_ok()
-            && let Err(e) = client.record_install(pb::RecordInstallRequest { name: g.name.clone(), installs: records.clone() }).await {
-                result = Err(rpc(e));
-            }
+            && let Err(e) = client.record_install(pb::RecordInstallRequest { name: g.name.clone(), installs: records.clone() }).await
+        {
+            result = Err(rpc(e));
+        }
         if let Err(e) = result {
             // Nothing half-done: every file written goes back, and the grant goes again.
             for record in &records {
@@ -554,8 +587,13 @@ async fn set(client: &mut Client, args: SetArgs, json: bool) -> anyhow::Result<(
         concurrency: l.concurrency,
         fit: l.fit,
     };
-    let unchanged = request.cap.is_none() && request.period.is_none() && request.expires_at.is_none() && !request.set_models && request.note.is_none()
-        && [l.max_requests, l.max_tokens, l.rpm, l.tpm, l.concurrency].iter().all(Option::is_none) && l.fit.is_none();
+    let unchanged = request.cap.is_none()
+        && request.period.is_none()
+        && request.expires_at.is_none()
+        && !request.set_models
+        && request.note.is_none()
+        && [l.max_requests, l.max_tokens, l.rpm, l.tpm, l.concurrency].iter().all(Option::is_none)
+        && l.fit.is_none();
     if unchanged {
         bail!("nothing to change; give --cap, --period, --expires, --models, --note or a limit");
     }
@@ -605,7 +643,8 @@ async fn list(client: &mut Client, all: bool, json: bool) -> anyhow::Result<()> 
         println!("no grants; make one with: capitctl grant <agent> <amount>");
         return Ok(());
     }
-    let mut rows = vec![["NAME", "PROVIDER", "SPENT / CAP", "PERIOD", "RESETS", "EXPIRES", "STATE", "BY", "NOTE"].map(String::from).to_vec()];
+    let mut rows =
+        vec![["NAME", "PROVIDER", "SPENT / CAP", "PERIOD", "RESETS", "EXPIRES", "STATE", "BY", "NOTE"].map(String::from).to_vec()];
     for g in &grants {
         rows.push(vec![
             g.name.clone(),
@@ -642,7 +681,13 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
     let u = client.get_usage(pb::GetUsageRequest { grant: grant.clone(), since }).await.map_err(rpc)?.into_inner();
     let total = u.total.clone().unwrap_or_default();
     let named = |rows: &[pb::UsageRow], key: &str| -> Vec<Value> {
-        rows.iter().map(|r| { let mut v = row_json(r); v[key] = Value::String(r.key.clone()); v }).collect()
+        rows.iter()
+            .map(|r| {
+                let mut v = row_json(r);
+                v[key] = Value::String(r.key.clone());
+                v
+            })
+            .collect()
     };
     if json {
         let mut doc = json!({
@@ -669,9 +714,16 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
     if grant.is_empty() {
         println!("all grants: {} in {} requests", dollars(&total.spent), total.requests);
     } else {
-        println!("grant \"{grant}\": {} in {} requests; {} of {} this {} (by {}{})", dollars(&total.spent), total.requests,
-            dollars(&u.period_spent), dollars(&u.cap), u.period, u.created_by,
-            if u.note.is_empty() { String::new() } else { format!(": {}", u.note) });
+        println!(
+            "grant \"{grant}\": {} in {} requests; {} of {} this {} (by {}{})",
+            dollars(&total.spent),
+            total.requests,
+            dollars(&u.period_spent),
+            dollars(&u.cap),
+            u.period,
+            u.created_by,
+            if u.note.is_empty() { String::new() } else { format!(": {}", u.note) }
+        );
     }
     let (label, rows) = match args.by.as_deref() {
         Some("day") => ("DAY", &u.by_day),
@@ -684,7 +736,16 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
     }
     let mut table = vec![[label, "SPENT", "REQUESTS", "INPUT", "CACHED", "OUTPUT", "REASONING", "ESTIMATED"].map(String::from).to_vec()];
     for r in rows {
-        table.push(vec![r.key.clone(), dollars(&r.spent), r.requests.to_string(), r.input_tokens.to_string(), r.cached_input_tokens.to_string(), r.output_tokens.to_string(), r.reasoning_tokens.to_string(), r.estimated.to_string()]);
+        table.push(vec![
+            r.key.clone(),
+            dollars(&r.spent),
+            r.requests.to_string(),
+            r.input_tokens.to_string(),
+            r.cached_input_tokens.to_string(),
+            r.output_tokens.to_string(),
+            r.reasoning_tokens.to_string(),
+            r.estimated.to_string(),
+        ]);
     }
     println!();
     output::table(&table);
@@ -692,7 +753,8 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
 }
 
 async fn revoke(client: &mut Client, name: &str, json: bool) -> anyhow::Result<()> {
-    let g = client.revoke_grant(pb::RevokeGrantRequest { name: name.to_string() }).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
+    let g =
+        client.revoke_grant(pb::RevokeGrantRequest { name: name.to_string() }).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
     let restored = if g.installs.is_empty() {
         None
     } else {
@@ -729,7 +791,10 @@ async fn status(client: &mut Client, json: bool) -> anyhow::Result<()> {
     } else {
         println!("capitd {} up {} s, proxy on http://{}", s.version, s.uptime_seconds, s.listen_addr);
         println!("home {}", s.home);
-        println!("{} active grants ({} in all), {} master keys, {} providers, {} ledger entries", s.grants_active, s.grants_total, s.keys, s.providers, s.ledger_entries);
+        println!(
+            "{} active grants ({} in all), {} master keys, {} providers, {} ledger entries",
+            s.grants_active, s.grants_total, s.keys, s.providers, s.ledger_entries
+        );
     }
     Ok(())
 }

@@ -395,8 +395,7 @@ pub enum GrantError {
 }
 
 pub fn validate_name(name: &str) -> Result<(), GrantError> {
-    let ok = (1..=64).contains(&name.len())
-        && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
+    let ok = (1..=64).contains(&name.len()) && name.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'));
     if ok { Ok(()) } else { Err(GrantError::BadName(name.to_string())) }
 }
 

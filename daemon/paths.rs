@@ -50,9 +50,10 @@ impl PathEnv {
             return Some(home.join("capitd.sock"));
         }
         if !cfg!(target_os = "macos")
-            && let Some(runtime) = self.xdg_runtime_dir.as_ref().filter(|r| r.is_absolute()) {
-                return Some(runtime.join("capit").join("capitd.sock"));
-            }
+            && let Some(runtime) = self.xdg_runtime_dir.as_ref().filter(|r| r.is_absolute())
+        {
+            return Some(runtime.join("capit").join("capitd.sock"));
+        }
         self.data_dir().map(|d| d.join("capitd.sock"))
     }
 }

@@ -43,9 +43,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Anthropic => ErrorFormat::Anthropic,
             ProviderKind::Gemini => ErrorFormat::Google,
-            ProviderKind::OpenAi | ProviderKind::OpenRouter | ProviderKind::OpenAiCompatible => {
-                ErrorFormat::OpenAi
-            }
+            ProviderKind::OpenAi | ProviderKind::OpenRouter | ProviderKind::OpenAiCompatible => ErrorFormat::OpenAi,
         }
     }
 
@@ -54,9 +52,7 @@ impl ProviderKind {
         match self {
             ProviderKind::Anthropic => AuthStyle::XApiKey,
             ProviderKind::Gemini => AuthStyle::XGoogApiKey,
-            ProviderKind::OpenAi | ProviderKind::OpenRouter | ProviderKind::OpenAiCompatible => {
-                AuthStyle::Bearer
-            }
+            ProviderKind::OpenAi | ProviderKind::OpenRouter | ProviderKind::OpenAiCompatible => AuthStyle::Bearer,
         }
     }
 
@@ -64,9 +60,7 @@ impl ProviderKind {
     pub fn client_base_suffix(self) -> &'static str {
         match self {
             ProviderKind::Anthropic | ProviderKind::Gemini => "",
-            ProviderKind::OpenAi | ProviderKind::OpenRouter | ProviderKind::OpenAiCompatible => {
-                "/v1"
-            }
+            ProviderKind::OpenAi | ProviderKind::OpenRouter | ProviderKind::OpenAiCompatible => "/v1",
         }
     }
 }
@@ -112,8 +106,7 @@ mod kind_serde {
 
     pub fn deserialize<'de, D: serde::Deserializer<'de>>(d: D) -> Result<ProviderKind, D::Error> {
         let text: String = serde::Deserialize::deserialize(d)?;
-        ProviderKind::parse(&text)
-            .ok_or_else(|| serde::de::Error::custom(format!("unknown provider kind {text:?}")))
+        ProviderKind::parse(&text).ok_or_else(|| serde::de::Error::custom(format!("unknown provider kind {text:?}")))
     }
 }
 
@@ -126,12 +119,7 @@ pub fn builtin_providers() -> Vec<Provider> {
         ("openrouter", ProviderKind::OpenRouter, "https://openrouter.ai/api"),
     ]
     .into_iter()
-    .map(|(name, kind, base_url)| Provider {
-        name: name.to_string(),
-        kind,
-        base_url: base_url.to_string(),
-        price_zero: false,
-    })
+    .map(|(name, kind, base_url)| Provider { name: name.to_string(), kind, base_url: base_url.to_string(), price_zero: false })
     .collect()
 }
 
@@ -157,10 +145,7 @@ pub fn validate_name(name: &str) -> Result<(), ProviderError> {
 /// concatenation.
 pub fn normalize_base_url(url: &str) -> Result<String, ProviderError> {
     let bad = || ProviderError::BadBaseUrl(url.to_string());
-    let rest = url
-        .strip_prefix("https://")
-        .or_else(|| url.strip_prefix("http://"))
-        .ok_or_else(bad)?;
+    let rest = url.strip_prefix("https://").or_else(|| url.strip_prefix("http://")).ok_or_else(bad)?;
     let host = rest.split('/').next().unwrap_or("");
     if host.is_empty() || url.contains('?') || url.contains('#') || url.chars().any(char::is_whitespace) {
         return Err(bad());

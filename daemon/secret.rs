@@ -120,8 +120,7 @@ pub fn generate_virtual_key() -> Result<Secret, RandomError> {
 
 /// True when `text` has the shape of a capit virtual key.
 pub fn looks_like_virtual_key(text: &str) -> bool {
-    text.strip_prefix(VIRTUAL_KEY_PREFIX)
-        .is_some_and(|rest| rest.len() >= 32 && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
+    text.strip_prefix(VIRTUAL_KEY_PREFIX).is_some_and(|rest| rest.len() >= 32 && rest.bytes().all(|b| b.is_ascii_alphanumeric()))
 }
 
 #[cfg(test)]

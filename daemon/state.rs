@@ -254,8 +254,7 @@ impl State {
     }
 
     pub fn with_clock(store: Store, snapshot: Snapshot, home: PathBuf, clock: Clock) -> Result<State, StateError> {
-        let mut providers: BTreeMap<String, Provider> =
-            providers::builtin_providers().into_iter().map(|p| (p.name.clone(), p)).collect();
+        let mut providers: BTreeMap<String, Provider> = providers::builtin_providers().into_iter().map(|p| (p.name.clone(), p)).collect();
         for p in snapshot.providers {
             providers.insert(p.name.clone(), p);
         }
@@ -489,12 +488,21 @@ impl State {
         };
         self.store.write(WriteOp::PutGrant(grant.clone())).await?;
         let window = local_window(grant.period, now);
-        let view = GrantView { state: grant.state(now, Decimal::ZERO), spent: Decimal::ZERO, reserved: Decimal::ZERO, window, grant: grant.clone() };
+        let view = GrantView {
+            state: grant.state(now, Decimal::ZERO),
+            spent: Decimal::ZERO,
+            reserved: Decimal::ZERO,
+            window,
+            grant: grant.clone(),
+        };
         let mut registry = self.write();
         registry.next_grant_id = id.0 + 1;
         registry.by_hash.insert(grant.key_hash, id);
         registry.by_name.insert(grant.name.clone(), id);
-        let slot = GrantSlot { id, live: Mutex::new(GrantLive { grant, window, spent: Decimal::ZERO, reserved: Decimal::ZERO, counts: Counts::default() }) };
+        let slot = GrantSlot {
+            id,
+            live: Mutex::new(GrantLive { grant, window, spent: Decimal::ZERO, reserved: Decimal::ZERO, counts: Counts::default() }),
+        };
         registry.grants.insert(id, Arc::new(slot));
         Ok((view, key))
     }
@@ -502,11 +510,7 @@ impl State {
     pub fn list_grants(&self, include_revoked: bool) -> Vec<GrantView> {
         let now = self.clock.now_seconds();
         let slots: Vec<Arc<GrantSlot>> = self.read().grants.values().cloned().collect();
-        slots
-            .iter()
-            .map(|slot| slot.view(now, &self.store))
-            .filter(|view| include_revoked || view.state != GrantState::Revoked)
-            .collect()
+        slots.iter().map(|slot| slot.view(now, &self.store)).filter(|view| include_revoked || view.state != GrantState::Revoked).collect()
     }
 
     /// The grant by name: the active one, or else the most recent revoked one.
@@ -550,7 +554,13 @@ impl State {
             grant.note = note;
         }
         let l = &mut grant.limits;
-        for (slot_value, new) in [(&mut l.max_requests, update.max_requests), (&mut l.max_tokens, update.max_tokens), (&mut l.rpm, update.rpm), (&mut l.tpm, update.tpm), (&mut l.concurrency, update.concurrency)] {
+        for (slot_value, new) in [
+            (&mut l.max_requests, update.max_requests),
+            (&mut l.max_tokens, update.max_tokens),
+            (&mut l.rpm, update.rpm),
+            (&mut l.tpm, update.tpm),
+            (&mut l.concurrency, update.concurrency),
+        ] {
             if let Some(new) = new {
                 *slot_value = (new > 0).then_some(new);
             }
@@ -668,18 +678,36 @@ impl State {
         counts.in_flight += 1;
         counts.recent_requests.push_back(now_ms);
         drop(live);
-        Ok(Reservation { slot: slot.clone(), amount: bound.cost, tokens: bound.tokens, settled: false, durable_id: None, store: self.store.clone() })
+        Ok(Reservation {
+            slot: slot.clone(),
+            amount: bound.cost,
+            tokens: bound.tokens,
+            settled: false,
+            durable_id: None,
+            store: self.store.clone(),
+        })
     }
 
     /// Queues a hold for the store and returns the receiver that resolves once it is committed
     /// (with the next batch); `None` for a hold of $0, which is not written. The request must not
     /// be billable upstream before then: a crash after the commit charges the hold.
-    pub fn make_durable(&self, reservation: &mut Reservation, model: &str, api: &str) -> Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>> {
+    pub fn make_durable(
+        &self,
+        reservation: &mut Reservation,
+        model: &str,
+        api: &str,
+    ) -> Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>> {
         if reservation.amount.is_zero() || reservation.durable_id.is_some() {
             return None;
         }
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
-        let stored = StoredReservation { grant: reservation.grant(), amount: reservation.amount, model: model.to_string(), api: api.to_string(), at_ms: self.clock.now_millis() };
+        let stored = StoredReservation {
+            grant: reservation.grant(),
+            amount: reservation.amount,
+            model: model.to_string(),
+            api: api.to_string(),
+            at_ms: self.clock.now_millis(),
+        };
         reservation.durable_id = Some(id);
         Some(self.store.submit(WriteOp::PutReservation { id, reservation: stored }))
     }
@@ -819,7 +847,13 @@ impl GrantSlot {
     fn view(&self, now: i64, store: &Store) -> GrantView {
         let mut live = self.lock();
         live.roll(now, self.id, store);
-        GrantView { grant: live.grant.clone(), spent: live.spent, reserved: live.reserved, state: live.grant.state(now, live.spent), window: live.window }
+        GrantView {
+            grant: live.grant.clone(),
+            spent: live.spent,
+            reserved: live.reserved,
+            state: live.grant.state(now, live.spent),
+            window: live.window,
+        }
     }
 }
 
@@ -857,11 +891,31 @@ mod tests {
     }
 
     fn entry(state: &State, grant: GrantId, cost: Decimal) -> LedgerEntry {
-        LedgerEntry { grant, at_ms: state.clock().now_millis(), model: "m".into(), api: "chat.completions".into(), usage: Usage::default(), cost, status: EntryStatus::Metered, http_status: 200, error: None }
+        LedgerEntry {
+            grant,
+            at_ms: state.clock().now_millis(),
+            model: "m".into(),
+            api: "chat.completions".into(),
+            usage: Usage::default(),
+            cost,
+            status: EntryStatus::Metered,
+            http_status: 200,
+            error: None,
+        }
     }
 
     fn grant_spec(period: Period, expires_at: Option<i64>) -> GrantSpec {
-        GrantSpec { name: "g".into(), provider: "openai".into(), cap: Decimal::ONE, period, expires_at, models: vec![], note: String::new(), created_by: "t".into(), limits: Limits::default() }
+        GrantSpec {
+            name: "g".into(),
+            provider: "openai".into(),
+            cap: Decimal::ONE,
+            period,
+            expires_at,
+            models: vec![],
+            note: String::new(),
+            created_by: "t".into(),
+            limits: Limits::default(),
+        }
     }
 
     fn dollars(text: &str) -> Decimal {

@@ -102,18 +102,35 @@ pub struct Snapshot {
 
 /// One write. The writer applies a batch of these in a single transaction.
 pub enum WriteOp {
-    PutKey { provider: String, key: StoredKey },
-    DeleteKey { provider: String },
+    PutKey {
+        provider: String,
+        key: StoredKey,
+    },
+    DeleteKey {
+        provider: String,
+    },
     PutProvider(Provider),
     PutGrant(Grant),
-    PutPrice { model: String, price: Price },
+    PutPrice {
+        model: String,
+        price: Price,
+    },
     /// Many prices in one transaction (an import is all or nothing).
     PutPrices(Vec<(String, Price)>),
     /// Appends an entry and adds it to the totals of the window starting at `window_start`,
     /// removing the request's hold in the same transaction.
-    AppendEntry { entry: LedgerEntry, window_start: i64, reservation: Option<u64> },
-    PutReservation { id: u64, reservation: StoredReservation },
-    DeleteReservation { id: u64 },
+    AppendEntry {
+        entry: LedgerEntry,
+        window_start: i64,
+        reservation: Option<u64>,
+    },
+    PutReservation {
+        id: u64,
+        reservation: StoredReservation,
+    },
+    DeleteReservation {
+        id: u64,
+    },
     /// Writes nothing: it commits after every write queued before it, so awaiting it means
     /// those are durable (a reader's barrier).
     Barrier,
@@ -153,10 +170,8 @@ impl Store {
         let db = Arc::new(db);
         let (jobs, rx) = mpsc::channel();
         let writer_db = db.clone();
-        let writer = std::thread::Builder::new()
-            .name("capit-store-writer".into())
-            .spawn(move || writer_loop(&writer_db, rx))
-            .map_err(io)?;
+        let writer =
+            std::thread::Builder::new().name("capit-store-writer".into()).spawn(move || writer_loop(&writer_db, rx)).map_err(io)?;
         let writer = Writer { jobs: Mutex::new(Some(jobs)), thread: Mutex::new(Some(writer)) };
         Ok((Store { db, writer: Arc::new(writer) }, snapshot))
     }

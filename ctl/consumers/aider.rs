@@ -61,7 +61,8 @@ mod tests {
 
     #[test]
     fn a_broken_file_names_its_line() {
-        let err = Aider.install(Path::new("a.yml"), Some("model: gpt-5\nread: [a, b\nx: 1\n"), &Target { base_url: "u", key: "k" }).unwrap_err();
+        let err =
+            Aider.install(Path::new("a.yml"), Some("model: gpt-5\nread: [a, b\nx: 1\n"), &Target { base_url: "u", key: "k" }).unwrap_err();
         assert!(err.line.is_some() && err.to_string().starts_with("a.yml:"), "{err}");
         assert!(Aider.install(Path::new("a.yml"), Some("- just\n- a list\n"), &Target { base_url: "u", key: "k" }).is_err());
     }

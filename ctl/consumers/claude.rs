@@ -73,7 +73,9 @@ mod tests {
 
     #[test]
     fn a_broken_file_is_an_error_naming_its_line() {
-        let err = Claude.install(Path::new("/h/.claude/settings.json"), Some("{\n  \"a\": 1,\n  oops\n}"), &Target { base_url: "u", key: "k" }).unwrap_err();
+        let err = Claude
+            .install(Path::new("/h/.claude/settings.json"), Some("{\n  \"a\": 1,\n  oops\n}"), &Target { base_url: "u", key: "k" })
+            .unwrap_err();
         assert_eq!(err.line, Some(3));
         assert!(err.to_string().starts_with("/h/.claude/settings.json:3: not valid JSON"), "{err}");
     }

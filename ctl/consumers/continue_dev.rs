@@ -96,9 +96,16 @@ impl Consumer for ContinueDev {
         let mut out: Vec<String> = cleaned.iter().map(|l| l.to_string()).collect();
         match models_block(&cleaned) {
             Some((start, end)) => {
-                let indent = cleaned[start + 1..end].iter().find(|l| l.trim_start().starts_with('-')).map_or("  ", |l| &l[..l.len() - l.trim_start().len()]);
+                let indent = cleaned[start + 1..end]
+                    .iter()
+                    .find(|l| l.trim_start().starts_with('-'))
+                    .map_or("  ", |l| &l[..l.len() - l.trim_start().len()]);
                 if cleaned[start].trim_end() != "models:" {
-                    return Err(EditError { path: path.to_path_buf(), line: Some(start + 1), message: "models is written inline; capit needs it as a block list".into() });
+                    return Err(EditError {
+                        path: path.to_path_buf(),
+                        line: Some(start + 1),
+                        message: "models is written inline; capit needs it as a block list".into(),
+                    });
                 }
                 out.splice(end..end, item(indent, target));
             }
@@ -121,9 +128,10 @@ impl Consumer for ContinueDev {
         if !had_models {
             let refs: Vec<&str> = out.iter().map(String::as_str).collect();
             if let Some((start, end)) = models_block(&refs)
-                && end == start + 1 {
-                    out.remove(start);
-                }
+                && end == start + 1
+            {
+                out.remove(start);
+            }
         }
         Ok(join(out))
     }

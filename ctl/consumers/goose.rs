@@ -64,7 +64,10 @@ impl Consumer for Goose {
             .ok()
             .and_then(|text| YamlLoader::load_from_str(&text).ok())
             .and_then(|docs| docs.into_iter().next())
-            .is_some_and(|doc| matches!(&doc["GOOSE_DISABLE_KEYRING"], Yaml::Boolean(true)) || doc["GOOSE_DISABLE_KEYRING"].as_str().is_some_and(|v| v == "true" || v == "1"));
+            .is_some_and(|doc| {
+                matches!(&doc["GOOSE_DISABLE_KEYRING"], Yaml::Boolean(true))
+                    || doc["GOOSE_DISABLE_KEYRING"].as_str().is_some_and(|v| v == "true" || v == "1")
+            });
         if secrets_file || keyring_off {
             Ok(())
         } else {

@@ -33,7 +33,11 @@ pub fn set(path: &Path, text: Option<&str>, values: &[(&[&str], &str)]) -> Resul
         let mut object = &mut map;
         for key in parents {
             let entry = object.entry(key.to_string()).or_insert_with(|| Value::Object(Map::new()));
-            object = entry.as_object_mut().ok_or_else(|| EditError { path: path.to_path_buf(), line: None, message: format!("\"{key}\" is not an object") })?;
+            object = entry.as_object_mut().ok_or_else(|| EditError {
+                path: path.to_path_buf(),
+                line: None,
+                message: format!("\"{key}\" is not an object"),
+            })?;
         }
         object.insert(last.to_string(), Value::String(value.to_string()));
     }

@@ -12,7 +12,11 @@ use super::EditError;
 /// Parses a YAML file that must be empty or a mapping; a file that is not is refused with the
 /// line where it breaks.
 pub fn yaml_mapping(path: &Path, text: &str) -> Result<Option<Yaml>, EditError> {
-    let docs = YamlLoader::load_from_str(text).map_err(|e| EditError { path: path.to_path_buf(), line: Some(e.marker().line()), message: format!("not valid YAML: {}", e.info()) })?;
+    let docs = YamlLoader::load_from_str(text).map_err(|e| EditError {
+        path: path.to_path_buf(),
+        line: Some(e.marker().line()),
+        message: format!("not valid YAML: {}", e.info()),
+    })?;
     match docs.into_iter().next() {
         None | Some(Yaml::Null) => Ok(None),
         Some(doc @ Yaml::Hash(_)) => Ok(Some(doc)),
@@ -43,7 +47,10 @@ fn key_of(line: &str, syntax: Syntax) -> Option<&str> {
 fn span(lines: &[String], index: usize, syntax: Syntax) -> usize {
     let mut end = index + 1;
     if syntax == Syntax::FlatYaml {
-        while end < lines.len() && (lines[end].starts_with([' ', '\t']) || lines[end].trim().is_empty()) && lines[end..].iter().any(|l| l.starts_with([' ', '\t'])) {
+        while end < lines.len()
+            && (lines[end].starts_with([' ', '\t']) || lines[end].trim().is_empty())
+            && lines[end..].iter().any(|l| l.starts_with([' ', '\t']))
+        {
             if lines[end].trim().is_empty() && !lines[end + 1..].first().is_some_and(|l| l.starts_with([' ', '\t'])) {
                 break;
             }
@@ -122,7 +129,10 @@ mod tests {
         let original = "# aider\nmodel: gpt-5\nopenai-api-key:\n  sk-old\nauto-commits: false\nread:\n  - CONVENTIONS.md\n";
         let pairs = [("openai-api-base", "http://x/openai/v1"), ("openai-api-key", "sk-capit-z")];
         let installed = set(original, &pairs, Syntax::FlatYaml);
-        assert_eq!(installed, "# aider\nmodel: gpt-5\nopenai-api-key: \"sk-capit-z\"\nauto-commits: false\nread:\n  - CONVENTIONS.md\nopenai-api-base: \"http://x/openai/v1\"\n");
+        assert_eq!(
+            installed,
+            "# aider\nmodel: gpt-5\nopenai-api-key: \"sk-capit-z\"\nauto-commits: false\nread:\n  - CONVENTIONS.md\nopenai-api-base: \"http://x/openai/v1\"\n"
+        );
         assert_eq!(unset(&installed, &["openai-api-base", "openai-api-key"], Some(original), Syntax::FlatYaml), original);
     }
 }

@@ -101,7 +101,16 @@ pub trait Consumer: Sync {
 
 /// Every consumer capit can install into.
 pub fn all() -> &'static [&'static dyn Consumer] {
-    &[&claude::Claude, &codex::Codex, &dotenv::GeminiCli, &opencode::OpenCode, &aider::Aider, &continue_dev::ContinueDev, &openclaw::OpenClaw, &goose::Goose]
+    &[
+        &claude::Claude,
+        &codex::Codex,
+        &dotenv::GeminiCli,
+        &opencode::OpenCode,
+        &aider::Aider,
+        &continue_dev::ContinueDev,
+        &openclaw::OpenClaw,
+        &goose::Goose,
+    ]
 }
 
 pub fn find(name: &str) -> Option<&'static dyn Consumer> {
@@ -116,7 +125,9 @@ pub fn editor(name: &str) -> Option<&'static dyn Consumer> {
 /// Agents capit knows but cannot serve, with the reason given instead of a half-working install.
 pub fn unsupported(name: &str) -> Option<&'static str> {
     match name {
-        "cursor" => Some("cursor sends its requests from Cursor's own servers, which cannot reach a proxy on 127.0.0.1; capit cannot cap it"),
+        "cursor" => {
+            Some("cursor sends its requests from Cursor's own servers, which cannot reach a proxy on 127.0.0.1; capit cannot cap it")
+        }
         "windsurf" => Some("windsurf has no custom base URL for its models; capit cannot cap it"),
         _ => None,
     }

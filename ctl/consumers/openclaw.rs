@@ -36,7 +36,11 @@ fn options() -> ParseOptions {
 
 fn parse(path: &Path, text: &str) -> Result<CstRootNode, EditError> {
     let text = if text.trim().is_empty() { "{}\n" } else { text };
-    CstRootNode::parse(text, &options()).map_err(|e| EditError { path: path.to_path_buf(), line: Some(e.line_display()), message: format!("not valid JSON5: {}", e.kind()) })
+    CstRootNode::parse(text, &options()).map_err(|e| EditError {
+        path: path.to_path_buf(),
+        line: Some(e.line_display()),
+        message: format!("not valid JSON5: {}", e.kind()),
+    })
 }
 
 fn plain(path: &Path, text: Option<&str>) -> Value {
@@ -82,9 +86,10 @@ fn drop_if_empty(object: &CstObject, name: &str, before: Option<&Value>) {
         return;
     }
     if let Some(prop) = object.get(name)
-        && prop.value().and_then(|v| v.to_serde_value()).is_some_and(|v| v.as_object().is_some_and(|m| m.is_empty())) {
-            prop.remove();
-        }
+        && prop.value().and_then(|v| v.to_serde_value()).is_some_and(|v| v.as_object().is_some_and(|m| m.is_empty()))
+    {
+        prop.remove();
+    }
 }
 
 impl Consumer for OpenClaw {
@@ -115,9 +120,13 @@ impl Consumer for OpenClaw {
             let Ok(text) = std::fs::read_to_string(&file) else { continue };
             let catalogue = plain(&file, Some(&text));
             let own = catalogue.pointer("/providers/capit").or_else(|| catalogue.get("capit"));
-            let overrides = own.is_some_and(|p| ["baseUrl", "apiKey"].iter().any(|k| p.get(*k).and_then(Value::as_str).is_some_and(|s| !s.is_empty())));
+            let overrides =
+                own.is_some_and(|p| ["baseUrl", "apiKey"].iter().any(|k| p.get(*k).and_then(Value::as_str).is_some_and(|s| !s.is_empty())));
             if overrides {
-                return Err(format!("{} sets its own \"capit\" provider, which would win over openclaw.json; remove it first", file.display()));
+                return Err(format!(
+                    "{} sets its own \"capit\" provider, which would win over openclaw.json; remove it first",
+                    file.display()
+                ));
             }
         }
         Ok(())

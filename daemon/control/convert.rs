@@ -46,7 +46,13 @@ pub fn parse_decimal(text: &str, field: &str) -> Result<Option<Decimal>, Status>
 }
 
 pub fn provider(p: &Provider, has_key: bool) -> pb::Provider {
-    pb::Provider { name: p.name.clone(), kind: p.kind.as_str().to_string(), base_url: p.base_url.clone(), price_zero: p.price_zero, has_key }
+    pb::Provider {
+        name: p.name.clone(),
+        kind: p.kind.as_str().to_string(),
+        base_url: p.base_url.clone(),
+        price_zero: p.price_zero,
+        has_key,
+    }
 }
 
 pub fn grant(view: &GrantView) -> pb::Grant {
@@ -71,7 +77,12 @@ pub fn grant(view: &GrantView) -> pb::Grant {
         installs: g
             .installs
             .iter()
-            .map(|i| pb::InstallRecord { agent: i.agent.clone(), path: i.path.clone(), original: i.original.clone(), written_sha256: i.written_sha256.clone() })
+            .map(|i| pb::InstallRecord {
+                agent: i.agent.clone(),
+                path: i.path.clone(),
+                original: i.original.clone(),
+                written_sha256: i.written_sha256.clone(),
+            })
             .collect(),
     }
 }

@@ -119,8 +119,11 @@ impl Control for ControlService {
     async fn create_grant(&self, request: Request<pb::CreateGrantRequest>) -> Result<Response<pb::CreateGrantResponse>, Status> {
         let req = request.into_inner();
         let cap = parse_cap(&req.cap).map_err(|e| Status::invalid_argument(e.to_string()))?;
-        let period = if req.period.is_empty() { Period::Month } else {
-            Period::parse(&req.period).ok_or_else(|| Status::invalid_argument(crate::grants::GrantError::BadPeriod(req.period.clone()).to_string()))?
+        let period = if req.period.is_empty() {
+            Period::Month
+        } else {
+            Period::parse(&req.period)
+                .ok_or_else(|| Status::invalid_argument(crate::grants::GrantError::BadPeriod(req.period.clone()).to_string()))?
         };
         let spec = GrantSpec {
             name: req.name,
@@ -153,7 +156,12 @@ impl Control for ControlService {
         let invalid = |e: crate::grants::GrantError| Status::invalid_argument(e.to_string());
         let update = crate::state::GrantUpdate {
             cap: req.cap.as_deref().map(parse_cap).transpose().map_err(invalid)?,
-            period: req.period.as_deref().map(|p| Period::parse(p).ok_or_else(|| crate::grants::GrantError::BadPeriod(p.to_string()))).transpose().map_err(invalid)?,
+            period: req
+                .period
+                .as_deref()
+                .map(|p| Period::parse(p).ok_or_else(|| crate::grants::GrantError::BadPeriod(p.to_string())))
+                .transpose()
+                .map_err(invalid)?,
             expires_at: req.expires_at.map(|at| (at > 0).then_some(at)),
             models: req.set_models.then(|| req.models.iter().map(|m| m.trim().to_string()).filter(|m| !m.is_empty()).collect()),
             note: req.note,
@@ -176,7 +184,11 @@ impl Control for ControlService {
 
     async fn record_install(&self, request: Request<pb::RecordInstallRequest>) -> Result<Response<pb::RecordInstallResponse>, Status> {
         let req = request.into_inner();
-        let installs = req.installs.into_iter().map(|i| crate::grants::InstallRecord { agent: i.agent, path: i.path, original: i.original, written_sha256: i.written_sha256 }).collect();
+        let installs = req
+            .installs
+            .into_iter()
+            .map(|i| crate::grants::InstallRecord { agent: i.agent, path: i.path, original: i.original, written_sha256: i.written_sha256 })
+            .collect();
         self.state.record_install(&req.name, installs).await.map_err(status_from)?;
         Ok(Response::new(pb::RecordInstallResponse {}))
     }

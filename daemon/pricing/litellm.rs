@@ -36,9 +36,11 @@ pub fn parse(text: &str) -> Result<(Vec<(String, Price)>, usize), PriceError> {
     let mut bare = Vec::new();
     for (model, price) in &out {
         if let Some(name) = BARE_PREFIXES.iter().find_map(|p| model.strip_prefix(p))
-            && !named.contains(name) && !bare.iter().any(|(m, _): &(String, Price)| m == name) {
-                bare.push((name.to_string(), price.clone()));
-            }
+            && !named.contains(name)
+            && !bare.iter().any(|(m, _): &(String, Price)| m == name)
+        {
+            bare.push((name.to_string(), price.clone()));
+        }
     }
     out.extend(bare);
     Ok((out, skipped))

@@ -217,8 +217,8 @@ pub enum PriceSource {
 impl PriceTable {
     /// The table compiled into this binary, with the given overrides on top.
     pub fn with_overrides(overrides: BTreeMap<String, Price>) -> PriceTable {
-        let file: BuiltinFile = serde_json::from_str(include_str!("../prices.json"))
-            .expect("the built-in price table is valid; a unit test parses it");
+        let file: BuiltinFile =
+            serde_json::from_str(include_str!("../prices.json")).expect("the built-in price table is valid; a unit test parses it");
         PriceTable { builtin: file.models, overrides }
     }
 
@@ -278,9 +278,10 @@ fn candidates(model: &str) -> Vec<String> {
 fn strip_date_suffix(model: &str) -> Option<&str> {
     let is_digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
     if let Some((head, tail)) = model.rsplit_once('-')
-        && is_digits(tail, 8) {
-            return Some(head);
-        }
+        && is_digits(tail, 8)
+    {
+        return Some(head);
+    }
     let parts: Vec<&str> = model.rsplitn(4, '-').collect();
     if parts.len() == 4 && is_digits(parts[0], 2) && is_digits(parts[1], 2) && is_digits(parts[2], 4) {
         return Some(parts[3]);
@@ -379,8 +380,17 @@ mod tests {
         assert_eq!(bound(sonnet, 1000, 500), d("0.0135"));
         // Past 200K input the long-context tier applies: 12.00 for 1-hour writes, 22.50 output.
         assert_eq!(bound(sonnet, 200_001, 0), d("2.400012"));
-        for (input, cached, w5, w1, output) in [(1000, 1000, 0, 0, 500), (1000, 0, 1000, 0, 500), (1000, 0, 0, 1000, 500), (1000, 200, 300, 400, 7)] {
-            let usage = Usage { input_tokens: input, cached_input_tokens: cached, cache_write_5m_tokens: w5, cache_write_1h_tokens: w1, output_tokens: output, ..Usage::default() };
+        for (input, cached, w5, w1, output) in
+            [(1000, 1000, 0, 0, 500), (1000, 0, 1000, 0, 500), (1000, 0, 0, 1000, 500), (1000, 200, 300, 400, 7)]
+        {
+            let usage = Usage {
+                input_tokens: input,
+                cached_input_tokens: cached,
+                cache_write_5m_tokens: w5,
+                cache_write_1h_tokens: w1,
+                output_tokens: output,
+                ..Usage::default()
+            };
             assert!(cost(&usage, sonnet) <= bound(sonnet, 1000, 500), "{usage:?}");
         }
         assert!(bound(sonnet, u64::MAX, u64::MAX) > Decimal::ZERO, "huge counts do not panic");

@@ -87,18 +87,20 @@ pub fn upstream_client(extra_roots: Option<&std::path::Path>) -> Result<Upstream
     http.enforce_http(false);
     http.set_nodelay(true);
     http.set_connect_timeout(Some(Duration::from_secs(10)));
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .enable_http2()
-        .wrap_connector(http);
+    let https =
+        hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls).https_or_http().enable_http1().enable_http2().wrap_connector(http);
     Ok(Client::builder(TokioExecutor::new()).pool_idle_timeout(Duration::from_secs(90)).build(https))
 }
 
 /// Serves the proxy on `listener` until `shutdown` fires, then lets open requests finish (for
 /// at most the grace period) and waits for their settlements.
-pub async fn serve(listener: TcpListener, state: Arc<State>, client: UpstreamClient, config: ProxyConfig, shutdown: CancellationToken) -> std::io::Result<()> {
+pub async fn serve(
+    listener: TcpListener,
+    state: Arc<State>,
+    client: UpstreamClient,
+    config: ProxyConfig,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
     let proxy = Arc::new(Proxy { state, client, config: config.clone(), settlements: TaskTracker::new() });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
@@ -221,10 +223,16 @@ impl Proxy {
             uri.push('?');
             uri.push_str(&q);
         }
-        uri.parse().map_err(|_| ProxyError::new(StatusCode::BAD_REQUEST, "capit_bad_path", "capit: the request path is not a valid URL path"))
+        uri.parse()
+            .map_err(|_| ProxyError::new(StatusCode::BAD_REQUEST, "capit_bad_path", "capit: the request path is not a valid URL path"))
     }
 
-    async fn forward_free(&self, req: Request<Incoming>, target: &Target, upstream: &crate::state::Upstream) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward_free(
+        &self,
+        req: Request<Incoming>,
+        target: &Target,
+        upstream: &crate::state::Upstream,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, _body) = req.into_parts();
         let uri = self.upstream_uri(&upstream.provider, target)?;
         let response = self.send(parts.method, uri, &parts.headers, upstream, GatedBody::new(Bytes::new(), None)).await?;
@@ -235,7 +243,14 @@ impl Proxy {
         Ok(out)
     }
 
-    async fn forward_metered(&self, req: Request<Incoming>, target: Target, upstream: crate::state::Upstream, slot: Arc<GrantSlot>, api: MeteredApi) -> Result<Response<ProxyBody>, ProxyError> {
+    async fn forward_metered(
+        &self,
+        req: Request<Incoming>,
+        target: Target,
+        upstream: crate::state::Upstream,
+        slot: Arc<GrantSlot>,
+        api: MeteredApi,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
         let request_bytes = body.len() as u64;
@@ -346,21 +361,37 @@ impl Proxy {
         match Limited::new(body, limit).collect().await {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
-            Err(e) => Err(ProxyError::new(StatusCode::BAD_REQUEST, "capit_body_read", format!("capit: reading the request body failed: {e}"))),
+            Err(e) => {
+                Err(ProxyError::new(StatusCode::BAD_REQUEST, "capit_body_read", format!("capit: reading the request body failed: {e}")))
+            }
         }
     }
 
-    async fn send(&self, method: Method, uri: Uri, client_headers: &http::HeaderMap, upstream: &crate::state::Upstream, body: GatedBody) -> Result<Response<Incoming>, ProxyError> {
+    async fn send(
+        &self,
+        method: Method,
+        uri: Uri,
+        client_headers: &http::HeaderMap,
+        upstream: &crate::state::Upstream,
+        body: GatedBody,
+    ) -> Result<Response<Incoming>, ProxyError> {
         let headers = request::upstream_headers(client_headers, upstream.provider.kind.auth_style(), &upstream.key).map_err(|_| {
-            ProxyError::new(StatusCode::INTERNAL_SERVER_ERROR, "capit_bad_master_key", format!("capit: the stored {} key cannot be sent as a header; replace it with: capitctl key add {}", upstream.provider.name, upstream.provider.name))
+            ProxyError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "capit_bad_master_key",
+                format!(
+                    "capit: the stored {} key cannot be sent as a header; replace it with: capitctl key add {}",
+                    upstream.provider.name, upstream.provider.name
+                ),
+            )
         })?;
         let mut builder = Request::builder().method(method).uri(uri);
         if let Some(h) = builder.headers_mut() {
             *h = headers;
         }
-        let request = builder
-            .body(body)
-            .map_err(|e| ProxyError::new(StatusCode::BAD_REQUEST, "capit_bad_request", format!("capit: the request cannot be forwarded: {e}")))?;
+        let request = builder.body(body).map_err(|e| {
+            ProxyError::new(StatusCode::BAD_REQUEST, "capit_bad_request", format!("capit: the request cannot be forwarded: {e}"))
+        })?;
         let timeout = self.config.upstream_timeout;
         let name = &upstream.provider.name;
         match tokio::time::timeout(timeout, self.client.request(request)).await {
@@ -469,8 +500,16 @@ fn state_error(error: StateError) -> ProxyError {
 
 fn body_error(error: BodyError) -> ProxyError {
     match error {
-        BodyError::MissingModel => ProxyError::new(StatusCode::BAD_REQUEST, "missing_model", "capit: the request body has no \"model\"; you must provide a model parameter"),
-        BodyError::Malformed(detail) => ProxyError::new(StatusCode::BAD_REQUEST, "invalid_json", format!("capit: the request body is not valid JSON for this API: {detail}")),
+        BodyError::MissingModel => ProxyError::new(
+            StatusCode::BAD_REQUEST,
+            "missing_model",
+            "capit: the request body has no \"model\"; you must provide a model parameter",
+        ),
+        BodyError::Malformed(detail) => ProxyError::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+            format!("capit: the request body is not valid JSON for this API: {detail}"),
+        ),
     }
 }
 
@@ -479,6 +518,8 @@ pub fn check_listen_addr(addr: SocketAddr) -> Result<(), String> {
     if addr.ip().is_loopback() {
         Ok(())
     } else {
-        Err(format!("refusing to listen on {addr}: the proxy serves only loopback addresses (127.0.0.0/8 or ::1), so that no other machine can spend a grant"))
+        Err(format!(
+            "refusing to listen on {addr}: the proxy serves only loopback addresses (127.0.0.0/8 or ::1), so that no other machine can spend a grant"
+        ))
     }
 }

@@ -163,7 +163,17 @@ pub fn prepare(api: MeteredApi, body: Bytes, path_model: Option<&str>) -> Result
 /// The output limit a request sets and whether it references unmeasurable input. Only bodies
 /// that mention a limit or a reference are parsed a second time.
 fn output_limits(api: MeteredApi, body: &[u8]) -> (Option<u64>, bool) {
-    const MARKERS: [&str; 9] = ["max_tokens", "max_completion_tokens", "max_output_tokens", "maxOutputTokens", "image_url", "file_id", "file_url", "fileUri", "\"url\""];
+    const MARKERS: [&str; 9] = [
+        "max_tokens",
+        "max_completion_tokens",
+        "max_output_tokens",
+        "maxOutputTokens",
+        "image_url",
+        "file_id",
+        "file_url",
+        "fileUri",
+        "\"url\"",
+    ];
     if !MARKERS.iter().any(|m| contains(body, m)) {
         return (None, false);
     }
@@ -221,7 +231,11 @@ pub fn set_max_output(api: MeteredApi, body: &[u8], tokens: u64) -> Result<Bytes
     match api {
         MeteredApi::OpenAiChat => {
             let choices = object.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
-            let field = if object.contains_key("max_tokens") && !object.contains_key("max_completion_tokens") { "max_tokens" } else { "max_completion_tokens" };
+            let field = if object.contains_key("max_tokens") && !object.contains_key("max_completion_tokens") {
+                "max_tokens"
+            } else {
+                "max_completion_tokens"
+            };
             object.insert(field.into(), json!(tokens / choices));
         }
         MeteredApi::OpenAiResponses => {
@@ -231,9 +245,10 @@ pub fn set_max_output(api: MeteredApi, body: &[u8], tokens: u64) -> Result<Bytes
             object.insert("max_tokens".into(), json!(tokens));
             // Thinking counts toward max_tokens and must stay below it.
             if let Some(budget) = object.get_mut("thinking").and_then(|t| t.get_mut("budget_tokens"))
-                && budget.as_u64().is_some_and(|b| b >= tokens) {
-                    *budget = json!(tokens / 2);
-                }
+                && budget.as_u64().is_some_and(|b| b >= tokens)
+            {
+                *budget = json!(tokens / 2);
+            }
         }
         MeteredApi::GeminiGenerate => {
             let config = object.entry("generationConfig").or_insert_with(|| json!({}));
@@ -272,7 +287,8 @@ fn prepare_chat(body: Bytes) -> Result<Prepared, BodyError> {
         Some(_) => return Err(BodyError::Malformed("\"stream\" must be true or false".into())),
     };
     let (max_output_tokens, external_input) = output_limits(MeteredApi::OpenAiChat, &body);
-    let prepared = |body: Bytes, injected_usage: bool| Prepared { model: model.clone(), max_output_tokens, external_input, body, injected_usage };
+    let prepared =
+        |body: Bytes, injected_usage: bool| Prepared { model: model.clone(), max_output_tokens, external_input, body, injected_usage };
     if !stream {
         return Ok(prepared(body, false));
     }
@@ -282,9 +298,7 @@ fn prepare_chat(body: Bytes) -> Result<Prepared, BodyError> {
                 .ok_or_else(|| BodyError::Malformed("the body is not a JSON object".into()))?;
             Ok(prepared(body, true))
         }
-        Some(Value::Object(opts)) if opts.get("include_usage") == Some(&Value::Bool(true)) => {
-            Ok(prepared(body, false))
-        }
+        Some(Value::Object(opts)) if opts.get("include_usage") == Some(&Value::Bool(true)) => Ok(prepared(body, false)),
         Some(Value::Object(_)) | Some(Value::Null) | None => {
             // Rare: options present without include_usage. Rewrite the whole object.
             let mut value: Value = serde_json::from_slice(&body).map_err(|e| BodyError::Malformed(e.to_string()))?;
@@ -339,7 +353,8 @@ mod tests {
     #[test]
     fn other_apis_need_a_model_unless_the_path_names_it() {
         let body = |s: &str| Bytes::copy_from_slice(s.as_bytes());
-        let r = prepare(MeteredApi::AnthropicMessages, body(r#"{"model":"claude-haiku-4-5","max_tokens":10,"stream":true}"#), None).unwrap();
+        let r =
+            prepare(MeteredApi::AnthropicMessages, body(r#"{"model":"claude-haiku-4-5","max_tokens":10,"stream":true}"#), None).unwrap();
         assert_eq!((r.model.as_str(), r.injected_usage), ("claude-haiku-4-5", false));
         assert_eq!(prepare(MeteredApi::OpenAiResponses, body(r#"{"input":"hi"}"#), None).unwrap_err(), BodyError::MissingModel);
         let r = prepare(MeteredApi::GeminiGenerate, body(r#"{"contents":[]}"#), Some("gemini-2.5-flash")).unwrap();
@@ -389,13 +404,21 @@ mod tests {
         assert_eq!(chat(r#"{"model":"m","max_tokens":100}"#).max_output_tokens, Some(100));
         assert_eq!(chat(r#"{"model":"m","max_completion_tokens":50,"max_tokens":100,"n":3}"#).max_output_tokens, Some(150));
         assert_eq!(chat(r#"{"model":"m"}"#).max_output_tokens, None);
-        let inline = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#);
+        let inline = chat(
+            r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"data:image/png;base64,AAAA"}}]}]}"#,
+        );
         assert!(!inline.external_input);
-        let linked = chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/cat.png"}}]}]}"#);
+        let linked =
+            chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"https://x/cat.png"}}]}]}"#);
         assert!(linked.external_input);
         let text_link = chat(r#"{"model":"m","messages":[{"role":"user","content":"see https://x/y"}]}"#);
         assert!(!text_link.external_input, "a URL in the text is only text");
-        let r = prepare(MeteredApi::OpenAiResponses, body(r#"{"model":"m","max_output_tokens":7,"input":[{"type":"input_file","file_id":"file-1"}]}"#), None).unwrap();
+        let r = prepare(
+            MeteredApi::OpenAiResponses,
+            body(r#"{"model":"m","max_output_tokens":7,"input":[{"type":"input_file","file_id":"file-1"}]}"#),
+            None,
+        )
+        .unwrap();
         assert_eq!((r.max_output_tokens, r.external_input), (Some(7), true));
         let a = prepare(MeteredApi::AnthropicMessages, body(r#"{"model":"m","max_tokens":9,"messages":[{"content":[{"type":"image","source":{"type":"url","url":"https://x/a.png"}}]}]}"#), None).unwrap();
         assert_eq!((a.max_output_tokens, a.external_input), (Some(9), true));
@@ -409,10 +432,21 @@ mod tests {
         assert_eq!(set(MeteredApi::OpenAiChat, r#"{"model":"m"}"#, 300)["max_completion_tokens"], 300);
         assert_eq!(set(MeteredApi::OpenAiChat, r#"{"model":"m","max_tokens":9000,"n":3}"#, 300)["max_tokens"], 100);
         assert_eq!(set(MeteredApi::OpenAiResponses, r#"{"model":"m"}"#, 300)["max_output_tokens"], 300);
-        let claude = set(MeteredApi::AnthropicMessages, r#"{"model":"m","max_tokens":9000,"thinking":{"type":"enabled","budget_tokens":8000}}"#, 300);
+        let claude = set(
+            MeteredApi::AnthropicMessages,
+            r#"{"model":"m","max_tokens":9000,"thinking":{"type":"enabled","budget_tokens":8000}}"#,
+            300,
+        );
         assert_eq!((claude["max_tokens"].as_u64(), claude["thinking"]["budget_tokens"].as_u64()), (Some(300), Some(150)));
-        let gemini = set(MeteredApi::GeminiGenerate, r#"{"contents":[],"generationConfig":{"thinkingConfig":{"thinkingBudget":1000}}}"#, 300);
-        assert_eq!((gemini["generationConfig"]["maxOutputTokens"].as_u64(), gemini["generationConfig"]["thinkingConfig"]["thinkingBudget"].as_u64()), (Some(150), Some(150)));
+        let gemini =
+            set(MeteredApi::GeminiGenerate, r#"{"contents":[],"generationConfig":{"thinkingConfig":{"thinkingBudget":1000}}}"#, 300);
+        assert_eq!(
+            (
+                gemini["generationConfig"]["maxOutputTokens"].as_u64(),
+                gemini["generationConfig"]["thinkingConfig"]["thinkingBudget"].as_u64()
+            ),
+            (Some(150), Some(150))
+        );
     }
 
     #[test]

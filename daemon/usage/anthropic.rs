@@ -38,10 +38,7 @@ impl AnthropicCounts {
         set(&mut self.thinking, usage.pointer("/output_tokens_details/thinking_tokens"));
         set(&mut self.web_searches, usage.pointer("/server_tool_use/web_search_requests"));
         if let Some(split) = usage.get("cache_creation").filter(|c| c.is_object()) {
-            self.split = Some((
-                count(split.get("ephemeral_5m_input_tokens")),
-                count(split.get("ephemeral_1h_input_tokens")),
-            ));
+            self.split = Some((count(split.get("ephemeral_5m_input_tokens")), count(split.get("ephemeral_1h_input_tokens"))));
         }
     }
 

@@ -102,7 +102,10 @@ pub struct ResponseMeter {
 #[derive(Debug)]
 enum BodyState {
     /// A JSON body, accumulated (up to a bound) and parsed once complete.
-    Json { buf: Vec<u8>, overflowed: bool },
+    Json {
+        buf: Vec<u8>,
+        overflowed: bool,
+    },
     Sse(SseFramer),
     JsonArray(gemini::JsonArraySplitter),
 }
@@ -118,16 +121,26 @@ impl ResponseMeter {
             BodyFormat::Json => BodyState::Json { buf: Vec::new(), overflowed: false },
             BodyFormat::JsonArray => BodyState::JsonArray(gemini::JsonArraySplitter::default()),
         };
-        ResponseMeter { api, body, observed: Observed::default(), anthropic: Default::default(), hide_injected_usage, whole_events: hide_injected_usage, decoder: None }
+        ResponseMeter {
+            api,
+            body,
+            observed: Observed::default(),
+            anthropic: Default::default(),
+            hide_injected_usage,
+            whole_events: hide_injected_usage,
+            decoder: None,
+        }
     }
 
     /// Forwards SSE in whole events, so that the stream can be ended between two of them.
     pub fn with_whole_events(mut self, whole: bool) -> ResponseMeter {
-        if whole && !self.whole_events
-            && let BodyState::Sse(framer) = &mut self.body {
-                *framer = SseFramer::new(true);
-                self.whole_events = true;
-            }
+        if whole
+            && !self.whole_events
+            && let BodyState::Sse(framer) = &mut self.body
+        {
+            *framer = SseFramer::new(true);
+            self.whole_events = true;
+        }
         self
     }
 

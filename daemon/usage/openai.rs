@@ -120,15 +120,15 @@ pub fn observe_chat_event(observed: &mut Observed, event: &SseEvent) -> Verdict 
         return Verdict::Forward;
     }
     if observed.model.is_none()
-        && let Some(model) = chunk.model.filter(|m| !m.is_empty()) {
-            observed.model = Some(model.into_owned());
-        }
+        && let Some(model) = chunk.model.filter(|m| !m.is_empty())
+    {
+        observed.model = Some(model.into_owned());
+    }
     let mut choices_empty = true;
     for choice in chunk.choices.iter().flatten() {
         choices_empty = false;
         if let Some(delta) = &choice.delta {
-            let text = delta.content.as_deref().map_or(0, str::len)
-                + delta.reasoning_content.as_deref().map_or(0, str::len);
+            let text = delta.content.as_deref().map_or(0, str::len) + delta.reasoning_content.as_deref().map_or(0, str::len);
             let tools: usize = delta
                 .tool_calls
                 .iter()
@@ -204,7 +204,12 @@ pub fn observe_responses_event(observed: &mut Observed, event: &SseEvent) -> Ver
                 observed.output_text_bytes += delta.len() as u64;
             }
         }
-        "response.created" | "response.in_progress" | "response.completed" | "response.incomplete" | "response.failed" | "response.done" => {
+        "response.created"
+        | "response.in_progress"
+        | "response.completed"
+        | "response.incomplete"
+        | "response.failed"
+        | "response.done" => {
             if let Some(response) = value.get("response") {
                 observe_response_object(observed, response);
             }

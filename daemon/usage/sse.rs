@@ -147,11 +147,7 @@ impl SseFramer {
     }
 
     fn dispatch(&mut self, on_event: &mut dyn FnMut(SseEvent)) {
-        let event = SseEvent {
-            name: self.name.take(),
-            data: std::mem::take(&mut self.data),
-            raw: std::mem::take(&mut self.raw),
-        };
+        let event = SseEvent { name: self.name.take(), data: std::mem::take(&mut self.data), raw: std::mem::take(&mut self.raw) };
         self.has_data = false;
         on_event(event);
     }

@@ -134,7 +134,16 @@ fn providers_can_be_added_and_pointed_elsewhere() {
     let providers = daemon.ctl_json(&["provider", "ls"]);
     let names: Vec<&str> = providers.as_array().unwrap().iter().map(|p| p["name"].as_str().unwrap()).collect();
     assert_eq!(names, ["anthropic", "gemini", "openai", "openrouter"]);
-    let added = daemon.ctl_json(&["provider", "add", "ollama", "--kind", "openai-compatible", "--base-url", "http://127.0.0.1:11434/", "--price-zero"]);
+    let added = daemon.ctl_json(&[
+        "provider",
+        "add",
+        "ollama",
+        "--kind",
+        "openai-compatible",
+        "--base-url",
+        "http://127.0.0.1:11434/",
+        "--price-zero",
+    ]);
     assert_eq!((added["base_url"].as_str(), added["price_zero"].as_bool()), (Some("http://127.0.0.1:11434"), Some(true)));
     assert!(daemon.ctl_err(&["provider", "add", "ollama", "--base-url", "http://x"]).contains("already exists"));
     assert!(daemon.ctl_err(&["provider", "add", "Bad", "--base-url", "http://x"]).contains("provider name"));
@@ -178,8 +187,12 @@ fn a_litellm_price_file_is_imported_whole_or_not_at_all() {
     assert!(find("other-model").is_some());
 
     let bad = daemon.dir.path().join("bad.json");
-    std::fs::write(&bad, r#"{"fine-model": {"input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06, "mode": "chat"},
- "broken-model": {"input_cost_per_token": "lots", "output_cost_per_token": 1e-06, "mode": "chat"}}"#).unwrap();
+    std::fs::write(
+        &bad,
+        r#"{"fine-model": {"input_cost_per_token": 1e-06, "output_cost_per_token": 1e-06, "mode": "chat"},
+ "broken-model": {"input_cost_per_token": "lots", "output_cost_per_token": 1e-06, "mode": "chat"}}"#,
+    )
+    .unwrap();
     let err = daemon.ctl_err(&["price", "import", bad.to_str().unwrap()]);
     assert!(err.contains("broken-model"), "{err}");
     let prices = daemon.ctl_json(&["price", "ls"]).to_string();

@@ -73,7 +73,12 @@ fn claude_code_settings_get_the_key_and_come_back_byte_for_byte() {
     // What was installed works, as Claude Code sends it: Bearer, to <base>/v1/messages.
     let auth = format!("Bearer {token}");
     let body = r#"{"model":"claude-haiku-4-5","max_tokens":100,"messages":[{"role":"user","content":"hi"}]}"#;
-    let reply = runtime().block_on(http::send(Method::POST, &format!("{base}/v1/messages?beta=true"), &[("authorization", &auth), ("anthropic-version", "2023-06-01")], body));
+    let reply = runtime().block_on(http::send(
+        Method::POST,
+        &format!("{base}/v1/messages?beta=true"),
+        &[("authorization", &auth), ("anthropic-version", "2023-06-01")],
+        body,
+    ));
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(daemon.spent("claude"), fake.bill());
 
@@ -107,7 +112,8 @@ fn codex_gets_its_own_provider_and_the_config_comes_back_byte_for_byte() {
     // Codex appends /responses to base_url and sends the token as Bearer.
     let url = format!("{}/responses", capit["base_url"].as_str().unwrap());
     let auth = format!("Bearer {}", capit["experimental_bearer_token"].as_str().unwrap());
-    let reply = runtime().block_on(http::send(Method::POST, &url, &[("authorization", &auth)], r#"{"model":"gpt-5","input":"hi","stream":true}"#));
+    let reply =
+        runtime().block_on(http::send(Method::POST, &url, &[("authorization", &auth)], r#"{"model":"gpt-5","input":"hi","stream":true}"#));
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(daemon.spent("codex"), fake.bill());
 
@@ -147,7 +153,9 @@ fn gemini_cli_env_file_and_a_dotenv_for_any_script() {
     // Any name with --env-file: a dotenv of the provider's variables, removed again on revoke.
     daemon.setup_provider("openai", &fake.base_url(), MASTER);
     let env_file = home.path().join("agent.env");
-    let doc: Value = serde_json::from_str(&ok(daemon.ctl_home(home.path(), &["grant", "nightly", "1", "--provider", "openai", "--env-file", env_file.to_str().unwrap(), "--json"]))).unwrap();
+    let doc: Value = serde_json::from_str(&ok(daemon
+        .ctl_home(home.path(), &["grant", "nightly", "1", "--provider", "openai", "--env-file", env_file.to_str().unwrap(), "--json"])))
+    .unwrap();
     let text = std::fs::read_to_string(&env_file).unwrap();
     assert_eq!(text, format!("OPENAI_BASE_URL={}\nOPENAI_API_KEY={}\n", doc["base_url"].as_str().unwrap(), doc["key"].as_str().unwrap()));
     ok(daemon.ctl_home(home.path(), &["revoke", "nightly"]));
@@ -195,7 +203,10 @@ fn granting_again_replaces_the_key_and_dry_run_changes_nothing() {
     std::fs::write(&file, CLAUDE_SETTINGS).unwrap();
 
     let diff = ok(daemon.ctl_home(home.path(), &["grant", "claude", "5", "--dry-run"]));
-    assert!(diff.contains("+++ ~/.claude/settings.json (with capit)") && diff.contains("+") && diff.contains("ANTHROPIC_AUTH_TOKEN"), "{diff}");
+    assert!(
+        diff.contains("+++ ~/.claude/settings.json (with capit)") && diff.contains("+") && diff.contains("ANTHROPIC_AUTH_TOKEN"),
+        "{diff}"
+    );
     assert_eq!(std::fs::read_to_string(&file).unwrap(), CLAUDE_SETTINGS);
     assert!(daemon.ctl_json(&["ls"]).as_array().unwrap().is_empty(), "a dry run makes no grant");
 
@@ -280,7 +291,12 @@ fn aider_options_file_keeps_its_comments_and_comes_back_byte_for_byte() {
     let value = |k: &str| text.lines().find_map(|l| l.strip_prefix(&format!("{k}: "))).unwrap().trim_matches('"').to_string();
     // aider's OpenAI-compatible route: {openai-api-base}/chat/completions with a Bearer key.
     let url = format!("{}/chat/completions", value("openai-api-base"));
-    let reply = runtime().block_on(http::send(Method::POST, &url, &[("authorization", &format!("Bearer {}", value("openai-api-key")))], r#"{"model":"test-model","messages":[]}"#));
+    let reply = runtime().block_on(http::send(
+        Method::POST,
+        &url,
+        &[("authorization", &format!("Bearer {}", value("openai-api-key")))],
+        r#"{"model":"test-model","messages":[]}"#,
+    ));
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(daemon.spent("aider"), fake.bill());
     ok(daemon.ctl_home(home.path(), &["revoke", "aider"]));
@@ -331,7 +347,12 @@ fn openclaw_json5_keeps_its_comments_and_a_per_agent_override_is_refused() {
     assert_eq!(config["agents"]["defaults"]["model"]["primary"], "capit/claude-sonnet-4-5");
     // The anthropic-messages client appends /v1/messages to baseUrl and sends x-api-key.
     let url = format!("{}/v1/messages", provider["baseUrl"].as_str().unwrap());
-    let reply = runtime().block_on(http::send(Method::POST, &url, &[("x-api-key", provider["apiKey"].as_str().unwrap())], r#"{"model":"claude-sonnet-4-5","max_tokens":50,"messages":[]}"#));
+    let reply = runtime().block_on(http::send(
+        Method::POST,
+        &url,
+        &[("x-api-key", provider["apiKey"].as_str().unwrap())],
+        r#"{"model":"claude-sonnet-4-5","max_tokens":50,"messages":[]}"#,
+    ));
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(daemon.spent("openclaw"), fake.bill());
     ok(daemon.ctl_home(home.path(), &["revoke", "openclaw"]));
@@ -365,7 +386,12 @@ fn run_agent(program: &str, args: &[&str], home: &Path, env: &[(&str, &str)], un
     for name in unset {
         command.env_remove(name);
     }
-    let mut child = command.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::piped()).spawn().unwrap();
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(90);
     while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -391,7 +417,9 @@ fn the_real_codex_cli_runs_through_an_installed_grant() {
     std::fs::write(dir.join("config.toml"), "model = \"gpt-5\"\n").unwrap();
     ok(daemon.ctl_home(home.path(), &["grant", "codex", "3"]));
     let unset = ["CODEX_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL"];
-    let Some((stdout, stderr)) = run_agent("codex", &["exec", "--skip-git-repo-check", "say hello"], home.path(), &[], &unset) else { return };
+    let Some((stdout, stderr)) = run_agent("codex", &["exec", "--skip-git-repo-check", "say hello"], home.path(), &[], &unset) else {
+        return;
+    };
     let calls = calls(&fake);
     assert!(calls.iter().any(|c| c.starts_with("POST /v1/responses")), "codex called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
     assert!(fake.received().iter().all(|r| r.header("authorization").as_deref() == Some(&format!("Bearer {MASTER}")[..])));
@@ -405,12 +433,20 @@ fn the_real_codex_cli_runs_through_an_installed_grant() {
 fn the_real_claude_code_runs_through_an_installed_grant() {
     let (daemon, fake, home) = setup("anthropic");
     // List prices, written here independently of the daemon's table, for any model it may call.
-    for (model, input, cached, output) in [("claude-haiku-4-5", "1", "0.1", "5"), ("claude-sonnet-4-5", "3", "0.3", "15"), ("claude-sonnet-5", "3", "0.3", "15"), ("claude-opus-4-7", "5", "0.5", "25"), ("claude-opus-5", "5", "0.5", "25")] {
+    for (model, input, cached, output) in [
+        ("claude-haiku-4-5", "1", "0.1", "5"),
+        ("claude-sonnet-4-5", "3", "0.3", "15"),
+        ("claude-sonnet-5", "3", "0.3", "15"),
+        ("claude-opus-4-7", "5", "0.5", "25"),
+        ("claude-opus-5", "5", "0.5", "25"),
+    ] {
         fake.set_price(model, input, cached, output);
     }
     ok(daemon.ctl_home(home.path(), &["grant", "claude", "3"]));
     let unset = ["CLAUDE_CONFIG_DIR", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"];
-    let Some((stdout, stderr)) = run_agent("claude", &["-p", "say hello", "--model", "claude-haiku-4-5"], home.path(), &[], &unset) else { return };
+    let Some((stdout, stderr)) = run_agent("claude", &["-p", "say hello", "--model", "claude-haiku-4-5"], home.path(), &[], &unset) else {
+        return;
+    };
     let calls = calls(&fake);
     assert!(calls.iter().any(|c| c.starts_with("POST /v1/messages")), "claude called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
     assert!(stdout.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}\ncalls: {calls:?}");
@@ -423,16 +459,27 @@ fn the_real_claude_code_runs_through_an_installed_grant() {
 fn the_real_gemini_cli_runs_through_an_installed_grant() {
     let (daemon, fake, home) = setup("gemini");
     // List prices, written here independently of the daemon's table, for any model it may call.
-    for (model, input, cached, output) in [("gemini-2.5-pro", "1.25", "0.125", "10"), ("gemini-2.5-flash", "0.30", "0.03", "2.50"), ("gemini-2.5-flash-lite", "0.10", "0.01", "0.40"), ("gemini-3.5-flash", "1.50", "0.15", "9"), ("gemini-3.1-pro-preview", "2", "0.2", "12")] {
+    for (model, input, cached, output) in [
+        ("gemini-2.5-pro", "1.25", "0.125", "10"),
+        ("gemini-2.5-flash", "0.30", "0.03", "2.50"),
+        ("gemini-2.5-flash-lite", "0.10", "0.01", "0.40"),
+        ("gemini-3.5-flash", "1.50", "0.15", "9"),
+        ("gemini-3.1-pro-preview", "2", "0.2", "12"),
+    ] {
         fake.set_price(model, input, cached, output);
     }
     ok(daemon.ctl_home(home.path(), &["grant", "gemini", "3"]));
     // Headless runs need a trusted folder; trust is the user's own setting, not capit's.
     let env = [("GEMINI_CLI_TRUST_WORKSPACE", "true")];
     let unset = ["GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"];
-    let Some((stdout, stderr)) = run_agent("gemini", &["-p", "say hello", "-m", "gemini-2.5-flash"], home.path(), &env, &unset) else { return };
+    let Some((stdout, stderr)) = run_agent("gemini", &["-p", "say hello", "-m", "gemini-2.5-flash"], home.path(), &env, &unset) else {
+        return;
+    };
     let calls = calls(&fake);
-    assert!(calls.iter().any(|c| c.contains(":streamGenerateContent") || c.contains(":generateContent")), "gemini called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
+    assert!(
+        calls.iter().any(|c| c.contains(":streamGenerateContent") || c.contains(":generateContent")),
+        "gemini called {calls:?}\nstdout: {stdout}\nstderr: {stderr}"
+    );
     assert!(stdout.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}\ncalls: {calls:?}");
     assert_eq!(daemon.spent("gemini"), fake.bill());
 }
@@ -444,7 +491,8 @@ fn goose_installs_where_it_keeps_keys_in_a_file_and_refuses_the_keyring() {
     let dir = home.path().join(".config").join("goose");
     std::fs::create_dir_all(&dir).unwrap();
     let config = dir.join("config.yaml");
-    let config_before = "GOOSE_MODEL: claude-sonnet-4-5\nGOOSE_PROVIDER: openai\nextensions:\n  developer:\n    enabled: true\n    type: builtin\n";
+    let config_before =
+        "GOOSE_MODEL: claude-sonnet-4-5\nGOOSE_PROVIDER: openai\nextensions:\n  developer:\n    enabled: true\n    type: builtin\n";
     std::fs::write(&config, config_before).unwrap();
     // Keys in the system keyring: capit cannot write there, so it refuses and changes nothing.
     let out = daemon.ctl_home(home.path(), &["grant", "goose", "3"]);
@@ -465,7 +513,12 @@ fn goose_installs_where_it_keeps_keys_in_a_file_and_refuses_the_keyring() {
     assert_eq!(sec["OPENAI_API_KEY"].as_str(), Some("sk-real-openai"));
     // goose joins v1/messages onto ANTHROPIC_HOST and sends x-api-key.
     let url = format!("{}/v1/messages", cfg["ANTHROPIC_HOST"].as_str().unwrap());
-    let reply = runtime().block_on(http::send(Method::POST, &url, &[("x-api-key", sec["ANTHROPIC_API_KEY"].as_str().unwrap())], r#"{"model":"claude-sonnet-4-5","max_tokens":50,"messages":[]}"#));
+    let reply = runtime().block_on(http::send(
+        Method::POST,
+        &url,
+        &[("x-api-key", sec["ANTHROPIC_API_KEY"].as_str().unwrap())],
+        r#"{"model":"claude-sonnet-4-5","max_tokens":50,"messages":[]}"#,
+    ));
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(daemon.spent("goose"), fake.bill());
     ok(daemon.ctl_home(home.path(), &["revoke", "goose"]));

@@ -63,7 +63,11 @@ fn kill_9_at_random_moments_never_loses_or_double_counts() {
         assert!(ledger >= bill, "round {round}: ledger {ledger} < upstream bill {bill}: a billed request was lost");
         // What this crash added beyond the bill is at most the holds of the requests it cut.
         let excess = ledger - bill;
-        assert!(excess - excess_before <= bound * dec(&CLIENTS.to_string()), "round {round}: the ledger grew {} past the bill, more than {CLIENTS} holds of {bound}", excess - excess_before);
+        assert!(
+            excess - excess_before <= bound * dec(&CLIENTS.to_string()),
+            "round {round}: the ledger grew {} past the bill, more than {CLIENTS} holds of {bound}",
+            excess - excess_before
+        );
         excess_before = excess;
         assert!(completed.load(Ordering::SeqCst) > 0 || round > 0, "the load ran");
         eprintln!("round {round}: ledger {ledger}, bill {bill}, interrupted so far {}", usage["estimated"]);

@@ -39,7 +39,13 @@ fn a_non_loopback_listen_address_is_refused_at_start() {
     let not_pem = dir.path().join("not.pem");
     std::fs::write(&not_pem, "hello").unwrap();
     for ca in [dir.path().join("missing.pem"), not_pem] {
-        let out = Command::new(CAPITD).args(["--listen", "127.0.0.1:0", "--upstream-ca"]).arg(&ca).arg("--home").arg(dir.path()).output().unwrap();
+        let out = Command::new(CAPITD)
+            .args(["--listen", "127.0.0.1:0", "--upstream-ca"])
+            .arg(&ca)
+            .arg("--home")
+            .arg(dir.path())
+            .output()
+            .unwrap();
         assert_eq!(out.status.code(), Some(1));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("upstream TLS roots") && err.contains(ca.to_str().unwrap()), "{err}");
@@ -110,7 +116,14 @@ fn the_master_key_never_appears_in_logs_or_output() {
     let key: serde_json::Value = serde_json::from_str(&grant).unwrap();
     let key = key["key"].as_str().unwrap().to_string();
     outputs.push_str(&grant);
-    for args in [&["key", "ls"][..], &["key", "ls", "--json"], &["provider", "ls", "--json"], &["ls", "--json"], &["status", "--json"], &["usage", "--json"]] {
+    for args in [
+        &["key", "ls"][..],
+        &["key", "ls", "--json"],
+        &["provider", "ls", "--json"],
+        &["ls", "--json"],
+        &["status", "--json"],
+        &["usage", "--json"],
+    ] {
         outputs.push_str(&daemon.ctl_ok(args));
     }
     let rt = runtime();

@@ -105,7 +105,8 @@ fn set_changes_limits_in_place_and_rotate_swaps_the_key() {
     });
     let refused = rt.block_on(post_json(&chat_url(&daemon), &key, BODY));
     assert_eq!(refused.status, 429, "the bound ($0.0056) does not fit $0.003");
-    let set = daemon.ctl_json(&["set", "agent", "--cap", "1", "--period", "week", "--expires", "30d", "--note", "more room", "--rpm", "100"]);
+    let set =
+        daemon.ctl_json(&["set", "agent", "--cap", "1", "--period", "week", "--expires", "30d", "--note", "more room", "--rpm", "100"]);
     assert_eq!((set["cap"].as_str(), set["period"].as_str(), set["note"].as_str()), (Some("1.00"), Some("week"), Some("more room")));
     assert_eq!(set["limits"]["rpm"], 100);
     assert!(set["expires_at"].is_string());

@@ -30,7 +30,8 @@ pub fn chat_url(daemon: &Daemon) -> String {
 
 const PLAIN: &str = r#"{"model":"test-model","messages":[{"role":"user","content":"hi"}]}"#;
 const STREAM: &str = r#"{"model":"test-model","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
-const STREAM_WITH_USAGE: &str = r#"{"model":"test-model","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
+const STREAM_WITH_USAGE: &str =
+    r#"{"model":"test-model","stream":true,"stream_options":{"include_usage":true},"messages":[{"role":"user","content":"hi"}]}"#;
 
 /// The SSE `data:` payloads of a reply, in order.
 fn sse_data(text: &str) -> Vec<String> {
@@ -133,7 +134,8 @@ fn streams_reach_the_client_chunk_by_chunk_without_buffering() {
         let mut body = response.into_body();
         // The fake holds everything after its first event until released: the first event can
         // only arrive here if the proxy forwards without waiting for more.
-        let first = tokio::time::timeout(Duration::from_secs(10), next_data(&mut body)).await.expect("first event arrives while the rest is held");
+        let first =
+            tokio::time::timeout(Duration::from_secs(10), next_data(&mut body)).await.expect("first event arrives while the rest is held");
         let first = String::from_utf8(first.unwrap().unwrap().to_vec()).unwrap();
         assert!(first.starts_with("data: ") && first.contains("\"role\":\"assistant\""), "{first}");
         assert_eq!(fake.finished_streams(), 0);

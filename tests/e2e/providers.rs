@@ -52,8 +52,13 @@ fn anthropic_json_and_streams_with_cache_writes_and_searches() {
     let (daemon, fake, key) = setup("anthropic");
     fake.set_full_price("claude-haiku-4-5", haiku());
     let url = daemon.url("/anthropic/v1/messages?beta=true");
-    let headers = [("x-api-key", key.as_str()), ("anthropic-version", "2023-06-01"), ("anthropic-beta", "interleaved-thinking-2025-05-14,context-1m-2025-08-07")];
-    let cases: [(&str, bool, bool); 4] = [(CLAUDE, false, false), (CLAUDE, true, false), (CLAUDE_STREAM, true, true), (CLAUDE_STREAM, false, true)];
+    let headers = [
+        ("x-api-key", key.as_str()),
+        ("anthropic-version", "2023-06-01"),
+        ("anthropic-beta", "interleaved-thinking-2025-05-14,context-1m-2025-08-07"),
+    ];
+    let cases: [(&str, bool, bool); 4] =
+        [(CLAUDE, false, false), (CLAUDE, true, false), (CLAUDE_STREAM, true, true), (CLAUDE_STREAM, false, true)];
     for (i, (body, split, byte_by_byte)) in cases.into_iter().enumerate() {
         fake.script(|s| {
             s.prompt_tokens = 50 + i as u64;
@@ -70,7 +75,8 @@ fn anthropic_json_and_streams_with_cache_writes_and_searches() {
         assert_eq!(reply.status, 200, "case {i}: {}", reply.text());
         assert_eq!(daemon.spent("agent"), fake.bill(), "case {i}");
     }
-    let stream = post(&url, &[("authorization", &format!("Bearer {key}")), ("anthropic-version", "2023-06-01")], &with_system_prompt(CLAUDE_STREAM));
+    let stream =
+        post(&url, &[("authorization", &format!("Bearer {key}")), ("anthropic-version", "2023-06-01")], &with_system_prompt(CLAUDE_STREAM));
     assert!(stream.text().contains("event: message_stop"));
     assert_eq!(daemon.spent("agent"), fake.bill(), "Bearer, as Claude Code sends it");
     let received = fake.received();
@@ -247,11 +253,19 @@ fn named_openai_compatible_servers() {
     // A zero-priced local server needs no key and no price.
     let local = daemon.grant("local", "1", &["--provider", "ollama"]);
     fake.set_price("llama3.3", "0", "0", "0");
-    let reply = post(&daemon.url("/ollama/v1/chat/completions"), &[("authorization", &format!("Bearer {local}"))], r#"{"model":"llama3.3","messages":[]}"#);
+    let reply = post(
+        &daemon.url("/ollama/v1/chat/completions"),
+        &[("authorization", &format!("Bearer {local}"))],
+        r#"{"model":"llama3.3","messages":[]}"#,
+    );
     assert_eq!(reply.status, 503, "no key stored for ollama yet: {}", reply.text());
     let out = daemon.ctl_stdin(&["key", "add", "ollama"], "ollama");
     assert!(out.status.success());
-    let reply = post(&daemon.url("/ollama/v1/chat/completions"), &[("authorization", &format!("Bearer {local}"))], r#"{"model":"llama3.3","messages":[]}"#);
+    let reply = post(
+        &daemon.url("/ollama/v1/chat/completions"),
+        &[("authorization", &format!("Bearer {local}"))],
+        r#"{"model":"llama3.3","messages":[]}"#,
+    );
     assert_eq!(reply.status, 200);
     let usage = daemon.ctl_json(&["usage", "local"]);
     assert_eq!((usage["spent"].as_str(), usage["input_tokens"].as_u64()), (Some("0"), Some(12)));

@@ -11,8 +11,8 @@ use serde_json::Value;
 
 use crate::metering::MASTER;
 use crate::support::daemon::Daemon;
-use crate::support::upstream::{Fake, FakePrice};
 use crate::support::dec;
+use crate::support::upstream::{Fake, FakePrice};
 
 fn have_python_module(module: &str) -> bool {
     let ok = Command::new("python3").args(["-c", &format!("import {module}")]).output().is_ok_and(|o| o.status.success());
@@ -73,7 +73,14 @@ fn the_official_anthropic_python_sdk_works_through_the_proxy() {
     let fake = Fake::openai();
     let daemon = Daemon::start();
     daemon.setup_provider("anthropic", &fake.base_url(), MASTER);
-    let price = FakePrice { input: dec("1"), cached_input: dec("0.1"), cache_write_5m: dec("1.25"), cache_write_1h: dec("2"), output: dec("5"), web_search_per_1k: dec("10") };
+    let price = FakePrice {
+        input: dec("1"),
+        cached_input: dec("0.1"),
+        cache_write_5m: dec("1.25"),
+        cache_write_1h: dec("2"),
+        output: dec("5"),
+        web_search_per_1k: dec("10"),
+    };
     fake.set_full_price("claude-haiku-4-5", price);
     fake.script(|s| {
         s.cached_tokens = 2000;

@@ -201,7 +201,12 @@ impl Fake {
     }
 
     pub fn set_price(&self, model: &str, input: &str, cached_input: &str, output: &str) {
-        let p = FakePrice { input: input.parse().unwrap(), cached_input: cached_input.parse().unwrap(), output: output.parse().unwrap(), ..FakePrice::default() };
+        let p = FakePrice {
+            input: input.parse().unwrap(),
+            cached_input: cached_input.parse().unwrap(),
+            output: output.parse().unwrap(),
+            ..FakePrice::default()
+        };
         self.set_full_price(model, p);
     }
 
@@ -243,7 +248,12 @@ impl Drop for Fake {
     }
 }
 
-async fn serve(inner: Arc<Inner>, tls: Option<tokio_rustls::TlsAcceptor>, addr_tx: std::sync::mpsc::Sender<SocketAddr>, mut stop: oneshot::Receiver<()>) {
+async fn serve(
+    inner: Arc<Inner>,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    addr_tx: std::sync::mpsc::Sender<SocketAddr>,
+    mut stop: oneshot::Receiver<()>,
+) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     addr_tx.send(listener.local_addr().unwrap()).unwrap();
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
@@ -304,8 +314,12 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let query = parts.uri.query().unwrap_or("").to_string();
     let gemini = path.strip_prefix("/v1beta/models/").or_else(|| path.strip_prefix("/v1/models/")).and_then(|r| r.split_once(':'));
     match (parts.method.as_str(), path.as_str(), gemini) {
-        ("GET", "/v1/models", _) => json_response(200, json!({"object":"list","data":[{"id":"gpt-5","object":"model","created":1754000000,"owned_by":"system"}]})),
-        ("GET", "/v1beta/models", _) => json_response(200, json!({"models":[{"name":"models/gemini-2.5-flash","inputTokenLimit":1048576,"outputTokenLimit":65536}]})),
+        ("GET", "/v1/models", _) => {
+            json_response(200, json!({"object":"list","data":[{"id":"gpt-5","object":"model","created":1754000000,"owned_by":"system"}]}))
+        }
+        ("GET", "/v1beta/models", _) => {
+            json_response(200, json!({"models":[{"name":"models/gemini-2.5-flash","inputTokenLimit":1048576,"outputTokenLimit":65536}]}))
+        }
         ("POST", "/v1/chat/completions", _) => chat(inner, script, &body),
         ("POST", "/v1/responses", _) => responses(inner, script, &body),
         ("POST", "/v1/embeddings", _) => embeddings(inner, script, &body),
@@ -314,7 +328,10 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         ("POST", _, Some((model, "generateContent"))) => gemini_generate(inner, script, model, false, false),
         ("POST", _, Some((model, "streamGenerateContent"))) => gemini_generate(inner, script, model, true, query.contains("alt=sse")),
         ("POST", _, Some((_, "countTokens"))) => json_response(200, json!({"totalTokens": script.prompt_tokens})),
-        _ => json_response(404, json!({"error":{"message":"Unknown request URL","type":"invalid_request_error","param":null,"code":"unknown_url"}})),
+        _ => json_response(
+            404,
+            json!({"error":{"message":"Unknown request URL","type":"invalid_request_error","param":null,"code":"unknown_url"}}),
+        ),
     }
 }
 
@@ -323,7 +340,10 @@ fn parse_request(body: &Bytes) -> Option<Value> {
 }
 
 fn bad_json() -> Response<Body> {
-    json_response(400, json!({"error":{"message":"We could not parse the JSON body of your request.","type":"invalid_request_error","param":null,"code":null}}))
+    json_response(
+        400,
+        json!({"error":{"message":"We could not parse the JSON body of your request.","type":"invalid_request_error","param":null,"code":null}}),
+    )
 }
 
 /// Sends `events` as a streamed reply: paced, byte by byte, held or cut as the script says.
@@ -359,10 +379,12 @@ fn stream_reply(inner: Arc<Inner>, script: Script, content_type: &'static str, e
             } else if tx.send(Ok(Frame::data(Bytes::from(event)))).await.is_err() {
                 return;
             }
-            if i == 0 && script.hold_after_first_event
-                && let Ok(permit) = inner.release.acquire().await {
-                    permit.forget();
-                }
+            if i == 0
+                && script.hold_after_first_event
+                && let Ok(permit) = inner.release.acquire().await
+            {
+                permit.forget();
+            }
         }
         if gzip {
             let _ = tx.send(Ok(Frame::data(Bytes::from(encoder.finish().unwrap())))).await;
@@ -421,10 +443,17 @@ fn responses(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> 
         event("response.content_part.added", json!({"item_id":"msg_1","output_index":0,"content_index":0,"part":part("")})),
     ];
     for piece in words(&script.text) {
-        events.push(event("response.output_text.delta", json!({"item_id":"msg_1","output_index":0,"content_index":0,"delta":piece,"logprobs":[]})));
+        events.push(event(
+            "response.output_text.delta",
+            json!({"item_id":"msg_1","output_index":0,"content_index":0,"delta":piece,"logprobs":[]}),
+        ));
     }
-    events.push(event("response.output_text.done", json!({"item_id":"msg_1","output_index":0,"content_index":0,"text":script.text,"logprobs":[]})));
-    events.push(event("response.content_part.done", json!({"item_id":"msg_1","output_index":0,"content_index":0,"part":part(&script.text)})));
+    events.push(event(
+        "response.output_text.done",
+        json!({"item_id":"msg_1","output_index":0,"content_index":0,"text":script.text,"logprobs":[]}),
+    ));
+    events
+        .push(event("response.content_part.done", json!({"item_id":"msg_1","output_index":0,"content_index":0,"part":part(&script.text)})));
     events.push(event("response.output_item.done", json!({"output_index":0,"item":output[0].clone()})));
     let cut_at = events.len();
     events.push(event("response.completed", json!({"response": response("completed", output, usage)})));
@@ -436,7 +465,10 @@ fn embeddings(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body>
     let model = request["model"].as_str().unwrap_or("unknown").to_string();
     let billed = Script { cached_tokens: 0, completion_tokens: 0, ..script.clone() };
     bill_openai(&inner, &model, &billed);
-    json_response(200, json!({"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0123,-0.0456]}],"model":model,"usage":{"prompt_tokens":script.prompt_tokens,"total_tokens":script.prompt_tokens}}))
+    json_response(
+        200,
+        json!({"object":"list","data":[{"object":"embedding","index":0,"embedding":[0.0123,-0.0456]}],"model":model,"usage":{"prompt_tokens":script.prompt_tokens,"total_tokens":script.prompt_tokens}}),
+    )
 }
 
 /// Anthropic Messages: JSON, or the named event sequence from `message_start` to `message_stop`.
@@ -445,7 +477,10 @@ fn anthropic(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> 
         return json_response(400, json!({"type":"error","error":{"type":"invalid_request_error","message":"invalid JSON"}}));
     };
     if script.status != 200 {
-        return json_response(script.status, json!({"type":"error","error":{"type":"invalid_request_error","message":"The fake refuses this request"},"request_id":"req_fake"}));
+        return json_response(
+            script.status,
+            json!({"type":"error","error":{"type":"invalid_request_error","message":"The fake refuses this request"},"request_id":"req_fake"}),
+        );
     }
     let model = script.reply_model.clone().unwrap_or_else(|| request["model"].as_str().unwrap_or("unknown").to_string());
     let mut usage = json!({
@@ -457,7 +492,8 @@ fn anthropic(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> 
         "service_tier": "standard",
     });
     if script.cache_split {
-        usage["cache_creation"] = json!({"ephemeral_5m_input_tokens": script.cache_write_5m, "ephemeral_1h_input_tokens": script.cache_write_1h});
+        usage["cache_creation"] =
+            json!({"ephemeral_5m_input_tokens": script.cache_write_5m, "ephemeral_1h_input_tokens": script.cache_write_1h});
     }
     bill(&inner, &model, |p| {
         let per_million = Decimal::from(script.prompt_tokens) * p.input
@@ -479,7 +515,10 @@ fn anthropic(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> 
         sse(Some("ping"), &json!({"type":"ping"})),
     ];
     for (i, piece) in words(&script.text).into_iter().enumerate() {
-        events.push(sse(Some("content_block_delta"), &json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":piece}})));
+        events.push(sse(
+            Some("content_block_delta"),
+            &json!({"type":"content_block_delta","index":0,"delta":{"type":"text_delta","text":piece}}),
+        ));
         if i == 0 && script.error_event {
             events.push(sse(Some("error"), &json!({"type":"error","error":{"type":"overloaded_error","message":"Overloaded"}})));
         }
@@ -487,7 +526,10 @@ fn anthropic(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> 
     events.push(sse(Some("content_block_stop"), &json!({"type":"content_block_stop","index":0})));
     let cut_at = events.len();
     // A running count first, then the final cumulative one: deltas replace, never add.
-    events.push(sse(Some("message_delta"), &json!({"type":"message_delta","delta":{"stop_reason":null},"usage":{"output_tokens": script.completion_tokens / 2}})));
+    events.push(sse(
+        Some("message_delta"),
+        &json!({"type":"message_delta","delta":{"stop_reason":null},"usage":{"output_tokens": script.completion_tokens / 2}}),
+    ));
     events.push(sse(Some("message_delta"), &json!({"type":"message_delta","delta":{"stop_reason":"end_turn","stop_sequence":null},"usage":{"output_tokens": script.completion_tokens, "server_tool_use": {"web_search_requests": script.web_searches}}})));
     events.push(sse(Some("message_stop"), &json!({"type":"message_stop"})));
     stream_reply(inner, script, "text/event-stream; charset=utf-8", events, cut_at)
@@ -497,7 +539,10 @@ fn anthropic(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> 
 /// (`alt=sse`) or as one JSON array sent element by element.
 fn gemini_generate(inner: Arc<Inner>, script: Script, model: &str, stream: bool, sse_mode: bool) -> Response<Body> {
     if script.status != 200 {
-        return json_response(script.status, json!({"error":{"code":script.status,"message":"The fake refuses this request","status":"INVALID_ARGUMENT"}}));
+        return json_response(
+            script.status,
+            json!({"error":{"code":script.status,"message":"The fake refuses this request","status":"INVALID_ARGUMENT"}}),
+        );
     }
     let version = script.reply_model.clone().unwrap_or_else(|| model.to_string());
     let meta = json!({
@@ -529,11 +574,15 @@ fn gemini_generate(inner: Arc<Inner>, script: Script, model: &str, stream: bool,
         replies.iter().map(|r| sse(None, r)).collect()
     } else {
         let last = replies.len() - 1;
-        replies.iter().enumerate().map(|(i, r)| match i {
-            0 => format!("[{r}"),
-            _ if i == last => format!(",\r\n{r}]"),
-            _ => format!(",\r\n{r}"),
-        }).collect()
+        replies
+            .iter()
+            .enumerate()
+            .map(|(i, r)| match i {
+                0 => format!("[{r}"),
+                _ if i == last => format!(",\r\n{r}]"),
+                _ => format!(",\r\n{r}"),
+            })
+            .collect()
     };
     let content_type = if sse_mode { "text/event-stream" } else { "application/json; charset=UTF-8" };
     stream_reply(inner, script, content_type, events, cut_at)
@@ -542,7 +591,10 @@ fn gemini_generate(inner: Arc<Inner>, script: Script, model: &str, stream: bool,
 fn chat(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
     let Some(request) = parse_request(body) else { return bad_json() };
     if script.status != 200 {
-        return json_response(script.status, json!({"error":{"message":"The fake refuses this request","type":"invalid_request_error","param":null,"code":"fake_refusal"}}));
+        return json_response(
+            script.status,
+            json!({"error":{"message":"The fake refuses this request","type":"invalid_request_error","param":null,"code":"fake_refusal"}}),
+        );
     }
     let model = script.reply_model.clone().unwrap_or_else(|| request["model"].as_str().unwrap_or("unknown").to_string());
     let mut usage = json!({
@@ -573,13 +625,19 @@ fn chat(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
             let mut encoder = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
             encoder.write_all(reply.to_string().as_bytes()).unwrap();
             let body = full(encoder.finish().unwrap());
-            return Response::builder().status(200).header("content-type", "application/json").header("content-encoding", "gzip").body(body).unwrap();
+            return Response::builder()
+                .status(200)
+                .header("content-type", "application/json")
+                .header("content-encoding", "gzip")
+                .body(body)
+                .unwrap();
         }
         return json_response(200, reply);
     }
     let include_usage = request["stream_options"]["include_usage"].as_bool().unwrap_or(false);
     let chunk = |delta: Value, finish: Value, usage: Value| {
-        let choices = if delta.is_null() { json!([]) } else { json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]) };
+        let choices =
+            if delta.is_null() { json!([]) } else { json!([{"index": 0, "delta": delta, "logprobs": null, "finish_reason": finish}]) };
         let mut c = json!({"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1760000000, "model": model, "system_fingerprint": "fp_fake", "choices": choices});
         if include_usage {
             c["usage"] = usage;

@@ -207,6 +207,22 @@ mod hash_hex {
 }
 
 impl Refusal {
+    /// A short name for why, under which refusals are counted per grant.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Revoked { .. } => "revoked",
+            Refusal::Expired { .. } => "expired",
+            Refusal::ModelNotAllowed { .. } => "model_not_allowed",
+            Refusal::Exhausted { .. } => "cap_spent",
+            Refusal::WouldExceed { .. } => "would_exceed_cap",
+            Refusal::RequestsUsed { .. } => "max_requests",
+            Refusal::TokensUsed { .. } => "max_tokens",
+            Refusal::RateLimited { what: "tokens", .. } => "tpm",
+            Refusal::RateLimited { .. } => "rpm",
+            Refusal::TooManyInFlight { .. } => "concurrency",
+        }
+    }
+
     /// What is left of the cap when a request was refused only for not fitting in it.
     pub fn room_left(&self) -> Option<Decimal> {
         match self {

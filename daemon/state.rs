@@ -104,6 +104,8 @@ struct GrantLive {
     reserved: Decimal,
     /// Counts for the grant's count and rate limits.
     counts: Counts,
+    /// Requests refused since the daemon started, by reason.
+    refusals: BTreeMap<&'static str, u64>,
 }
 
 /// What count and rate limits are checked against, kept beside the money.
@@ -208,6 +210,8 @@ pub struct GrantView {
     pub reserved: Decimal,
     pub state: GrantState,
     pub window: Window,
+    /// Requests refused since the daemon started, by reason.
+    pub refusals: BTreeMap<&'static str, u64>,
 }
 
 struct Registry {
@@ -284,7 +288,10 @@ impl State {
                 registry.by_hash.insert(grant.key_hash, grant.id);
                 registry.by_name.insert(grant.name.clone(), grant.id);
             }
-            let slot = GrantSlot { id: grant.id, live: Mutex::new(GrantLive { grant, window, spent, reserved: Decimal::ZERO, counts }) };
+            let slot = GrantSlot {
+                id: grant.id,
+                live: Mutex::new(GrantLive { grant, window, spent, reserved: Decimal::ZERO, counts, refusals: BTreeMap::new() }),
+            };
             registry.grants.insert(slot.id, Arc::new(slot));
         }
         Ok(State {
@@ -494,6 +501,7 @@ impl State {
             reserved: Decimal::ZERO,
             window,
             grant: grant.clone(),
+            refusals: BTreeMap::new(),
         };
         let mut registry = self.write();
         registry.next_grant_id = id.0 + 1;
@@ -501,7 +509,14 @@ impl State {
         registry.by_name.insert(grant.name.clone(), id);
         let slot = GrantSlot {
             id,
-            live: Mutex::new(GrantLive { grant, window, spent: Decimal::ZERO, reserved: Decimal::ZERO, counts: Counts::default() }),
+            live: Mutex::new(GrantLive {
+                grant,
+                window,
+                spent: Decimal::ZERO,
+                reserved: Decimal::ZERO,
+                counts: Counts::default(),
+                refusals: BTreeMap::new(),
+            }),
         };
         registry.grants.insert(id, Arc::new(slot));
         Ok((view, key))
@@ -712,6 +727,16 @@ impl State {
         Some(self.store.submit(WriteOp::PutReservation { id, reservation: stored }))
     }
 
+    /// Leaves a trace of a request refused (or failed by the daemon) after its grant was known:
+    /// counted by reason for `ls` and `usage`, and logged with what the refusal said.
+    pub fn note_refusal(&self, slot: &GrantSlot, model: Option<&str>, reason: &'static str, message: &str) {
+        let mut live = slot.lock();
+        *live.refusals.entry(reason).or_default() += 1;
+        let grant = live.grant.name.clone();
+        drop(live);
+        tracing::info!(grant = %grant, model = model.unwrap_or("-"), reason, "refused: {message}");
+    }
+
     /// Checks that a grant may make free calls (model lists): not revoked, not expired.
     pub fn admit_free(&self, slot: &GrantSlot, now: i64) -> Result<(), Refusal> {
         slot.lock().grant.check_alive(now)
@@ -853,6 +878,7 @@ impl GrantSlot {
             reserved: live.reserved,
             state: live.grant.state(now, live.spent),
             window: live.window,
+            refusals: live.refusals.clone(),
         }
     }
 }

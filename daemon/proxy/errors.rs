@@ -18,11 +18,21 @@ pub struct ProxyError {
     pub message: String,
     /// Seconds after which a retry may succeed (rate limits), sent as `retry-after`.
     pub retry_after: Option<u64>,
+    /// Why, under which the refusal is counted for its grant (the code unless more precise).
+    pub reason: &'static str,
+    /// The model the refused request asked for, once its body was read.
+    pub model: Option<String>,
 }
 
 impl ProxyError {
     pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ProxyError {
-        ProxyError { status, code, message: message.into(), retry_after: None }
+        ProxyError { status, code, message: message.into(), retry_after: None, reason: code, model: None }
+    }
+
+    /// Names the model the refused request asked for, for the refusal's trace.
+    pub fn for_model(mut self, model: &str) -> ProxyError {
+        self.model = Some(model.to_string());
+        self
     }
 
     pub fn into_response(self, format: ErrorFormat) -> Response<ProxyBody> {

@@ -185,20 +185,34 @@ impl Proxy {
         }
         let presented = request::presented_key(req.headers(), req.uri().query());
         let slot = self.state.authenticate(presented.as_deref(), &target.provider.name).map_err(|e| fail(auth_error(e)))?;
+        self.serve_grant(req, target, endpoint, &slot).await.map_err(|e| {
+            self.state.note_refusal(&slot, e.model.as_deref(), e.reason, &e.message);
+            fail(e)
+        })
+    }
+
+    /// Everything after the grant is known; an error here is counted as one of its refusals.
+    async fn serve_grant(
+        &self,
+        req: Request<Incoming>,
+        target: Target,
+        endpoint: Option<Endpoint>,
+        slot: &Arc<GrantSlot>,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         let endpoint = endpoint.ok_or_else(|| {
-            fail(ProxyError::new(
+            ProxyError::new(
                 StatusCode::FORBIDDEN,
                 "capit_path_not_metered",
                 format!("capit: {} /{}/{} is not an API capit meters, so it is refused", req.method(), target.provider.name, target.rest),
-            ))
+            )
         })?;
-        let upstream = self.state.upstream(&target.provider.name).map_err(|e| fail(state_error(e)))?;
+        let upstream = self.state.upstream(&target.provider.name).map_err(state_error)?;
         match endpoint {
             Endpoint::Free => {
-                self.state.admit_free(&slot, self.state.clock().now_seconds()).map_err(|r| fail(refusal_error(r)))?;
-                self.forward_free(req, &target, &upstream).await.map_err(fail)
+                self.state.admit_free(slot, self.state.clock().now_seconds()).map_err(refusal_error)?;
+                self.forward_free(req, &target, &upstream).await
             }
-            Endpoint::Metered(api) => self.forward_metered(req, target, upstream, slot, api).await.map_err(fail),
+            Endpoint::Metered(api) => self.forward_metered(req, target, upstream, slot.clone(), api).await,
             Endpoint::Local => Ok(local_ack()),
         }
     }
@@ -257,6 +271,22 @@ impl Proxy {
         let path_model = crate::providers::gemini_model(&target.rest);
         let chat = request::prepare(api, body, path_model).map_err(body_error)?;
         tracing::Span::current().record("grant", slot.id.0);
+        let model = chat.model.clone();
+        self.forward_prepared(parts, chat, request_bytes, target, upstream, slot, api).await.map_err(|e| e.for_model(&model))
+    }
+
+    /// Admits a parsed request against its grant, forwards it and meters the reply.
+    #[allow(clippy::too_many_arguments)]
+    async fn forward_prepared(
+        &self,
+        parts: http::request::Parts,
+        chat: request::Prepared,
+        request_bytes: u64,
+        target: Target,
+        upstream: crate::state::Upstream,
+        slot: Arc<GrantSlot>,
+        api: MeteredApi,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
         self.state.precheck(&slot, &chat.model, self.state.clock().now_seconds()).map_err(refusal_error)?;
         let reports_cost = upstream.provider.kind == ProviderKind::OpenRouter;
         let price = self.state.price(&chat.model).map(|(_, price)| price);
@@ -484,6 +514,7 @@ fn refusal_error(refusal: crate::grants::Refusal) -> ProxyError {
     };
     let mut error = ProxyError::new(status, code, refusal.to_string());
     error.retry_after = refusal.retry_after();
+    error.reason = refusal.reason();
     error
 }
 

@@ -8,9 +8,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use capit::admission::Demand;
 use capit::grants::{GrantId, Limits, Period};
 use capit::ledger::{EntryStatus, LedgerEntry};
-use capit::state::{Bound, GrantSpec, State};
+use capit::state::{GrantSpec, State};
 use capit::store::Store;
 use capit::usage::Usage;
 use rust_decimal::Decimal;
@@ -45,8 +46,14 @@ fn main() {
                     let (state, slot, done) = (state.clone(), slot.clone(), done.clone());
                     tokio::spawn(async move {
                         while started.elapsed() < Duration::from_secs(3) {
-                            let bound = Bound { cost: Decimal::new(5, 3), tokens: 2000 };
-                            let reservation = state.admit(&slot, "gpt-5-mini", state.clock().now_millis(), bound).unwrap();
+                            let demand = Demand {
+                                input_cost: Decimal::new(5, 3),
+                                input_tokens: 2000,
+                                output_tokens: 0,
+                                output_rate: Decimal::ZERO,
+                                fit_at_least: None,
+                            };
+                            let (reservation, _) = state.admit_now(&slot, "gpt-5-mini", &demand).unwrap();
                             let entry = LedgerEntry {
                                 grant: GrantId(slot.id.0),
                                 at_ms: state.clock().now_millis(),

@@ -163,8 +163,8 @@ pub struct LimitArgs {
     /// Requests in flight at once.
     #[arg(long)]
     pub concurrency: Option<u64>,
-    /// Lower a request's max output tokens to fit what is left of the cap, rather than refuse
-    /// it (`--fit`, or `--fit false` to stop).
+    /// Lower a request's max output tokens to a fair share of what is left of the cap, rather
+    /// than refuse it; on by default for new grants (`--fit false` to refuse instead).
     #[arg(long, num_args = 0..=1, default_missing_value = "true")]
     pub fit: Option<bool>,
 }

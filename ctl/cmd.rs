@@ -554,7 +554,7 @@ fn limits_pb(l: &LimitArgs) -> pb::Limits {
         rpm: l.rpm.unwrap_or(0),
         tpm: l.tpm.unwrap_or(0),
         concurrency: l.concurrency.unwrap_or(0),
-        fit: l.fit.unwrap_or(false),
+        fit: l.fit.unwrap_or(true),
     }
 }
 
@@ -630,7 +630,24 @@ fn grant_json(g: &pb::Grant) -> Value {
         "models": g.models, "created_at": time_json(g.created_at), "created_by": g.created_by, "note": g.note,
         "revoked_at": time_json(g.revoked_at), "limits": limits_json(g.limits.as_ref()),
         "installed_into": g.installs.first().map(|i| i.path.clone()),
+        "refused": refused_json(&g.refused),
     })
+}
+
+/// Refusals by reason, as a JSON object sorted by reason.
+fn refused_json(refused: &std::collections::HashMap<String, u64>) -> Value {
+    let sorted: std::collections::BTreeMap<&String, &u64> = refused.iter().collect();
+    json!(sorted)
+}
+
+/// Refusals by reason for people: "12 would_exceed_cap, 3 rpm", or "none".
+fn refused_human(refused: &std::collections::HashMap<String, u64>) -> String {
+    let mut reasons: Vec<(&String, &u64)> = refused.iter().collect();
+    reasons.sort_by(|a, b| b.1.cmp(a.1).then(a.0.cmp(b.0)));
+    if reasons.is_empty() {
+        return "none".into();
+    }
+    reasons.iter().map(|(reason, n)| format!("{n} {reason}")).collect::<Vec<_>>().join(", ")
 }
 
 async fn list(client: &mut Client, all: bool, json: bool) -> anyhow::Result<()> {
@@ -643,17 +660,22 @@ async fn list(client: &mut Client, all: bool, json: bool) -> anyhow::Result<()> 
         println!("no grants; make one with: capitctl grant <agent> <amount>");
         return Ok(());
     }
-    let mut rows =
-        vec![["NAME", "PROVIDER", "SPENT / CAP", "PERIOD", "RESETS", "EXPIRES", "STATE", "BY", "NOTE"].map(String::from).to_vec()];
+    let mut rows = vec![
+        ["NAME", "PROVIDER", "SPENT / CAP", "HELD", "PERIOD", "RESETS", "EXPIRES", "STATE", "REFUSED", "BY", "NOTE"]
+            .map(String::from)
+            .to_vec(),
+    ];
     for g in &grants {
         rows.push(vec![
             g.name.clone(),
             g.provider.clone(),
             format!("{} / {}", dollars(&g.spent), dollars(&g.cap)),
+            dollars(&g.reserved),
             g.period.clone(),
             time_human(g.resets_at),
             time_human(g.expires_at),
             g.state.clone(),
+            g.refused.values().sum::<u64>().to_string(),
             g.created_by.clone(),
             g.note.clone(),
         ]);
@@ -707,6 +729,7 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
             doc["period"] = json!(u.period);
             doc["created_by"] = json!(u.created_by);
             doc["note"] = json!(u.note);
+            doc["refused"] = refused_json(&u.refused);
         }
         output::json(&doc);
         return Ok(());
@@ -724,6 +747,7 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
             u.created_by,
             if u.note.is_empty() { String::new() } else { format!(": {}", u.note) }
         );
+        println!("refused over its life: {}", refused_human(&u.refused));
     }
     let (label, rows) = match args.by.as_deref() {
         Some("day") => ("DAY", &u.by_day),

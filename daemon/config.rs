@@ -36,6 +36,13 @@ pub struct Cli {
     /// PEM file of extra root certificates to trust for upstream TLS (a gateway's private CA).
     #[arg(long)]
     pub upstream_ca: Option<PathBuf>,
+    /// Seconds a request may wait for a grant's requests in flight to settle when only their
+    /// holds are in the way, before it is refused with retry-after.
+    #[arg(long, default_value_t = 60)]
+    pub queue_timeout: u64,
+    /// Requests that may wait at once per grant; more are refused at once.
+    #[arg(long, default_value_t = 64)]
+    pub queue_depth: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -72,6 +79,8 @@ impl Config {
         let drain = range("--drain-timeout", cli.drain_timeout, 0, 3_600)?;
         let max_body_mib = range("--max-body-mib", cli.max_body_mib as u64, 1, 1024)?;
         let grace = range("--grace", cli.grace, 0, 3_600)?;
+        let queue_timeout = range("--queue-timeout", cli.queue_timeout, 0, 3_600)?;
+        let queue_depth = range("--queue-depth", cli.queue_depth, 0, 100_000)?;
         Ok(Config {
             home,
             socket,
@@ -82,6 +91,7 @@ impl Config {
                 body_limits: BodyLimits { idle: Duration::from_secs(upstream_timeout), drain: Duration::from_secs(drain) },
                 grace: Duration::from_secs(grace),
                 upstream_ca: cli.upstream_ca,
+                wait: crate::state::WaitPolicy { timeout: Duration::from_secs(queue_timeout), depth: queue_depth as usize },
             },
         })
     }

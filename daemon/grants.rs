@@ -145,7 +145,7 @@ pub struct InstallRecord {
 
 /// A grant's limits besides money. `max_requests` and `max_tokens` count over the grant's
 /// whole life (a till-style activation count); the rates count over the last minute.
-#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Limits {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_requests: Option<u64>,
@@ -160,10 +160,21 @@ pub struct Limits {
     /// Requests in flight at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub concurrency: Option<u64>,
-    /// Lower a request's max output tokens to what the budget has room for, rather than refuse
-    /// it, as long as at least [`MIN_FIT_OUTPUT_TOKENS`] fit.
-    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    /// Lower a request's max output tokens to a fair share of what the budget has room for,
+    /// rather than refuse it, as long as at least [`MIN_FIT_OUTPUT_TOKENS`] fit. On unless the
+    /// user turned it off; grants stored before it was the default (no field) get it too.
+    #[serde(default = "fit_by_default")]
     pub fit: bool,
+}
+
+fn fit_by_default() -> bool {
+    true
+}
+
+impl Default for Limits {
+    fn default() -> Limits {
+        Limits { max_requests: None, max_tokens: None, rpm: None, tpm: None, concurrency: None, fit: fit_by_default() }
+    }
 }
 
 /// The least output worth sending a request for when fitting it into what is left.
@@ -215,6 +226,8 @@ impl Refusal {
             Refusal::ModelNotAllowed { .. } => "model_not_allowed",
             Refusal::Exhausted { .. } => "cap_spent",
             Refusal::WouldExceed { .. } => "would_exceed_cap",
+            Refusal::Busy { queue_full: Some(_), .. } => "queue_full",
+            Refusal::Busy { .. } => "queue_timeout",
             Refusal::RequestsUsed { .. } => "max_requests",
             Refusal::TokensUsed { .. } => "max_tokens",
             Refusal::RateLimited { what: "tokens", .. } => "tpm",
@@ -223,11 +236,13 @@ impl Refusal {
         }
     }
 
-    /// What is left of the cap when a request was refused only for not fitting in it.
-    pub fn room_left(&self) -> Option<Decimal> {
+    /// The same refusal after the request waited `seconds` for room (or found `queue_full`).
+    pub fn with_wait(self, seconds: u64, queue_full: Option<usize>) -> Refusal {
         match self {
-            Refusal::WouldExceed { spent, reserved, cap, .. } => Some(*cap - *spent - *reserved),
-            _ => None,
+            Refusal::Busy { grant, left, held, least, .. } => {
+                Refusal::Busy { grant, left, held, least, waited_seconds: seconds, queue_full }
+            }
+            other => other,
         }
     }
 
@@ -236,22 +251,9 @@ impl Refusal {
         match self {
             Refusal::RateLimited { retry_after, .. } => Some(*retry_after),
             Refusal::TooManyInFlight { .. } => Some(1),
+            Refusal::Busy { .. } => Some(BUSY_RETRY_SECONDS),
             _ => None,
         }
-    }
-}
-
-/// A grant's money in its current window: settled spend, and what admitted requests still
-/// in flight hold at their most.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Spend {
-    pub spent: Decimal,
-    pub reserved: Decimal,
-}
-
-impl Spend {
-    pub fn settled(spent: Decimal) -> Spend {
-        Spend { spent, reserved: Decimal::ZERO }
     }
 }
 
@@ -294,8 +296,18 @@ pub enum Refusal {
     RateLimited { grant: String, what: &'static str, limit: u64, retry_after: u64 },
     #[error("capit: grant \"{grant}\" allows {limit} requests at once; try again when one finishes")]
     TooManyInFlight { grant: String, limit: u64 },
-    #[error("capit: grant \"{grant}\" has ${} left of its ${} {} cap (${} spent, ${} held by requests in flight) and this request could cost up to ${}; lower its max output tokens or wait{}", money(*cap - *spent - *reserved), money(*cap), period.adjective(), money(*spent), money(*reserved), money(*bound), resets_phrase(*resets_at))]
-    WouldExceed { grant: String, spent: Decimal, reserved: Decimal, bound: Decimal, cap: Decimal, period: Period, resets_at: Option<i64> },
+    #[error("capit: grant \"{grant}\" has ${} left of its ${} {} cap and this request could cost up to ${}{}; send less context or a lower max output{}", money(*left), money(*cap), period.adjective(), money(*least), lowered_phrase(*output_tokens), resets_phrase(*resets_at))]
+    WouldExceed {
+        grant: String,
+        left: Decimal,
+        least: Decimal,
+        cap: Decimal,
+        period: Period,
+        resets_at: Option<i64>,
+        output_tokens: Option<u64>,
+    },
+    #[error("capit: grant \"{grant}\" has ${} left, but requests in flight hold ${} of it and this request needs up to ${}; {}; try again in {} s", money(*left), money(*held), money(*least), busy_phrase(*waited_seconds, *queue_full), BUSY_RETRY_SECONDS)]
+    Busy { grant: String, left: Decimal, held: Decimal, least: Decimal, waited_seconds: u64, queue_full: Option<usize> },
 }
 
 impl Grant {
@@ -318,35 +330,6 @@ impl Grant {
         }
         if let Some(at) = self.expires_at.filter(|at| now >= *at) {
             return Err(Refusal::Expired { grant: self.name.clone(), at });
-        }
-        Ok(())
-    }
-
-    /// Admits or refuses a request for `model` that may cost up to `bound`, given the window's
-    /// spend and what requests in flight hold: the cap holds only if every admitted request
-    /// fits at its most, `spent + reserved + bound <= cap`.
-    pub fn check(&self, now: i64, spend: Spend, window: Window, model: &str, bound: Decimal) -> Result<(), Refusal> {
-        self.check_alive(now)?;
-        self.check_model(model)?;
-        if spend.spent >= self.cap {
-            return Err(Refusal::Exhausted {
-                grant: self.name.clone(),
-                spent: spend.spent,
-                cap: self.cap,
-                period: self.period,
-                resets_at: window.end,
-            });
-        }
-        if spend.spent + spend.reserved + bound > self.cap {
-            return Err(Refusal::WouldExceed {
-                grant: self.name.clone(),
-                spent: spend.spent,
-                reserved: spend.reserved,
-                bound,
-                cap: self.cap,
-                period: self.period,
-                resets_at: window.end,
-            });
         }
         Ok(())
     }
@@ -435,6 +418,23 @@ pub fn money(amount: Decimal) -> String {
     if normal.scale() <= 2 { format!("{:.2}", normal) } else { normal.to_string() }
 }
 
+/// When to retry a request that found the budget held by requests in flight.
+const BUSY_RETRY_SECONDS: u64 = 2;
+
+fn lowered_phrase(output_tokens: Option<u64>) -> String {
+    match output_tokens {
+        Some(n) => format!(" even with its output lowered to {n} tokens"),
+        None => String::new(),
+    }
+}
+
+fn busy_phrase(waited_seconds: u64, queue_full: Option<usize>) -> String {
+    match queue_full {
+        Some(depth) => format!("{depth} requests are already waiting for room"),
+        None => format!("it waited {waited_seconds} s for them to finish"),
+    }
+}
+
 fn resets_phrase(resets_at: Option<i64>) -> String {
     match resets_at {
         Some(at) => format!("; it resets on {}", format_time(at)),
@@ -512,30 +512,50 @@ mod tests {
     }
 
     #[test]
-    fn checks_in_order() {
+    fn alive_and_model_checks() {
         let g = grant();
-        let w = Window { start: 0, end: Some(100) };
-        let five: Decimal = "5".parse().unwrap();
-        let zero = Spend::default();
-        let none = Decimal::ZERO;
-        assert_eq!(g.check(10, zero, w, "gpt-5", none), Ok(()));
-        assert!(matches!(g.check(10, Spend::settled(five), w, "gpt-5", none), Err(Refusal::Exhausted { .. })));
-        assert!(matches!(g.check(2_000_000_000, zero, w, "gpt-5", none), Err(Refusal::Expired { .. })));
-        let two: Decimal = "2".parse().unwrap();
-        let held = Spend { spent: two, reserved: two };
-        assert_eq!(g.check(10, held, w, "gpt-5", "1".parse().unwrap()), Ok(()), "exactly at the cap fits");
-        let over = g.check(10, held, w, "gpt-5", "1.01".parse().unwrap()).unwrap_err();
-        assert!(over.to_string().contains("has $1.00 left of its $5.00 monthly cap ($2.00 spent, $2.00 held by requests in flight) and this request could cost up to $1.01"), "{over}");
+        assert_eq!(g.check_alive(10), Ok(()));
+        assert!(matches!(g.check_alive(2_000_000_000), Err(Refusal::Expired { .. })));
         let mut limited = g.clone();
         limited.models = vec!["gpt-5-mini".into()];
-        assert_eq!(limited.check(10, zero, w, "gpt-5-mini-2025-08-07", none), Ok(()));
-        assert!(matches!(limited.check(10, zero, w, "gpt-5", none), Err(Refusal::ModelNotAllowed { .. })));
-        assert!(matches!(limited.check(10, zero, w, "gpt-5-mini-turbo", none), Err(Refusal::ModelNotAllowed { .. })));
+        assert_eq!(limited.check_model("gpt-5-mini-2025-08-07"), Ok(()));
+        assert!(matches!(limited.check_model("gpt-5"), Err(Refusal::ModelNotAllowed { .. })));
+        assert!(matches!(limited.check_model("gpt-5-mini-turbo"), Err(Refusal::ModelNotAllowed { .. })));
         let mut revoked = g.clone();
         revoked.revoked_at = Some(5);
-        assert!(matches!(revoked.check(10, zero, w, "gpt-5", none), Err(Refusal::Revoked { .. })));
+        assert!(matches!(revoked.check_alive(10), Err(Refusal::Revoked { .. })));
         assert_eq!(revoked.state(10, Decimal::ZERO), GrantState::Revoked);
-        assert_eq!(g.state(10, five), GrantState::Exhausted);
+        assert_eq!(g.state(10, "5".parse().unwrap()), GrantState::Exhausted);
+    }
+
+    #[test]
+    fn budget_refusals_say_what_is_left_and_what_the_request_needs() {
+        let d = |t: &str| t.parse::<Decimal>().unwrap();
+        let too_big = Refusal::WouldExceed {
+            grant: "claude".into(),
+            left: d("1"),
+            least: d("1.71"),
+            cap: d("5"),
+            period: Period::Month,
+            resets_at: None,
+            output_tokens: Some(256),
+        };
+        assert_eq!(
+            too_big.to_string(),
+            "capit: grant \"claude\" has $1.00 left of its $5.00 monthly cap and this request could cost up to $1.71 even with its output lowered to 256 tokens; send less context or a lower max output"
+        );
+        assert_eq!((too_big.reason(), too_big.retry_after()), ("would_exceed_cap", None));
+        let busy =
+            Refusal::Busy { grant: "claude".into(), left: d("1"), held: d("0.8"), least: d("0.3"), waited_seconds: 0, queue_full: None }
+                .with_wait(60, None);
+        assert_eq!(
+            busy.to_string(),
+            "capit: grant \"claude\" has $1.00 left, but requests in flight hold $0.80 of it and this request needs up to $0.30; it waited 60 s for them to finish; try again in 2 s"
+        );
+        assert_eq!((busy.reason(), busy.retry_after()), ("queue_timeout", Some(2)));
+        let full = busy.with_wait(0, Some(64));
+        assert!(full.to_string().contains("64 requests are already waiting for room"), "{full}");
+        assert_eq!(full.reason(), "queue_full");
     }
 
     #[test]

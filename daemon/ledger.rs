@@ -75,11 +75,20 @@ pub struct Totals {
     pub reasoning_tokens: u64,
     pub estimated: u64,
     pub errors: u64,
+    /// Requests refused, by reason (they cost nothing and have no entry of their own).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub refused: std::collections::BTreeMap<String, u64>,
 }
 
+/// A sum that would pass what a decimal holds; the entry is refused, never stored.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("the spend total would overflow")]
+pub struct TotalsOverflow;
+
 impl Totals {
-    pub fn add(&mut self, entry: &LedgerEntry) {
-        self.spent += entry.cost;
+    /// Adds an entry, all or nothing: a spend that would overflow leaves the totals as they were.
+    pub fn add(&mut self, entry: &LedgerEntry) -> Result<(), TotalsOverflow> {
+        self.spent = self.spent.checked_add(entry.cost).ok_or(TotalsOverflow)?;
         self.requests += 1;
         let u = &entry.usage;
         self.input_tokens = self.input_tokens.saturating_add(u.input_tokens);
@@ -92,6 +101,12 @@ impl Totals {
             EntryStatus::UpstreamError => self.errors += 1,
             EntryStatus::Metered => {}
         }
+        Ok(())
+    }
+
+    pub fn count_refusal(&mut self, reason: &str) {
+        let n = self.refused.entry(reason.to_string()).or_default();
+        *n = n.saturating_add(1);
     }
 }
 
@@ -114,12 +129,17 @@ mod tests {
         };
         let mut t = Totals::default();
         for _ in 0..3 {
-            t.add(&entry("0.1", EntryStatus::Metered));
+            t.add(&entry("0.1", EntryStatus::Metered)).unwrap();
         }
-        t.add(&entry("0", EntryStatus::UpstreamError));
-        t.add(&entry("0.000001", EntryStatus::Estimated));
+        t.add(&entry("0", EntryStatus::UpstreamError)).unwrap();
+        t.add(&entry("0.000001", EntryStatus::Estimated)).unwrap();
         assert_eq!(t.spent, "0.300001".parse().unwrap());
         assert_eq!((t.requests, t.input_tokens, t.cached_input_tokens, t.output_tokens), (5, 50, 20, 25));
         assert_eq!((t.estimated, t.errors), (1, 1));
+        let before = t.clone();
+        let huge = LedgerEntry { cost: rust_decimal::Decimal::MAX, ..entry("0", EntryStatus::Metered) };
+        assert_eq!(t.add(&huge), Ok(()), "the first huge figure still fits");
+        assert_eq!(t.add(&huge), Err(TotalsOverflow), "the second would overflow");
+        assert_eq!(t.requests, before.requests + 1, "and changes nothing");
     }
 }

@@ -12,6 +12,7 @@
 //! - [`state`]: live state over the store, shared by the proxy and the control service.
 //! - [`proxy`]: the only module that knows hyper. [`control`]: the only one that knows protobuf.
 
+pub mod admission;
 pub mod app;
 pub mod config;
 pub mod control;
@@ -21,6 +22,7 @@ pub mod paths;
 pub mod pricing;
 pub mod providers;
 pub mod proxy;
+pub mod request_fields;
 pub mod secret;
 pub mod shutdown;
 pub mod state;

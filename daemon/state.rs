@@ -18,7 +18,8 @@ use std::time::Instant;
 
 use rust_decimal::Decimal;
 
-use crate::grants::{Grant, GrantError, GrantId, GrantState, Limits, Period, Refusal, Spend, Window};
+use crate::admission::{Decision, Demand, Hold, Room};
+use crate::grants::{Grant, GrantError, GrantId, GrantState, Limits, Period, Refusal, Window};
 use crate::ledger::{LedgerEntry, Totals};
 use crate::pricing::{Price, PriceError, PriceSource, PriceTable};
 use crate::providers::{self, Provider, ProviderError, ProviderKind};
@@ -93,6 +94,9 @@ pub struct MasterKey {
 pub struct GrantSlot {
     pub id: GrantId,
     live: Mutex<GrantLive>,
+    /// Woken whenever room may have come free (a hold settled, released or shrunk, a waiter
+    /// left), so that waiting requests try again.
+    changed: tokio::sync::Notify,
 }
 
 struct GrantLive {
@@ -104,8 +108,13 @@ struct GrantLive {
     reserved: Decimal,
     /// Counts for the grant's count and rate limits.
     counts: Counts,
-    /// Requests refused since the daemon started, by reason.
-    refusals: BTreeMap<&'static str, u64>,
+    /// Requests refused, by reason, over the grant's life.
+    refusals: BTreeMap<String, u64>,
+    /// Requests arrived and not yet admitted or refused.
+    arriving: u64,
+    /// Tickets of requests waiting for room, first come first served.
+    queue: VecDeque<u64>,
+    next_ticket: u64,
 }
 
 /// What count and rate limits are checked against, kept beside the money.
@@ -150,11 +159,11 @@ impl Counts {
     }
 }
 
-/// The most a request can cost and the most tokens it can use, for its reservation.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Bound {
-    pub cost: Decimal,
-    pub tokens: u64,
+/// How long and how many requests may wait for holds in flight to settle, per grant.
+#[derive(Clone, Copy, Debug)]
+pub struct WaitPolicy {
+    pub timeout: std::time::Duration,
+    pub depth: usize,
 }
 
 /// An admitted request's hold on its grant's budget. Settling it swaps the hold for the
@@ -164,8 +173,8 @@ pub struct Reservation {
     amount: Decimal,
     tokens: u64,
     settled: bool,
-    /// The hold's id in the store, when it was written there (holds of $0 are not).
-    durable_id: Option<u64>,
+    /// The hold's id in the store and what was written there, once it was (holds of $0 are not).
+    durable: Option<(u64, StoredReservation)>,
     store: Store,
 }
 
@@ -194,11 +203,46 @@ impl Drop for Reservation {
             live.counts.tokens = live.counts.tokens.saturating_sub(self.tokens);
             live.counts.requests -= 1;
             drop(live);
-            if let Some(id) = self.durable_id {
-                drop(self.store.submit(WriteOp::DeleteReservation { id }));
+            self.slot.changed.notify_waiters();
+            if let Some((id, _)) = &self.durable {
+                drop(self.store.submit(WriteOp::DeleteReservation { id: *id }));
             }
         }
     }
+}
+
+/// A request that has arrived for a grant and is not yet admitted or refused; while it lives it
+/// counts among those a fitted request shares what is left with.
+pub struct Arrival {
+    slot: Arc<GrantSlot>,
+}
+
+impl Drop for Arrival {
+    fn drop(&mut self) {
+        let mut live = self.slot.lock();
+        live.arriving = live.arriving.saturating_sub(1);
+    }
+}
+
+/// A place in a grant's queue of requests waiting for holds in flight to settle. Leaving it
+/// (admitted, refused, timed out, or the client gone) wakes the others.
+struct QueueTicket {
+    slot: Arc<GrantSlot>,
+    id: u64,
+}
+
+impl Drop for QueueTicket {
+    fn drop(&mut self) {
+        self.slot.lock().queue.retain(|t| *t != self.id);
+        self.slot.changed.notify_waiters();
+    }
+}
+
+/// One admission attempt's outcome.
+enum Attempt {
+    Admitted(Reservation, Hold),
+    Wait(Refusal),
+    Refused(Refusal),
 }
 
 /// A grant as listings show it.
@@ -210,8 +254,8 @@ pub struct GrantView {
     pub reserved: Decimal,
     pub state: GrantState,
     pub window: Window,
-    /// Requests refused since the daemon started, by reason.
-    pub refusals: BTreeMap<&'static str, u64>,
+    /// Requests refused over the grant's life, by reason.
+    pub refusals: BTreeMap<String, u64>,
 }
 
 struct Registry {
@@ -282,16 +326,14 @@ impl State {
         for grant in snapshot.grants {
             let window = local_window(grant.period, now);
             let spent = store.totals(grant.id, window.start)?.spent;
-            let counts = Counts::from_lifetime(&store.totals(grant.id, crate::store::LIFETIME)?);
+            let lifetime = store.totals(grant.id, crate::store::LIFETIME)?;
+            let counts = Counts::from_lifetime(&lifetime);
             registry.next_grant_id = registry.next_grant_id.max(grant.id.0 + 1);
             if grant.revoked_at.is_none() {
                 registry.by_hash.insert(grant.key_hash, grant.id);
                 registry.by_name.insert(grant.name.clone(), grant.id);
             }
-            let slot = GrantSlot {
-                id: grant.id,
-                live: Mutex::new(GrantLive { grant, window, spent, reserved: Decimal::ZERO, counts, refusals: BTreeMap::new() }),
-            };
+            let slot = GrantSlot::new(grant, window, spent, counts, lifetime.refused);
             registry.grants.insert(slot.id, Arc::new(slot));
         }
         Ok(State {
@@ -507,17 +549,7 @@ impl State {
         registry.next_grant_id = id.0 + 1;
         registry.by_hash.insert(grant.key_hash, id);
         registry.by_name.insert(grant.name.clone(), id);
-        let slot = GrantSlot {
-            id,
-            live: Mutex::new(GrantLive {
-                grant,
-                window,
-                spent: Decimal::ZERO,
-                reserved: Decimal::ZERO,
-                counts: Counts::default(),
-                refusals: BTreeMap::new(),
-            }),
-        };
+        let slot = GrantSlot::new(grant, window, Decimal::ZERO, Counts::default(), BTreeMap::new());
         registry.grants.insert(id, Arc::new(slot));
         Ok((view, key))
     }
@@ -676,31 +708,160 @@ impl State {
         Ok(Upstream { provider, key })
     }
 
-    /// Admits a request for `model` that may cost up to `bound`, holding that amount against
-    /// the cap until the request settles. Check and hold happen under the grant's one mutex,
-    /// so concurrent requests can never together be admitted past the cap.
-    pub fn admit(&self, slot: &Arc<GrantSlot>, model: &str, now_ms: i64, bound: Bound) -> Result<Reservation, Refusal> {
+    /// Counts a request among those arriving for `slot` until the returned guard is dropped
+    /// (admitted, refused, or gone): a fitted request shares what is left with them.
+    pub fn arrive(&self, slot: &Arc<GrantSlot>) -> Arrival {
+        slot.lock().arriving += 1;
+        Arrival { slot: slot.clone() }
+    }
+
+    /// Admits a request for `model` asking `demand`, holding its hold against the cap until it
+    /// settles. When only holds in flight are in the way it waits, first come first served, for
+    /// at most `wait.timeout` (and only `wait.depth` may wait at once), then gives up with a
+    /// refusal that says when to retry. Check and hold happen under the grant's one mutex, so
+    /// concurrent requests can never together be admitted past the cap.
+    pub async fn admit(
+        &self,
+        slot: &Arc<GrantSlot>,
+        model: &str,
+        demand: &Demand,
+        wait: WaitPolicy,
+    ) -> Result<(Reservation, Hold), Refusal> {
+        let started = tokio::time::Instant::now();
+        let mut ticket: Option<QueueTicket> = None;
+        loop {
+            let changed = slot.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            match self.try_admit(slot, model, demand, ticket.as_ref().map(|t| t.id)) {
+                Attempt::Admitted(reservation, hold) => {
+                    drop(ticket);
+                    return Ok((reservation, hold));
+                }
+                Attempt::Refused(refusal) => return Err(refusal),
+                Attempt::Wait(busy) => {
+                    if ticket.is_none() {
+                        let mut live = slot.lock();
+                        if live.queue.len() >= wait.depth {
+                            return Err(busy.with_wait(0, Some(wait.depth)));
+                        }
+                        let id = live.next_ticket;
+                        live.next_ticket += 1;
+                        live.queue.push_back(id);
+                        drop(live);
+                        ticket = Some(QueueTicket { slot: slot.clone(), id });
+                        continue;
+                    }
+                    tokio::select! {
+                        _ = &mut changed => {}
+                        _ = tokio::time::sleep_until(started + wait.timeout) => {
+                            return Err(busy.with_wait(started.elapsed().as_secs(), None));
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// True when `demand` would be admitted now with its output as asked: then the bound from
+    /// its bytes is good enough, and nobody needs to count its input exactly.
+    pub fn would_admit_whole(&self, slot: &GrantSlot, demand: &Demand) -> bool {
+        let mut live = slot.lock();
+        live.roll(self.clock.now_seconds(), slot.id, &self.store);
+        let room = Room {
+            cap: live.grant.cap,
+            spent: live.spent,
+            reserved: live.reserved,
+            in_flight: live.counts.in_flight,
+            competing: live.arriving.max(1),
+        };
+        matches!(crate::admission::decide(&room, demand), Decision::Admit(Hold { fitted: false, .. })) && live.queue.is_empty()
+    }
+
+    /// Admits a request now or refuses it, never waiting (what a request that would have to
+    /// wait gets is the refusal it would time out with).
+    pub fn admit_now(&self, slot: &Arc<GrantSlot>, model: &str, demand: &Demand) -> Result<(Reservation, Hold), Refusal> {
+        match self.try_admit(slot, model, demand, None) {
+            Attempt::Admitted(reservation, hold) => Ok((reservation, hold)),
+            Attempt::Wait(refusal) | Attempt::Refused(refusal) => Err(refusal),
+        }
+    }
+
+    /// One attempt under the grant's lock. A request that is not at the head of the queue (or,
+    /// not queued yet, finds a queue) waits its turn.
+    fn try_admit(&self, slot: &Arc<GrantSlot>, model: &str, demand: &Demand, ticket: Option<u64>) -> Attempt {
+        let now_ms = self.clock.now_millis();
         let now = now_ms.div_euclid(1000);
         let mut live = slot.lock();
         live.roll(now, slot.id, &self.store);
-        live.grant.check(now, Spend { spent: live.spent, reserved: live.reserved }, live.window, model, bound.cost)?;
+        if let Err(refusal) = live.grant.check_alive(now).and_then(|()| live.grant.check_model(model)) {
+            return Attempt::Refused(refusal);
+        }
+        let room = Room {
+            cap: live.grant.cap,
+            spent: live.spent,
+            reserved: live.reserved,
+            in_flight: live.counts.in_flight,
+            competing: live.arriving.max(1),
+        };
+        let busy = |least: Decimal, live: &GrantLive| Refusal::Busy {
+            grant: live.grant.name.clone(),
+            left: room.free_when_idle(),
+            held: live.reserved,
+            least,
+            waited_seconds: 0,
+            queue_full: None,
+        };
+        let my_turn = match (ticket, live.queue.front()) {
+            (Some(mine), Some(head)) => mine == *head,
+            (None, head) => head.is_none(),
+            (Some(_), None) => true,
+        };
+        let hold = match crate::admission::decide(&room, demand) {
+            Decision::Spent => {
+                return Attempt::Refused(Refusal::Exhausted {
+                    grant: live.grant.name.clone(),
+                    spent: live.spent,
+                    cap: live.grant.cap,
+                    period: live.grant.period,
+                    resets_at: live.window.end,
+                });
+            }
+            Decision::TooBig { left, least, output_tokens } => {
+                return Attempt::Refused(Refusal::WouldExceed {
+                    grant: live.grant.name.clone(),
+                    left,
+                    least,
+                    cap: live.grant.cap,
+                    period: live.grant.period,
+                    resets_at: live.window.end,
+                    output_tokens: demand.fit_at_least.map(|_| output_tokens),
+                });
+            }
+            Decision::Wait => return Attempt::Wait(busy(demand.cost_least(), &live)),
+            Decision::Admit(_) if !my_turn => return Attempt::Wait(busy(demand.cost_least(), &live)),
+            Decision::Admit(hold) => hold,
+        };
         let used = live.counts.usage(now_ms);
-        live.grant.check_limits(now_ms, &used, bound.tokens)?;
-        live.reserved += bound.cost;
+        if let Err(refusal) = live.grant.check_limits(now_ms, &used, hold.tokens) {
+            return Attempt::Refused(refusal);
+        }
+        live.reserved += hold.amount;
         let counts = &mut live.counts;
         counts.requests += 1;
-        counts.tokens = counts.tokens.saturating_add(bound.tokens);
+        counts.tokens = counts.tokens.saturating_add(hold.tokens);
         counts.in_flight += 1;
         counts.recent_requests.push_back(now_ms);
         drop(live);
-        Ok(Reservation {
+        let reservation = Reservation {
             slot: slot.clone(),
-            amount: bound.cost,
-            tokens: bound.tokens,
+            amount: hold.amount,
+            tokens: hold.tokens,
             settled: false,
-            durable_id: None,
+            durable: None,
             store: self.store.clone(),
-        })
+        };
+        Attempt::Admitted(reservation, hold)
     }
 
     /// Queues a hold for the store and returns the receiver that resolves once it is committed
@@ -712,7 +873,7 @@ impl State {
         model: &str,
         api: &str,
     ) -> Option<tokio::sync::oneshot::Receiver<Result<(), StoreError>>> {
-        if reservation.amount.is_zero() || reservation.durable_id.is_some() {
+        if reservation.amount.is_zero() || reservation.durable.is_some() {
             return None;
         }
         let id = self.next_request_id.fetch_add(1, Ordering::Relaxed);
@@ -723,17 +884,50 @@ impl State {
             api: api.to_string(),
             at_ms: self.clock.now_millis(),
         };
-        reservation.durable_id = Some(id);
+        reservation.durable = Some((id, stored.clone()));
         Some(self.store.submit(WriteOp::PutReservation { id, reservation: stored }))
     }
 
+    /// Changes an admitted request's hold to `amount` once its reply has said more about its
+    /// cost (its input, stated first). Shrinking always succeeds and gives the room back at once;
+    /// growing succeeds only if the room is there. The stored hold follows with the next batch,
+    /// before any hold admitted into the freed room can commit.
+    pub fn resize_hold(&self, reservation: &mut Reservation, amount: Decimal) -> bool {
+        if amount == reservation.amount || amount.is_sign_negative() {
+            return amount == reservation.amount;
+        }
+        let mut live = reservation.slot.lock();
+        if amount > reservation.amount {
+            let more = amount - reservation.amount;
+            let free = live.grant.cap.checked_sub(live.spent).and_then(|f| f.checked_sub(live.reserved)).unwrap_or(Decimal::ZERO);
+            if more > free {
+                return false;
+            }
+            live.reserved += more;
+        } else {
+            live.reserved -= reservation.amount - amount;
+        }
+        drop(live);
+        reservation.amount = amount;
+        if let Some((id, stored)) = reservation.durable.as_mut() {
+            stored.amount = amount;
+            drop(self.store.submit(WriteOp::PutReservation { id: *id, reservation: stored.clone() }));
+        }
+        reservation.slot.changed.notify_waiters();
+        true
+    }
+
     /// Leaves a trace of a request refused (or failed by the daemon) after its grant was known:
-    /// counted by reason for `ls` and `usage`, and logged with what the refusal said.
+    /// counted by reason for `ls` and `usage` (kept in the store with the next batch), and
+    /// logged with what the refusal said.
     pub fn note_refusal(&self, slot: &GrantSlot, model: Option<&str>, reason: &'static str, message: &str) {
         let mut live = slot.lock();
-        *live.refusals.entry(reason).or_default() += 1;
+        live.roll(self.clock.now_seconds(), slot.id, &self.store);
+        *live.refusals.entry(reason.to_string()).or_default() += 1;
         let grant = live.grant.name.clone();
+        let window_start = live.window.start;
         drop(live);
+        drop(self.store.submit(WriteOp::CountRefusal { grant: slot.id, window_start, reason: reason.to_string() }));
         tracing::info!(grant = %grant, model = model.unwrap_or("-"), reason, "refused: {message}");
     }
 
@@ -759,7 +953,9 @@ impl State {
             let mut live = slot.lock();
             live.roll(entry.at_seconds(), slot.id, &self.store);
             live.reserved -= reservation.amount;
-            live.spent += entry.cost;
+            // Costs are validated before they get here (pricing saturates, usage is bounded);
+            // a spend that would overflow stays at the largest amount, exhausting the grant.
+            live.spent = live.spent.checked_add(entry.cost).unwrap_or(Decimal::MAX);
             let used = entry.usage.input_tokens.saturating_add(entry.usage.output_tokens);
             let counts = &mut live.counts;
             counts.in_flight -= 1;
@@ -768,7 +964,9 @@ impl State {
             live.window.start
         };
         reservation.settled = true;
-        self.store.submit(WriteOp::AppendEntry { entry, window_start, reservation: reservation.durable_id })
+        slot.changed.notify_waiters();
+        let stored = reservation.durable.as_ref().map(|(id, _)| *id);
+        self.store.submit(WriteOp::AppendEntry { entry, window_start, reservation: stored })
     }
 
     // ---- reports ----
@@ -857,6 +1055,21 @@ pub struct GrantSpec {
 }
 
 impl GrantSlot {
+    fn new(grant: Grant, window: Window, spent: Decimal, counts: Counts, refusals: BTreeMap<String, u64>) -> GrantSlot {
+        let live = GrantLive {
+            grant,
+            window,
+            spent,
+            reserved: Decimal::ZERO,
+            counts,
+            refusals,
+            arriving: 0,
+            queue: VecDeque::new(),
+            next_ticket: 0,
+        };
+        GrantSlot { id: live.grant.id, live: Mutex::new(live), changed: tokio::sync::Notify::new() }
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, GrantLive> {
         self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
@@ -867,6 +1080,11 @@ impl GrantSlot {
 
     pub fn name(&self) -> String {
         self.lock().grant.name.clone()
+    }
+
+    /// The grant lets a request's output be lowered to fit what is left (`--fit`).
+    pub fn fit(&self) -> bool {
+        self.lock().grant.limits.fit
     }
 
     fn view(&self, now: i64, store: &Store) -> GrantView {
@@ -948,6 +1166,11 @@ mod tests {
         text.parse().unwrap()
     }
 
+    /// A request that holds exactly `cost`.
+    fn hold_of(cost: Decimal) -> Demand {
+        Demand { input_cost: cost, input_tokens: 0, output_tokens: 0, output_rate: Decimal::ZERO, fit_at_least: None }
+    }
+
     #[test]
     fn a_day_rolls_over_at_local_midnight_and_an_expiry_bites_at_its_second() {
         let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
@@ -956,14 +1179,16 @@ mod tests {
         let expires_at = clock.now_seconds() + 3 * 86_400;
         runtime.block_on(state.create_grant(grant_spec(Period::Day, Some(expires_at)))).unwrap();
         let slot = state.find_grant("g").unwrap();
-        let bound = |cost: &str| Bound { cost: dollars(cost), tokens: 0 };
+        let bound = |cost: &str| hold_of(dollars(cost));
 
-        let first = state.admit(&slot, "m", clock.now_millis(), bound("0.95")).unwrap();
+        let first = state.admit_now(&slot, "m", &bound("0.95")).unwrap().0;
         drop(state.settle(first, entry(&state, slot.id, dollars("0.90"))));
         // A request admitted before midnight and settled after it.
-        let straddling = state.admit(&slot, "m", clock.now_millis(), bound("0.10")).unwrap();
-        let refused = state.admit(&slot, "m", clock.now_millis(), bound("0.01")).unwrap_err();
-        assert!(matches!(refused, Refusal::WouldExceed { .. }), "{refused}");
+        let straddling = state.admit_now(&slot, "m", &bound("0.10")).unwrap().0;
+        let refused = state.admit_now(&slot, "m", &bound("0.01")).unwrap_err();
+        assert!(matches!(refused, Refusal::Busy { .. }), "only the hold in flight is in the way: {refused}");
+        let refused = state.admit_now(&slot, "m", &bound("0.11")).unwrap_err();
+        assert!(matches!(refused, Refusal::WouldExceed { .. }), "more than is left even when idle: {refused}");
         let today = state.grant_view(&slot).window;
         let midnight = today.end.unwrap();
         assert_eq!(state.grant_view(&slot).state, GrantState::Active);
@@ -974,14 +1199,14 @@ mod tests {
         assert_eq!((tomorrow.spent, tomorrow.reserved), (Decimal::ZERO, dollars("0.10")), "spend resets; holds in flight stay");
         drop(state.settle(straddling, entry(&state, slot.id, dollars("0.05"))));
         assert_eq!(state.grant_view(&slot).spent, dollars("0.05"), "it counts in the day it settled");
-        let again = state.admit(&slot, "m", clock.now_millis(), bound("0.95")).unwrap();
+        let again = state.admit_now(&slot, "m", &bound("0.95")).unwrap().0;
         drop(again);
 
         // Expiry: admitted up to the second before, refused from the second itself.
         clock.advance(std::time::Duration::from_secs((expires_at - 1 - clock.now_seconds()) as u64));
-        assert!(state.admit(&slot, "m", clock.now_millis(), bound("0")).is_ok());
+        assert!(state.admit_now(&slot, "m", &bound("0")).is_ok());
         clock.advance(std::time::Duration::from_secs(1));
-        assert!(matches!(state.admit(&slot, "m", clock.now_millis(), bound("0")), Err(Refusal::Expired { .. })));
+        assert!(matches!(state.admit_now(&slot, "m", &bound("0")), Err(Refusal::Expired { .. })));
         assert_eq!(state.grant_view(&slot).state, GrantState::Expired);
 
         // The ledger keeps both days, each window's totals its own.
@@ -1016,8 +1241,8 @@ mod tests {
                 0 => {
                     let bound = Decimal::new(next(30_001) as i64, 5); // $0 to $0.30000
                     let fits = model_spent < cap && model_spent + model_reserved + bound <= cap;
-                    match state.admit(&slot, "m", state.clock().now_millis(), Bound { cost: bound, tokens: 10 }) {
-                        Ok(reservation) => {
+                    match state.admit_now(&slot, "m", &Demand { input_tokens: 10, ..hold_of(bound) }) {
+                        Ok((reservation, _)) => {
                             assert!(fits, "step {step}: admitted {bound} with {model_spent} spent, {model_reserved} held");
                             model_reserved += bound;
                             open.push(reservation);

@@ -128,6 +128,12 @@ pub enum WriteOp {
         id: u64,
         reservation: StoredReservation,
     },
+    /// Counts one refused request of `grant` in its window's totals and its lifetime's.
+    CountRefusal {
+        grant: GrantId,
+        window_start: i64,
+        reason: String,
+    },
     DeleteReservation {
         id: u64,
     },
@@ -388,26 +394,48 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Resul
                 }
                 WriteOp::Barrier => {}
                 WriteOp::AppendEntry { entry, window_start, reservation } => {
+                    let mut keys = vec![(entry.grant.0, *window_start)];
+                    if *window_start != LIFETIME {
+                        keys.push((entry.grant.0, LIFETIME));
+                    }
+                    let mut sums = Vec::with_capacity(keys.len());
+                    for key in &keys {
+                        let mut sum: Totals = match totals.get(*key)? {
+                            Some(v) => decode("totals", v.value())?,
+                            None => Totals::default(),
+                        };
+                        if sum.add(entry).is_err() {
+                            break;
+                        }
+                        sums.push(sum);
+                    }
+                    if sums.len() != keys.len() {
+                        // Unreachable with validated costs; a total that would overflow is never
+                        // stored. The hold stays, and is charged at the next start.
+                        tracing::error!(grant = entry.grant.0, cost = %entry.cost, "refused a ledger entry whose total would overflow");
+                        continue;
+                    }
                     if let Some(id) = reservation {
                         reservations.remove(*id)?;
                     }
                     ledger.insert((entry.grant.0, next_seq), encode(entry).as_slice())?;
                     next_seq += 1;
-                    let key = (entry.grant.0, *window_start);
-                    let mut sum: Totals = match totals.get(key)? {
-                        Some(v) => decode("totals", v.value())?,
-                        None => Totals::default(),
-                    };
-                    sum.add(entry);
-                    totals.insert(key, encode(&sum).as_slice())?;
+                    for (key, sum) in keys.into_iter().zip(sums) {
+                        totals.insert(key, encode(&sum).as_slice())?;
+                    }
+                }
+                WriteOp::CountRefusal { grant, window_start, reason } => {
+                    let mut keys = vec![(grant.0, *window_start)];
                     if *window_start != LIFETIME {
-                        let key = (entry.grant.0, LIFETIME);
-                        let mut life: Totals = match totals.get(key)? {
+                        keys.push((grant.0, LIFETIME));
+                    }
+                    for key in keys {
+                        let mut sum: Totals = match totals.get(key)? {
                             Some(v) => decode("totals", v.value())?,
                             None => Totals::default(),
                         };
-                        life.add(entry);
-                        totals.insert(key, encode(&life).as_slice())?;
+                        sum.count_refusal(reason);
+                        totals.insert(key, encode(&sum).as_slice())?;
                     }
                 }
             }

@@ -74,6 +74,7 @@ pub fn grant(view: &GrantView) -> pb::Grant {
         id: g.id.0,
         reserved: decimal_string(view.reserved),
         limits: Some(limits(&g.limits)),
+        refused: view.refusals.iter().map(|(reason, n)| (reason.clone(), *n)).collect(),
         installs: g
             .installs
             .iter()
@@ -141,6 +142,7 @@ pub fn price_from(p: &pb::Price) -> Result<Price, Status> {
         max_input_tokens: None,
         long_context,
         web_search_per_1k: None,
+        per_request: None,
         checked: None,
         provider: None,
     })

@@ -206,12 +206,13 @@ impl Control for ControlService {
         let mut by_model: BTreeMap<String, Totals> = BTreeMap::new();
         let mut by_day: BTreeMap<String, Totals> = BTreeMap::new();
         let mut by_grant: BTreeMap<String, Totals> = BTreeMap::new();
+        let overflow = |_| Status::out_of_range("a usage total would overflow; narrow the report with --since or a grant");
         for entry in &entries {
-            total.add(entry);
-            by_model.entry(entry.model.clone()).or_default().add(entry);
-            by_day.entry(local_day(entry.at_seconds())).or_default().add(entry);
+            total.add(entry).map_err(overflow)?;
+            by_model.entry(entry.model.clone()).or_default().add(entry).map_err(overflow)?;
+            by_day.entry(local_day(entry.at_seconds())).or_default().add(entry).map_err(overflow)?;
             let name = names.get(&entry.grant).cloned().unwrap_or_else(|| format!("#{}", entry.grant.0));
-            by_grant.entry(name).or_default().add(entry);
+            by_grant.entry(name).or_default().add(entry).map_err(overflow)?;
         }
         let rows = |map: BTreeMap<String, Totals>| map.into_iter().map(|(k, t)| convert::usage_row(k, &t)).collect();
         let mut response = pb::GetUsageResponse {
@@ -229,6 +230,7 @@ impl Control for ControlService {
             response.period = view.grant.period.as_str().to_string();
             response.created_by = view.grant.created_by;
             response.note = view.grant.note;
+            response.refused = view.refusals.into_iter().collect();
         }
         Ok(Response::new(response))
     }

@@ -5,7 +5,6 @@ use rust_decimal::Decimal;
 use serde_json::Value;
 
 use super::{LongContext, Price, PriceError, TierPrices, validate_model_name};
-use crate::usage::openai::decimal_from_json;
 
 /// The modes whose prices describe token-metered calls the proxy makes.
 const METERED_MODES: [&str; 4] = ["chat", "responses", "embedding", "completion"];
@@ -92,11 +91,25 @@ fn read_entry(entry: &Value) -> Result<Price, PriceError> {
         max_input_tokens: entry.get("max_input_tokens").and_then(Value::as_u64),
         long_context,
         web_search_per_1k: None,
+        per_request: None,
         checked: None,
         provider: entry.get("litellm_provider").and_then(Value::as_str).map(str::to_string),
     };
     price.validate()?;
     Ok(price)
+}
+
+/// A JSON number (or numeric text) as an exact decimal: the digits as written, never through a
+/// binary float rounding that the text did not have.
+fn decimal_from_json(value: &Value) -> Option<Decimal> {
+    match value {
+        Value::Number(n) => {
+            let text = n.to_string();
+            text.parse::<Decimal>().ok().or_else(|| Decimal::from_scientific(&text).ok())
+        }
+        Value::String(s) => s.parse().ok(),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

@@ -5,6 +5,7 @@
 //! per-model overrides (`capitctl price set`) shadow.
 
 pub mod litellm;
+pub mod openrouter;
 
 use std::collections::BTreeMap;
 
@@ -14,7 +15,8 @@ use serde::{Deserialize, Serialize};
 use crate::usage::Usage;
 
 /// The five rates of one pricing tier, USD per million tokens. Cache prices left out fall back
-/// to the input price (the most a cached token can cost); a 1-hour write to the 5-minute one.
+/// to the input price (the most a cached token can cost); a 1-hour write to twice the input
+/// price (Anthropic's rule) or the 5-minute one, whichever is more.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TierPrices {
     pub input: Decimal,
@@ -43,6 +45,9 @@ pub struct Price {
     /// USD per 1,000 server-side web searches (Anthropic's `server_tool_use`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub web_search_per_1k: Option<Decimal>,
+    /// USD charged per request whatever its tokens (some OpenRouter models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per_request: Option<Decimal>,
     /// When the built-in price was last checked against the provider (YYYY-MM-DD).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub checked: Option<String>,
@@ -86,11 +91,13 @@ pub enum PriceError {
 impl TierPrices {
     fn rates(&self) -> Rates {
         let cache_write_5m = self.cache_write_5m.unwrap_or(self.input);
+        // Only Anthropic writes for an hour, at twice the input rate (its documented formula).
+        let twice_input = self.input.checked_mul(Decimal::TWO).unwrap_or(Decimal::MAX);
         Rates {
             input: self.input,
             cached_input: self.cached_input.unwrap_or(self.input),
             cache_write_5m,
-            cache_write_1h: self.cache_write_1h.unwrap_or(cache_write_5m),
+            cache_write_1h: self.cache_write_1h.unwrap_or(cache_write_5m.max(twice_input)),
             output: self.output,
         }
     }
@@ -124,6 +131,12 @@ impl Price {
     /// Checks every rate is within range, so that [`cost`] cannot overflow.
     pub fn validate(&self) -> Result<(), PriceError> {
         self.base.validate("")?;
+        let max = Decimal::from(MAX_PRICE_PER_MILLION);
+        for (field, value) in [("per-request", self.per_request), ("web search per 1,000", self.web_search_per_1k)] {
+            if let Some(value) = value.filter(|v| v.is_sign_negative() || *v > max) {
+                return Err(PriceError::OutOfRange { field: field.to_string(), value });
+            }
+        }
         match &self.long_context {
             Some(long) => long.prices.validate("long-context "),
             None => Ok(()),
@@ -159,40 +172,59 @@ pub fn cost(usage: &Usage, price: &Price) -> Decimal {
         (0, _) | (_, None) => Decimal::ZERO,
         (n, Some(per_1k)) => Decimal::from(n).checked_mul(per_1k).unwrap_or(Decimal::MAX) / Decimal::from(1000u32),
     };
-    tokens.checked_add(searches).unwrap_or(Decimal::MAX).normalize()
+    tokens.checked_add(searches).and_then(|c| c.checked_add(price.per_request.unwrap_or_default())).unwrap_or(Decimal::MAX).normalize()
 }
 
 /// Input tokens a provider may add to a request on its own (the tool-use system prompt,
 /// message framing), on top of what the body holds.
 pub const HIDDEN_PROMPT_ALLOWANCE: u64 = 1024;
 
-/// The most a request can cost, for its reservation: every input token at the dearest
-/// input-side rate (a cache write can cost twice the input rate), every output token at the
-/// output rate, in the tier its input falls in (long-context rates are never below the base
-/// ones), plus nothing for web searches (their tokens and fees are left to settlement).
-pub fn bound(price: &Price, input_tokens: u64, output_tokens: u64) -> Decimal {
-    let rates = price.rates(input_tokens);
-    let input_rate = [rates.input, rates.cached_input, rates.cache_write_5m, rates.cache_write_1h].into_iter().max().unwrap_or(rates.input);
-    let per_million = Decimal::from(input_tokens)
-        .checked_mul(input_rate)
-        .and_then(|i| Decimal::from(output_tokens).checked_mul(rates.output).and_then(|o| i.checked_add(o)))
-        .unwrap_or(Decimal::MAX);
-    (per_million / Decimal::from(1_000_000u32)).normalize()
+/// A request's input tokens by the dearest rate each may be billed at: `write_1h` may be
+/// 1-hour cache writes, `write_5m` 5-minute (or OpenAI automatic) cache writes, `base` only
+/// plain input. A bound, so counts are maxima, not a forecast.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InputTokens {
+    pub base: u64,
+    pub write_5m: u64,
+    pub write_1h: u64,
 }
 
-/// The most output tokens a request with `input_tokens` of input can have for its bound to stay
-/// within `budget` (none when even its input does not fit).
-pub fn output_that_fits(price: &Price, input_tokens: u64, budget: Decimal) -> Option<u64> {
-    let input_only = bound(price, input_tokens, 0);
-    let per_token = bound(price, input_tokens, 1) - input_only;
-    if budget < input_only {
-        return None;
+impl InputTokens {
+    pub fn total(&self) -> u64 {
+        self.base.saturating_add(self.write_5m).saturating_add(self.write_1h)
     }
-    if per_token.is_zero() {
-        return Some(u64::MAX);
+}
+
+fn per_token(per_million: Decimal) -> Decimal {
+    per_million / Decimal::from(1_000_000u32)
+}
+
+/// The most a request's input can cost: each class of tokens at the dearest rate it could be
+/// billed at (a write never below plain input, a 1-hour write never below a 5-minute one), in
+/// the tier the whole input falls in (long-context rates are never below the base ones), plus
+/// the provider's fee per request.
+pub fn input_bound(price: &Price, input: &InputTokens) -> Decimal {
+    let rates = price.rates(input.total());
+    let plain = rates.input.max(rates.cached_input);
+    let write_5m = plain.max(rates.cache_write_5m);
+    let write_1h = write_5m.max(rates.cache_write_1h);
+    let mut per_million = Decimal::ZERO;
+    for (tokens, rate) in [(input.base, plain), (input.write_5m, write_5m), (input.write_1h, write_1h)] {
+        per_million = Decimal::from(tokens).checked_mul(rate).and_then(|t| per_million.checked_add(t)).unwrap_or(Decimal::MAX);
     }
-    let tokens = ((budget - input_only) / per_token).floor();
-    Some(u64::try_from(tokens.mantissa() / 10i128.pow(tokens.scale())).unwrap_or(u64::MAX))
+    per_token(per_million).checked_add(price.per_request.unwrap_or_default()).unwrap_or(Decimal::MAX).normalize()
+}
+
+/// What one output token can cost, reasoning included, for a request with this much input
+/// (the tier its input falls in).
+pub fn output_rate(price: &Price, input_tokens: u64) -> Decimal {
+    per_token(price.rates(input_tokens).output)
+}
+
+/// The most a request can cost with this input and at most `output_tokens` of output.
+pub fn bound(price: &Price, input: &InputTokens, output_tokens: u64) -> Decimal {
+    let output = Decimal::from(output_tokens).checked_mul(output_rate(price, input.total())).unwrap_or(Decimal::MAX);
+    input_bound(price, input).checked_add(output).unwrap_or(Decimal::MAX).normalize()
 }
 
 /// Built-in prices and user overrides, looked up by the model a response names.
@@ -373,13 +405,18 @@ mod tests {
     }
 
     #[test]
-    fn the_bound_covers_every_way_the_same_tokens_can_be_billed() {
+    fn the_bound_covers_every_way_its_classes_can_be_billed() {
         let t = table();
         let sonnet = t.lookup("claude-sonnet-4-5").unwrap().1;
-        // 1000 input at the 1-hour write rate (6.00), 500 output at 15.00.
-        assert_eq!(bound(sonnet, 1000, 500), d("0.0135"));
+        let plain = |n| InputTokens { base: n, ..InputTokens::default() };
+        let one_hour = |n| InputTokens { write_1h: n, ..InputTokens::default() };
+        // Plain input at 3.00, 5-minute writes at 3.75, 1-hour writes at 6.00; output at 15.00.
+        assert_eq!(bound(sonnet, &plain(1000), 500), d("0.0105"));
+        assert_eq!(bound(sonnet, &InputTokens { write_5m: 1000, ..InputTokens::default() }, 500), d("0.01125"));
+        assert_eq!(bound(sonnet, &one_hour(1000), 500), d("0.0135"));
         // Past 200K input the long-context tier applies: 12.00 for 1-hour writes, 22.50 output.
-        assert_eq!(bound(sonnet, 200_001, 0), d("2.400012"));
+        assert_eq!(bound(sonnet, &one_hour(200_001), 0), d("2.400012"));
+        assert_eq!(output_rate(sonnet, 200_001), d("0.0000225"));
         for (input, cached, w5, w1, output) in
             [(1000, 1000, 0, 0, 500), (1000, 0, 1000, 0, 500), (1000, 0, 0, 1000, 500), (1000, 200, 300, 400, 7)]
         {
@@ -391,20 +428,19 @@ mod tests {
                 output_tokens: output,
                 ..Usage::default()
             };
-            assert!(cost(&usage, sonnet) <= bound(sonnet, 1000, 500), "{usage:?}");
+            assert!(cost(&usage, sonnet) <= bound(sonnet, &one_hour(1000), 500), "{usage:?}");
+            if w1 == 0 {
+                let classes = InputTokens { base: input - w5, write_5m: w5, ..InputTokens::default() };
+                assert!(cost(&usage, sonnet) <= bound(sonnet, &classes, 500), "{usage:?} within its classes");
+            }
         }
-        assert!(bound(sonnet, u64::MAX, u64::MAX) > Decimal::ZERO, "huge counts do not panic");
-    }
-
-    #[test]
-    fn output_that_fits_is_the_largest_whose_bound_fits() {
-        let t = table();
-        let mini = t.lookup("gpt-5-mini").unwrap().1;
-        let budget = d("0.01");
-        let fits = output_that_fits(mini, 1000, budget).unwrap();
-        assert!(bound(mini, 1000, fits) <= budget);
-        assert!(bound(mini, 1000, fits + 1) > budget);
-        assert_eq!(output_that_fits(mini, 1_000_000, d("0.0001")), None);
+        let huge = InputTokens { base: u64::MAX, write_5m: u64::MAX, write_1h: u64::MAX };
+        assert!(bound(sonnet, &huge, u64::MAX) > Decimal::ZERO, "huge counts do not panic");
+        // A fee per request is part of the cost and of the bound.
+        let mut fee = t.lookup("gpt-5").unwrap().1.clone();
+        fee.per_request = Some(d("0.005"));
+        assert_eq!(cost(&Usage::default(), &fee), d("0.005"));
+        assert_eq!(bound(&fee, &InputTokens::default(), 0), d("0.005"));
     }
 
     #[test]

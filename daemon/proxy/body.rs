@@ -9,6 +9,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -16,11 +17,13 @@ use bytes::Bytes;
 use http_body::{Body, Frame};
 use http_body_util::{BodyExt, Full, combinators::BoxBody};
 use hyper::body::Incoming;
+use rust_decimal::Decimal;
 use tokio::sync::oneshot;
 use tokio::time::{Instant, Sleep};
 use tokio_util::task::TaskTracker;
 
 use crate::ledger::{EntryStatus, LedgerEntry};
+use crate::pricing::Price;
 use crate::providers::MeteredApi;
 use crate::state::{Reservation, State};
 use crate::store::StoreError;
@@ -39,11 +42,36 @@ pub fn full(bytes: Bytes) -> ProxyBody {
 pub struct GatedBody {
     gate: Option<oneshot::Receiver<Result<(), StoreError>>>,
     data: Option<Bytes>,
+    progress: Arc<GateProgress>,
+}
+
+/// How far a gated body got, read after the exchange failed: whether the upstream may have
+/// received (and so billed) the request, or its hold could not be recorded.
+#[derive(Debug, Default)]
+pub struct GateProgress {
+    sent: AtomicBool,
+    unrecorded: AtomicBool,
+}
+
+impl GateProgress {
+    /// The body was handed to the connection: from here the upstream may bill the request.
+    pub fn body_sent(&self) -> bool {
+        self.sent.load(Ordering::SeqCst)
+    }
+
+    /// The hold could not be made durable, so the body was never sent.
+    pub fn hold_unrecorded(&self) -> bool {
+        self.unrecorded.load(Ordering::SeqCst)
+    }
 }
 
 impl GatedBody {
     pub fn new(data: Bytes, gate: Option<oneshot::Receiver<Result<(), StoreError>>>) -> GatedBody {
-        GatedBody { gate, data: Some(data).filter(|d| !d.is_empty()) }
+        GatedBody { gate, data: Some(data).filter(|d| !d.is_empty()), progress: Arc::default() }
+    }
+
+    pub fn progress(&self) -> Arc<GateProgress> {
+        self.progress.clone()
     }
 }
 
@@ -59,11 +87,16 @@ impl Body for GatedBody {
                 Poll::Ready(_) => {
                     self.gate = None;
                     self.data = None;
+                    self.progress.unrecorded.store(true, Ordering::SeqCst);
                     return Poll::Ready(Some(Err("the request's reservation could not be recorded; not sending it".into())));
                 }
             }
         }
-        Poll::Ready(self.data.take().map(|data| Ok(Frame::data(data))))
+        let data = self.data.take();
+        if data.is_some() {
+            self.progress.sent.store(true, Ordering::SeqCst);
+        }
+        Poll::Ready(data.map(|data| Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
@@ -75,6 +108,27 @@ impl Body for GatedBody {
     }
 }
 
+/// How a metered request's cost is established.
+#[derive(Clone, Debug)]
+pub enum Pricing {
+    /// A provider priced at zero (a local server).
+    Zero,
+    /// Tokens times this price.
+    Tokens(Arc<Price>),
+    /// The provider reports what it charged (OpenRouter), and that is billed; the price bounds
+    /// the hold and prices a reply that reports no cost.
+    Reported(Arc<Price>),
+}
+
+impl Pricing {
+    pub fn price(&self) -> Option<&Price> {
+        match self {
+            Pricing::Zero => None,
+            Pricing::Tokens(price) | Pricing::Reported(price) => Some(price),
+        }
+    }
+}
+
 /// Everything needed to turn what was observed into a ledger entry.
 pub struct Settlement {
     pub state: Arc<State>,
@@ -82,15 +136,15 @@ pub struct Settlement {
     pub reservation: Reservation,
     pub api: MeteredApi,
     pub request_model: String,
-    /// The provider prices nothing (a local server).
-    pub price_zero: bool,
-    /// The provider reports the cost itself (OpenRouter), and that figure is billed.
-    pub trust_reported_cost: bool,
+    pub pricing: Pricing,
     /// Size of the request body, for estimating input when usage never arrives.
     pub request_bytes: u64,
     pub http_status: u16,
-    /// The request model's price, for the running cost of a stream (the cutoff).
-    pub price: Option<crate::pricing::Price>,
+    /// The output the hold covers (as sent upstream), for trueing the hold up.
+    pub held_output_tokens: u64,
+    /// The first input the reply states is its last word (no server-side tools that add input
+    /// as they run), so the hold may be trued up to it at once.
+    pub may_true_up: bool,
 }
 
 /// Bytes of generated text counted as one token when judging a running stream against its
@@ -99,15 +153,22 @@ const CUTOFF_BYTES_PER_TOKEN: u64 = 6;
 
 impl Settlement {
     /// What the reply has cost so far by what was seen, when that can be judged.
-    fn running_cost(&self, observed: &Observed) -> Option<rust_decimal::Decimal> {
-        let price = self.price.as_ref()?;
+    fn running_cost(&self, observed: &Observed) -> Option<Decimal> {
+        let price = self.pricing.price()?;
         let mut usage = observed.usage.clone().unwrap_or_default();
         usage.output_tokens = usage.output_tokens.max(observed.output_text_bytes / CUTOFF_BYTES_PER_TOKEN);
         Some(crate::pricing::cost(&usage, price))
     }
-}
 
-impl Settlement {
+    /// The hold the request needs once its reply has stated its input: that input at its exact
+    /// cost, plus the output the hold covers at the output rate of the input's tier.
+    fn trued_up_hold(&self, observed: &Observed) -> Option<Decimal> {
+        let price = self.pricing.price()?;
+        let input = Usage { output_tokens: 0, reasoning_tokens: 0, ..observed.usage.clone()? };
+        let output = Decimal::from(self.held_output_tokens).checked_mul(crate::pricing::output_rate(price, input.input_tokens))?;
+        crate::pricing::cost(&input, price).checked_add(output)
+    }
+
     /// Prices what was observed and records it; the receiver resolves once it is durable.
     pub fn settle(self, observed: Observed) -> oneshot::Receiver<Result<(), StoreError>> {
         let entry = self.entry(observed);
@@ -115,23 +176,54 @@ impl Settlement {
         self.state.settle(self.reservation, entry)
     }
 
-    /// Records a request the upstream refused with an error status: nothing generated, no cost.
-    pub fn settle_upstream_error(self) -> oneshot::Receiver<Result<(), StoreError>> {
+    /// Records a request whose body went upstream but whose reply never came (a timeout, a
+    /// reset, a closed connection): the upstream may have billed it, so it is charged its hold.
+    pub fn settle_interrupted(self, why: String) -> oneshot::Receiver<Result<(), StoreError>> {
+        tracing::warn!(grant = self.reservation.grant().0, hold = %self.reservation.amount(), "{why}; charged at its hold");
         let entry = LedgerEntry {
             grant: self.reservation.grant(),
             at_ms: self.state.clock().now_millis(),
             model: self.request_model.clone(),
             api: self.api.as_str().to_string(),
             usage: Usage::default(),
-            cost: rust_decimal::Decimal::ZERO,
-            status: EntryStatus::UpstreamError,
-            http_status: self.http_status,
-            error: None,
+            cost: self.reservation.amount(),
+            status: EntryStatus::Interrupted,
+            http_status: 0,
+            error: Some(why),
         };
         self.state.settle(self.reservation, entry)
     }
 
     fn entry(&self, observed: Observed) -> LedgerEntry {
+        let entry = |usage: Usage, cost: Decimal, status: EntryStatus, error: Option<String>, model: String| LedgerEntry {
+            grant: self.reservation.grant(),
+            at_ms: self.state.clock().now_millis(),
+            model,
+            api: self.api.as_str().to_string(),
+            usage,
+            cost,
+            status,
+            http_status: self.http_status,
+            error,
+        };
+        let model = observed.model.clone().unwrap_or_else(|| self.request_model.clone());
+        if let Some(why) = observed.invalid_usage.clone() {
+            // Never credited, never $0: a reply whose counts are no counts costs its hold.
+            tracing::warn!(grant = self.reservation.grant().0, model = %model, "the reply's usage is not valid ({why}); charged at its hold");
+            let usage = observed.usage.clone().unwrap_or_else(|| self.estimate(&observed));
+            return entry(usage, self.reservation.amount(), EntryStatus::Estimated, Some(format!("invalid usage: {why}")), model);
+        }
+        if !(200..300).contains(&self.http_status) {
+            // The upstream refused: recorded at what it reports (normally nothing).
+            let usage = observed.usage.clone().unwrap_or_default();
+            let cost = match (&self.pricing, observed.usage.is_some()) {
+                (Pricing::Reported(_), _) => usage.reported_cost.unwrap_or_default(),
+                (Pricing::Tokens(price), true) => crate::pricing::cost(&usage, price),
+                _ => Decimal::ZERO,
+            };
+            let error = observed.error.clone().or_else(|| Some(format!("the upstream answered {}", self.http_status)));
+            return entry(usage, cost, EntryStatus::UpstreamError, error, model);
+        }
         let estimate = self.estimate(&observed);
         let (usage, mut status) = match observed.usage.clone() {
             Some(usage) if observed.usage_final => (usage, EntryStatus::Metered),
@@ -142,33 +234,25 @@ impl Settlement {
             }
             None => (estimate, EntryStatus::Estimated),
         };
-        let model = observed.model.clone().unwrap_or_else(|| self.request_model.clone());
-        let cost = if self.price_zero {
-            rust_decimal::Decimal::ZERO
-        } else if let (true, Some(reported)) = (self.trust_reported_cost, usage.reported_cost) {
-            reported
-        } else {
-            let price = self.state.price(&model).or_else(|| self.state.price(&self.request_model));
-            match price {
-                Some((_, price)) => crate::pricing::cost(&usage, &price),
+        let cost = match &self.pricing {
+            Pricing::Zero => Decimal::ZERO,
+            Pricing::Reported(price) => match usage.reported_cost {
+                Some(reported) => reported,
                 None => {
-                    tracing::warn!(model = %model, "no price for the model a response named; recorded as estimated at zero");
+                    if status == EntryStatus::Metered {
+                        tracing::warn!(model = %model, "the reply reported no cost; priced from its tokens");
+                    }
                     status = EntryStatus::Estimated;
-                    rust_decimal::Decimal::ZERO
+                    crate::pricing::cost(&usage, price)
                 }
+            },
+            Pricing::Tokens(price) => {
+                // The model the reply names (a dated snapshot, often) when it has its own price.
+                let named = self.state.price(&model).map(|(_, p)| p);
+                crate::pricing::cost(&usage, named.as_ref().unwrap_or(price))
             }
         };
-        LedgerEntry {
-            grant: self.reservation.grant(),
-            at_ms: self.state.clock().now_millis(),
-            model,
-            api: self.api.as_str().to_string(),
-            usage,
-            cost,
-            status,
-            http_status: self.http_status,
-            error: observed.error,
-        }
+        entry(usage, cost, status, observed.error, model)
     }
 
     /// A reply cut before its usage: four bytes of request body per input token and four bytes
@@ -203,6 +287,8 @@ pub struct MeteredBody {
     tracker: TaskTracker,
     /// Text bytes seen at the last cutoff check (checks run only when more text arrives).
     checked_text_bytes: u64,
+    /// The hold was trued up to the input the reply stated (or that cannot happen any more).
+    trued_up: bool,
 }
 
 impl MeteredBody {
@@ -216,6 +302,7 @@ impl MeteredBody {
             limits,
             tracker,
             checked_text_bytes: 0,
+            trued_up: false,
         }
     }
 
@@ -237,19 +324,53 @@ impl MeteredBody {
         if hold.is_zero() || running <= hold {
             return None;
         }
-        let api = settlement.api;
         let message = format!(
             "capit: this reply passed the ${} held for it (its max output tokens); the upstream was stopped",
             crate::grants::money(hold)
         );
+        Some(self.cut(&message, "cut off: the reply passed its reservation"))
+    }
+
+    /// Trues the hold up once the reply has stated its input, so that what the bound assumed
+    /// beyond it goes back to the grant at once. A stated input dearer than the hold (an exact
+    /// count that was short) grows the hold if the budget has room, and ends the stream if not,
+    /// before any output is generated.
+    fn true_up(&mut self) -> Option<Vec<u8>> {
+        if self.trued_up {
+            return None;
+        }
+        let meter = self.meter.as_ref()?;
+        if !meter.observed().input_stated {
+            return None;
+        }
+        self.trued_up = true;
+        let settlement = self.settlement.as_mut()?;
+        if !settlement.may_true_up {
+            return None;
+        }
+        let amount = settlement.trued_up_hold(meter.observed())?;
+        let state = settlement.state.clone();
+        if state.resize_hold(&mut settlement.reservation, amount) || !meter.at_event_boundary() {
+            return None;
+        }
+        let message = format!(
+            "capit: this request's input costs more than the ${} held for it and the grant has no room left for the rest; the upstream was stopped",
+            crate::grants::money(settlement.reservation.amount())
+        );
+        Some(self.cut(&message, "cut off: the input passed its reservation"))
+    }
+
+    /// Ends the reply here: settles what was seen and returns the error event to send last.
+    fn cut(&mut self, message: &str, why: &str) -> Vec<u8> {
         self.upstream = None;
         let (mut observed, _) = self.finish_meter();
-        observed.error = Some("cut off: the reply passed its reservation".into());
+        observed.error = Some(why.to_string());
+        let api = self.settlement.as_ref().map_or(MeteredApi::OpenAiChat, |s| s.api);
         if let Some(settlement) = self.settlement.take() {
             drop(settlement.settle(observed));
         }
-        tracing::warn!(api = api.as_str(), "cut a stream that passed its reservation");
-        Some(crate::usage::cutoff_event(api, &message))
+        tracing::warn!(api = api.as_str(), "{why}");
+        crate::usage::cutoff_event(api, message)
     }
 
     fn finish_meter(&mut self) -> (Observed, Bytes) {
@@ -282,7 +403,7 @@ impl Body for MeteredBody {
                                 Some(meter) => meter.feed(data),
                                 None => data,
                             };
-                            if let Some(event) = this.cut_if_over() {
+                            if let Some(event) = this.true_up().or_else(|| this.cut_if_over()) {
                                 let mut last = out.to_vec();
                                 last.extend_from_slice(&event);
                                 this.tail = Some(Bytes::from(last));

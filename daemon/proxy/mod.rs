@@ -6,7 +6,9 @@
 //! forwarded; a billable path that is not metered is refused (see `providers::route`).
 
 mod body;
+mod count;
 mod errors;
+mod openrouter;
 mod request;
 
 use std::convert::Infallible;
@@ -29,10 +31,11 @@ use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
 use crate::providers::{Endpoint, ErrorFormat, MeteredApi, Provider, ProviderKind};
+use crate::state::WaitPolicy;
 use crate::state::{AuthFailure, GrantSlot, State, StateError};
 use crate::usage::{BodyFormat, ResponseMeter};
 pub use body::BodyLimits;
-use body::{GatedBody, MeteredBody, ProxyBody, Settlement};
+use body::{GatedBody, MeteredBody, Pricing, ProxyBody, Settlement};
 use errors::ProxyError;
 use request::BodyError;
 
@@ -49,6 +52,8 @@ pub struct ProxyConfig {
     /// Extra root certificates (PEM) trusted for upstream TLS, besides the Mozilla roots: for a
     /// company gateway with a private CA.
     pub upstream_ca: Option<std::path::PathBuf>,
+    /// How long, and how many, requests may wait per grant for holds in flight to settle.
+    pub wait: WaitPolicy,
 }
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, GatedBody>;
@@ -57,8 +62,10 @@ struct Proxy {
     state: Arc<State>,
     client: UpstreamClient,
     config: ProxyConfig,
-    /// Settlements that outlive their connection (abandoned replies still being read).
+    /// Upstream exchanges and settlements, which outlive their client's connection.
     settlements: TaskTracker,
+    /// OpenRouter's own model prices, fetched when first needed and refreshed.
+    openrouter: openrouter::ModelPrices,
 }
 
 /// Builds the upstream client: TLS through rustls with the ring provider and the Mozilla roots
@@ -101,7 +108,13 @@ pub async fn serve(
     config: ProxyConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let proxy = Arc::new(Proxy { state, client, config: config.clone(), settlements: TaskTracker::new() });
+    let proxy = Arc::new(Proxy {
+        state,
+        client,
+        config: config.clone(),
+        settlements: TaskTracker::new(),
+        openrouter: openrouter::ModelPrices::default(),
+    });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     let connections = Arc::new(tokio::sync::Semaphore::new(4096));
@@ -267,112 +280,108 @@ impl Proxy {
     ) -> Result<Response<ProxyBody>, ProxyError> {
         let (parts, body) = req.into_parts();
         let body = self.read_body(&parts.headers, body).await?;
-        let request_bytes = body.len() as u64;
         let path_model = crate::providers::gemini_model(&target.rest);
-        let chat = request::prepare(api, body, path_model).map_err(body_error)?;
+        let fields = crate::request_fields::read(api, &body, path_model).map_err(body_error)?;
         tracing::Span::current().record("grant", slot.id.0);
-        let model = chat.model.clone();
-        self.forward_prepared(parts, chat, request_bytes, target, upstream, slot, api).await.map_err(|e| e.for_model(&model))
+        let model = fields.model.clone();
+        let request = MeteredRequest { parts, body, fields, target, upstream, slot, api };
+        self.admit_and_forward(request).await.map_err(|e| e.for_model(&model))
     }
 
-    /// Admits a parsed request against its grant, forwards it and meters the reply.
-    #[allow(clippy::too_many_arguments)]
-    async fn forward_prepared(
-        &self,
-        parts: http::request::Parts,
-        chat: request::Prepared,
-        request_bytes: u64,
-        target: Target,
-        upstream: crate::state::Upstream,
-        slot: Arc<GrantSlot>,
-        api: MeteredApi,
-    ) -> Result<Response<ProxyBody>, ProxyError> {
-        self.state.precheck(&slot, &chat.model, self.state.clock().now_seconds()).map_err(refusal_error)?;
-        let reports_cost = upstream.provider.kind == ProviderKind::OpenRouter;
-        let price = self.state.price(&chat.model).map(|(_, price)| price);
-        if !upstream.provider.price_zero && !reports_cost && price.is_none() {
-            return Err(ProxyError::new(
-                StatusCode::BAD_REQUEST,
-                "capit_unknown_price",
-                format!(
-                    "capit: no price is known for model {:?}, so it cannot be metered; set one with: capitctl price set {} --input USD_PER_MTOK --output USD_PER_MTOK",
-                    chat.model, chat.model
-                ),
-            ));
-        }
-        let priced = price.as_ref().filter(|_| !upstream.provider.price_zero);
-        let mut chat = chat;
-        let mut fitted = None;
-        let now_ms = self.state.clock().now_millis();
-        let mut reservation = match self.state.admit(&slot, &chat.model, now_ms, reservation_bound(priced, &chat, request_bytes)) {
-            Ok(reservation) => reservation,
-            Err(refusal) => {
-                // Fit: as much output as what is left has room for, if that is worth sending.
-                let tokens = match (refusal.room_left(), priced) {
-                    (Some(room), Some(price)) if slot.grant().limits.fit => {
-                        let input = request_input_tokens(Some(price), &chat, request_bytes);
-                        crate::pricing::output_that_fits(price, input, room)
-                            .filter(|t| *t >= crate::grants::MIN_FIT_OUTPUT_TOKENS && chat.max_output_tokens.is_none_or(|m| *t < m))
-                    }
-                    _ => None,
-                };
-                let Some(tokens) = tokens else {
-                    return Err(refusal_error(refusal));
-                };
-                chat.body = request::set_max_output(api, &chat.body, tokens).map_err(body_error)?;
-                chat.max_output_tokens = Some(tokens);
-                fitted = Some(tokens);
-                self.state.admit(&slot, &chat.model, now_ms, reservation_bound(priced, &chat, request_bytes)).map_err(refusal_error)?
-            }
-        };
-        let durable = self.state.make_durable(&mut reservation, &chat.model, api.as_str());
+    /// Prices a read request, holds the most it can cost (counting its input exactly when the
+    /// bound from its bytes does not fit), sends it upstream once its hold is durable, and
+    /// meters the reply.
+    async fn admit_and_forward(&self, request: MeteredRequest) -> Result<Response<ProxyBody>, ProxyError> {
+        let MeteredRequest { parts, body, fields, target, upstream, slot, api } = request;
+        self.state.precheck(&slot, &fields.model, self.state.clock().now_seconds()).map_err(refusal_error)?;
+        let arrival = self.state.arrive(&slot);
+        let pricing = self.pricing(&upstream, &fields.model).await?;
         let uri = self.upstream_uri(&upstream.provider, &target)?;
-        let response = self.send(Method::POST, uri, &parts.headers, &upstream, GatedBody::new(chat.body, durable)).await?;
-        let (head, incoming) = response.into_parts();
+        let fit = slot.fit();
+        let mut demand = crate::admission::demand_for(pricing.price(), &fields, None, fit);
+        if pricing.price().is_some() && !self.state.would_admit_whole(&slot, &demand) {
+            // Near the cap: the provider's free count makes the input exact.
+            let counted = count::count_input(&self.client, &upstream, api, &body, &fields.model, &parts.headers, &target.rest).await;
+            if let Some(counted) = counted {
+                demand = crate::admission::demand_for(pricing.price(), &fields, Some(counted), fit);
+            }
+        }
+        let (mut reservation, hold) = self.state.admit(&slot, &fields.model, &demand, self.config.wait).await.map_err(refusal_error)?;
+        drop(arrival);
+        let body = if hold.fitted { request::set_max_output(api, &body, hold.output_tokens).map_err(body_error)? } else { body };
+        let (body, injected_usage) = request::ask_for_stream_usage(api, body, &fields).map_err(body_error)?;
+        let durable = self.state.make_durable(&mut reservation, &fields.model, api.as_str());
+        let gated = GatedBody::new(body, durable);
+        let progress = gated.progress();
+        let upstream_request = upstream_request(Method::POST, uri, &parts.headers, &upstream, gated)?;
         let settlement = Settlement {
             state: self.state.clone(),
             reservation,
             api,
-            request_model: chat.model,
-            price_zero: upstream.provider.price_zero,
-            trust_reported_cost: reports_cost,
-            request_bytes,
-            http_status: head.status.as_u16(),
-            price: price.clone().filter(|_| !upstream.provider.price_zero && !reports_cost),
+            request_model: fields.model.clone(),
+            pricing,
+            request_bytes: fields.input.total(),
+            http_status: 0,
+            held_output_tokens: hold.output_tokens,
+            may_true_up: !fields.input_may_grow,
         };
-        if !head.status.is_success() {
-            // The upstream refused: nothing was generated. Record it at zero and pass it on.
-            drop(settlement.settle_upstream_error());
-            let mut out = Response::new(incoming.map_err(|e| Box::new(e) as body::BoxError).boxed());
-            *out.status_mut() = head.status;
-            *out.headers_mut() = request::client_headers(&head.headers, false);
-            return Ok(out);
-        }
-        let is_sse = head
-            .headers
-            .get(http::header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
-        let format = match (is_sse, target.rest.ends_with(":streamGenerateContent")) {
-            (true, _) => BodyFormat::Sse,
-            (false, true) => BodyFormat::JsonArray,
-            (false, false) => BodyFormat::Json,
+        let exchange = Exchange {
+            client: self.client.clone(),
+            timeout: self.config.upstream_timeout,
+            provider: upstream.provider.clone(),
+            limits: self.config.body_limits,
+            tracker: self.settlements.clone(),
+            api,
+            json_array: target.rest.ends_with(":streamGenerateContent"),
+            injected_usage,
         };
-        let hide = is_sse && chat.injected_usage;
-        let encoding = head.headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
-        // A stream with a hold is forwarded in whole events, so that it can be cut cleanly.
-        let can_cut = !settlement.reservation.amount().is_zero();
-        let meter = ResponseMeter::new(api, format, hide).with_whole_events(can_cut).with_content_encoding(encoding);
-        let body = MeteredBody::new(incoming, meter, settlement, self.config.body_limits, self.settlements.clone());
-        let mut out = Response::new(body.boxed());
-        *out.status_mut() = head.status;
-        // No content-length: the client's end of the reply comes after the settlement, so that
-        // its next request is checked against this one's cost.
-        *out.headers_mut() = request::client_headers(&head.headers, true);
-        if let Some(tokens) = fitted {
-            out.headers_mut().insert("x-capit-max-output-tokens", http::HeaderValue::from(tokens));
+        // The exchange runs on its own, so that a client that leaves before the reply's head
+        // does not stop it: the reply is then read and settled all the same.
+        let (reply, replied) = tokio::sync::oneshot::channel();
+        self.settlements.spawn(async move {
+            let outcome = exchange.run(upstream_request, progress, settlement).await;
+            if let Err(Ok(abandoned)) = reply.send(outcome) {
+                tracing::debug!("the client left before the reply's head; metering it all the same");
+                drop(abandoned);
+            }
+        });
+        let mut response = replied.await.map_err(|_| {
+            ProxyError::new(StatusCode::INTERNAL_SERVER_ERROR, "capit_internal", "capit: the upstream exchange ended unexpectedly")
+        })??;
+        if hold.fitted {
+            response.headers_mut().insert("x-capit-max-output-tokens", http::HeaderValue::from(hold.output_tokens));
         }
-        Ok(out)
+        Ok(response)
+    }
+
+    /// How the request's cost is established: the provider's price table row, OpenRouter's own
+    /// list (which it reports its cost against), or nothing for a provider priced at zero. A
+    /// model with no price from any source is refused: it could not be bounded.
+    async fn pricing(&self, upstream: &crate::state::Upstream, model: &str) -> Result<Pricing, ProxyError> {
+        if upstream.provider.price_zero {
+            return Ok(Pricing::Zero);
+        }
+        let local = || self.state.price(model).map(|(_, price)| Arc::new(price));
+        if upstream.provider.kind == ProviderKind::OpenRouter {
+            let listed = self.openrouter.price(&self.client, upstream, model).await;
+            if let Some(price) = listed.or_else(local) {
+                return Ok(Pricing::Reported(price));
+            }
+        } else if let Some(price) = local() {
+            return Ok(Pricing::Tokens(price));
+        }
+        let source = if upstream.provider.kind == ProviderKind::OpenRouter {
+            " (neither OpenRouter's model list nor capit's table has it)"
+        } else {
+            ""
+        };
+        Err(ProxyError::new(
+            StatusCode::BAD_REQUEST,
+            "capit_unknown_price",
+            format!(
+                "capit: no price is known for model {model:?}{source}, so it cannot be metered; set one with: capitctl price set {model} --input USD_PER_MTOK --output USD_PER_MTOK"
+            ),
+        ))
     }
 
     async fn read_body(&self, headers: &http::HeaderMap, body: Incoming) -> Result<Bytes, ProxyError> {
@@ -405,64 +414,142 @@ impl Proxy {
         upstream: &crate::state::Upstream,
         body: GatedBody,
     ) -> Result<Response<Incoming>, ProxyError> {
-        let headers = request::upstream_headers(client_headers, upstream.provider.kind.auth_style(), &upstream.key).map_err(|_| {
-            ProxyError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
-                "capit_bad_master_key",
-                format!(
-                    "capit: the stored {} key cannot be sent as a header; replace it with: capitctl key add {}",
-                    upstream.provider.name, upstream.provider.name
-                ),
-            )
-        })?;
-        let mut builder = Request::builder().method(method).uri(uri);
-        if let Some(h) = builder.headers_mut() {
-            *h = headers;
-        }
-        let request = builder.body(body).map_err(|e| {
-            ProxyError::new(StatusCode::BAD_REQUEST, "capit_bad_request", format!("capit: the request cannot be forwarded: {e}"))
-        })?;
+        let request = upstream_request(method, uri, client_headers, upstream, body)?;
         let timeout = self.config.upstream_timeout;
-        let name = &upstream.provider.name;
         match tokio::time::timeout(timeout, self.client.request(request)).await {
             Ok(Ok(response)) => Ok(response),
-            Ok(Err(e)) => Err(ProxyError::new(
-                StatusCode::BAD_GATEWAY,
-                "capit_upstream_unreachable",
-                format!("capit: could not reach {name} at {}: {}", upstream.provider.base_url, error_chain(&e)),
-            )),
-            Err(_) => Err(ProxyError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                "capit_upstream_timeout",
-                format!("capit: {name} at {} did not answer within {} s", upstream.provider.base_url, timeout.as_secs()),
-            )),
+            Ok(Err(e)) => Err(unreachable_error(&upstream.provider, &e)),
+            Err(_) => Err(timeout_error(&upstream.provider, timeout)),
         }
     }
 }
 
-/// A request's most possible cost. Input: a token is at least one byte of text, so the body's
-/// size plus the provider's hidden prompt bounds it, capped by the context window; content given
-/// by reference (an image URL, a file id) is bounded by the context window alone. Output: the
-/// request's own limit, else the model's largest output. See ARCHITECTURE.md.
-/// With no price (a provider priced at zero, or one that reports its own cost) the cost bound
-/// is zero and only the token bound counts.
-fn reservation_bound(price: Option<&crate::pricing::Price>, request: &request::Prepared, request_bytes: u64) -> crate::state::Bound {
-    /// For models whose table entry lacks it (user-set prices): generous, never small.
-    const DEFAULT_MAX_OUTPUT: u64 = 128_000;
-    let input = request_input_tokens(price, request, request_bytes);
-    let output = request.max_output_tokens.or(price.and_then(|p| p.max_output_tokens)).unwrap_or(DEFAULT_MAX_OUTPUT);
-    crate::state::Bound {
-        cost: price.map_or(rust_decimal::Decimal::ZERO, |p| crate::pricing::bound(p, input, output)),
-        tokens: input.saturating_add(output),
+/// A billable request whose body has been read.
+struct MeteredRequest {
+    parts: http::request::Parts,
+    body: Bytes,
+    fields: crate::request_fields::RequestFields,
+    target: Target,
+    upstream: crate::state::Upstream,
+    slot: Arc<GrantSlot>,
+    api: MeteredApi,
+}
+
+/// One metered request's trip upstream and back, run apart from the client's connection.
+struct Exchange {
+    client: UpstreamClient,
+    timeout: Duration,
+    provider: Provider,
+    limits: BodyLimits,
+    tracker: TaskTracker,
+    api: MeteredApi,
+    /// A Gemini stream asked for without `alt=sse`: one JSON array sent piece by piece.
+    json_array: bool,
+    /// The proxy asked for the stream's usage; the usage-only chunk is hidden from the client.
+    injected_usage: bool,
+}
+
+impl Exchange {
+    /// Sends the request and returns the reply with its body metered. Once the body has gone
+    /// upstream, nothing is unmetered: a reply with an error status is recorded at what it
+    /// reports, and no reply at all (a timeout, a reset, a closed connection) is charged at the
+    /// request's hold. A request whose body never left is released.
+    async fn run(
+        self,
+        request: Request<GatedBody>,
+        progress: Arc<body::GateProgress>,
+        mut settlement: Settlement,
+    ) -> Result<Response<ProxyBody>, ProxyError> {
+        let error = match tokio::time::timeout(self.timeout, self.client.request(request)).await {
+            Ok(Ok(response)) => {
+                let (head, incoming) = response.into_parts();
+                settlement.http_status = head.status.as_u16();
+                return Ok(self.metered(head, incoming, settlement));
+            }
+            Ok(Err(e)) if progress.hold_unrecorded() => {
+                tracing::error!(error = %error_chain(&e), "a request's hold could not be recorded; it was not sent");
+                ProxyError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "capit_ledger_unwritable",
+                    "capit: capit cannot write its ledger (disk full?), so the request was not sent",
+                )
+            }
+            Ok(Err(e)) => unreachable_error(&self.provider, &e),
+            Err(_) => timeout_error(&self.provider, self.timeout),
+        };
+        if progress.body_sent() {
+            drop(settlement.settle_interrupted(format!("no reply: {}", error.message.trim_start_matches("capit: "))));
+        }
+        Err(error)
+    }
+
+    fn metered(&self, head: http::response::Parts, incoming: Incoming, settlement: Settlement) -> Response<ProxyBody> {
+        let is_sse = head
+            .headers
+            .get(http::header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|ct| ct.trim_start().starts_with("text/event-stream"));
+        let format = match (is_sse, self.json_array && head.status.is_success()) {
+            (true, _) => BodyFormat::Sse,
+            (false, true) => BodyFormat::JsonArray,
+            (false, false) => BodyFormat::Json,
+        };
+        let hide = is_sse && self.injected_usage;
+        let encoding = head.headers.get(http::header::CONTENT_ENCODING).and_then(|v| v.to_str().ok());
+        // A stream with a hold is forwarded in whole events, so that it can be cut cleanly.
+        let can_cut = !settlement.reservation.amount().is_zero();
+        let meter = ResponseMeter::new(self.api, format, hide).with_whole_events(can_cut).with_content_encoding(encoding);
+        let body = MeteredBody::new(incoming, meter, settlement, self.limits, self.tracker.clone());
+        let mut out = Response::new(body.boxed());
+        *out.status_mut() = head.status;
+        // No content-length: the client's end of the reply comes after the settlement, so that
+        // its next request is checked against this one's cost.
+        *out.headers_mut() = request::client_headers(&head.headers, true);
+        out
     }
 }
 
-/// The most input tokens a request can have (see [`reservation_bound`]).
-fn request_input_tokens(price: Option<&crate::pricing::Price>, request: &request::Prepared, request_bytes: u64) -> u64 {
-    /// For models whose table entry lacks it (user-set prices): generous, never small.
-    const DEFAULT_CONTEXT: u64 = 2_000_000;
-    let context = price.and_then(|p| p.max_input_tokens).unwrap_or(DEFAULT_CONTEXT);
-    if request.external_input { context } else { request_bytes.saturating_add(crate::pricing::HIDDEN_PROMPT_ALLOWANCE).min(context) }
+/// The request to send upstream: the client's headers less its credentials, with the master key.
+fn upstream_request(
+    method: Method,
+    uri: Uri,
+    client_headers: &http::HeaderMap,
+    upstream: &crate::state::Upstream,
+    body: GatedBody,
+) -> Result<Request<GatedBody>, ProxyError> {
+    let headers = request::upstream_headers(client_headers, upstream.provider.kind.auth_style(), &upstream.key).map_err(|_| {
+        ProxyError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "capit_bad_master_key",
+            format!(
+                "capit: the stored {} key cannot be sent as a header; replace it with: capitctl key add {}",
+                upstream.provider.name, upstream.provider.name
+            ),
+        )
+    })?;
+    let mut builder = Request::builder().method(method).uri(uri);
+    if let Some(h) = builder.headers_mut() {
+        *h = headers;
+    }
+    builder
+        .body(body)
+        .map_err(|e| ProxyError::new(StatusCode::BAD_REQUEST, "capit_bad_request", format!("capit: the request cannot be forwarded: {e}")))
+}
+
+fn unreachable_error(provider: &Provider, error: &dyn std::error::Error) -> ProxyError {
+    ProxyError::new(
+        StatusCode::BAD_GATEWAY,
+        "capit_upstream_unreachable",
+        format!("capit: could not reach {} at {}: {}", provider.name, provider.base_url, error_chain(error)),
+    )
+}
+
+fn timeout_error(provider: &Provider, timeout: Duration) -> ProxyError {
+    ProxyError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "capit_upstream_timeout",
+        format!("capit: {} at {} did not answer within {} s", provider.name, provider.base_url, timeout.as_secs()),
+    )
 }
 
 /// The reply to a call the proxy answers itself.
@@ -510,7 +597,9 @@ fn refusal_error(refusal: crate::grants::Refusal) -> ProxyError {
         Refusal::Exhausted { .. } | Refusal::WouldExceed { .. } | Refusal::RequestsUsed { .. } | Refusal::TokensUsed { .. } => {
             (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota")
         }
-        Refusal::RateLimited { .. } | Refusal::TooManyInFlight { .. } => (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded"),
+        Refusal::RateLimited { .. } | Refusal::TooManyInFlight { .. } | Refusal::Busy { .. } => {
+            (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded")
+        }
     };
     let mut error = ProxyError::new(status, code, refusal.to_string());
     error.retry_after = refusal.retry_after();
@@ -541,6 +630,7 @@ fn body_error(error: BodyError) -> ProxyError {
             "invalid_json",
             format!("capit: the request body is not valid JSON for this API: {detail}"),
         ),
+        BodyError::Unmeterable(message) => ProxyError::new(StatusCode::BAD_REQUEST, "capit_unmeterable", message),
     }
 }
 

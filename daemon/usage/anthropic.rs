@@ -24,22 +24,30 @@ pub struct AnthropicCounts {
 }
 
 impl AnthropicCounts {
-    /// Replaces every counter the usage object carries (non-null), keeping the others.
-    pub fn update(&mut self, usage: &Value) {
-        let set = |slot: &mut u64, v: Option<&Value>| {
+    /// Replaces every counter the usage object carries (non-null), keeping the others. A count
+    /// that is not one leaves every counter as it was and is returned as the error.
+    pub fn update(&mut self, usage: &Value) -> Result<(), String> {
+        let mut next = self.clone();
+        let set = |slot: &mut u64, v: Option<&Value>, field: &str| -> Result<(), String> {
             if let Some(n) = v.filter(|v| !v.is_null()) {
-                *slot = count(Some(n));
+                *slot = count(Some(n), field)?;
             }
+            Ok(())
         };
-        set(&mut self.input, usage.get("input_tokens"));
-        set(&mut self.cache_creation, usage.get("cache_creation_input_tokens"));
-        set(&mut self.cache_read, usage.get("cache_read_input_tokens"));
-        set(&mut self.output, usage.get("output_tokens"));
-        set(&mut self.thinking, usage.pointer("/output_tokens_details/thinking_tokens"));
-        set(&mut self.web_searches, usage.pointer("/server_tool_use/web_search_requests"));
+        set(&mut next.input, usage.get("input_tokens"), "input_tokens")?;
+        set(&mut next.cache_creation, usage.get("cache_creation_input_tokens"), "cache_creation_input_tokens")?;
+        set(&mut next.cache_read, usage.get("cache_read_input_tokens"), "cache_read_input_tokens")?;
+        set(&mut next.output, usage.get("output_tokens"), "output_tokens")?;
+        set(&mut next.thinking, usage.pointer("/output_tokens_details/thinking_tokens"), "thinking_tokens")?;
+        set(&mut next.web_searches, usage.pointer("/server_tool_use/web_search_requests"), "web_search_requests")?;
         if let Some(split) = usage.get("cache_creation").filter(|c| c.is_object()) {
-            self.split = Some((count(split.get("ephemeral_5m_input_tokens")), count(split.get("ephemeral_1h_input_tokens"))));
+            next.split = Some((
+                count(split.get("ephemeral_5m_input_tokens"), "ephemeral_5m_input_tokens")?,
+                count(split.get("ephemeral_1h_input_tokens"), "ephemeral_1h_input_tokens")?,
+            ));
         }
+        *self = next;
+        Ok(())
     }
 
     /// In the normalised form: total input, with cache reads and writes as its subsets. Without
@@ -76,9 +84,7 @@ pub fn observe_json(observed: &mut Observed, counts: &mut AnthropicCounts, body:
         observed.model = Some(model.to_string());
     }
     if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
-        counts.update(usage);
-        observed.usage = Some(counts.usage());
-        observed.usage_final = true;
+        observed.usage_final = observed.take_usage(counts.update(usage).map(|()| counts.usage()));
         observed.complete = true;
     }
     for block in value.get("content").and_then(Value::as_array).into_iter().flatten() {
@@ -103,15 +109,12 @@ pub fn observe_event(observed: &mut Observed, counts: &mut AnthropicCounts, even
                 observed.model = Some(model.to_string());
             }
             if let Some(usage) = message.get("usage").filter(|u| u.is_object()) {
-                counts.update(usage);
-                observed.usage = Some(counts.usage());
+                observed.input_stated = observed.take_usage(counts.update(usage).map(|()| counts.usage()));
             }
         }
         "message_delta" => {
             if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
-                counts.update(usage);
-                observed.usage = Some(counts.usage());
-                observed.usage_final = true;
+                observed.usage_final = observed.take_usage(counts.update(usage).map(|()| counts.usage()));
             }
         }
         "content_block_delta" => {
@@ -177,6 +180,22 @@ event: message_stop\r\ndata: {\"type\":\"message_stop\"}\r\n\r\n";
         let (observed, _) = meter_chunks(MeteredApi::AnthropicMessages, true, false, &[&STREAM.as_bytes()[..cut]]);
         assert_eq!(observed.usage.unwrap().input_tokens, 10150);
         assert!(!observed.usage_final && !observed.complete);
+    }
+
+    #[test]
+    fn message_start_states_the_input_and_bad_counts_are_no_usage() {
+        let cut = STREAM.find("event: content_block_start").unwrap();
+        let (observed, _) = meter_chunks(MeteredApi::AnthropicMessages, true, false, &[&STREAM.as_bytes()[..cut]]);
+        assert!(observed.input_stated && !observed.usage_final);
+        let bad = STREAM.replace("\"output_tokens\":420", "\"output_tokens\":-420");
+        let (observed, _) = meter_chunks(MeteredApi::AnthropicMessages, true, false, &[bad.as_bytes()]);
+        assert!(observed.invalid_usage.as_deref().is_some_and(|w| w.contains("output_tokens")), "{observed:?}");
+        assert!(!observed.usage_final, "a stream whose last count is no count is not metered");
+        for bad in ["1.5", "\"50\"", "1e30"] {
+            let body = JSON.replace("\"input_tokens\":50", &format!("\"input_tokens\":{bad}"));
+            let (observed, _) = meter_chunks(MeteredApi::AnthropicMessages, false, false, &[body.as_bytes()]);
+            assert!(observed.invalid_usage.is_some() && observed.usage.is_none(), "{bad}: {observed:?}");
+        }
     }
 
     #[test]

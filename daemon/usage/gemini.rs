@@ -10,18 +10,19 @@ use serde_json::Value;
 
 use super::{Observed, Usage, count};
 
-pub fn parse_usage(meta: &Value) -> Usage {
-    let prompt = count(meta.get("promptTokenCount"));
-    let tool_prompt = count(meta.get("toolUsePromptTokenCount"));
-    let candidates = count(meta.get("candidatesTokenCount"));
-    let thoughts = count(meta.get("thoughtsTokenCount"));
-    Usage {
+/// Reads a `usageMetadata` object; a count that is not one is an error.
+pub fn parse_usage(meta: &Value) -> Result<Usage, String> {
+    let prompt = count(meta.get("promptTokenCount"), "promptTokenCount")?;
+    let tool_prompt = count(meta.get("toolUsePromptTokenCount"), "toolUsePromptTokenCount")?;
+    let candidates = count(meta.get("candidatesTokenCount"), "candidatesTokenCount")?;
+    let thoughts = count(meta.get("thoughtsTokenCount"), "thoughtsTokenCount")?;
+    Ok(Usage {
         input_tokens: prompt.saturating_add(tool_prompt),
-        cached_input_tokens: count(meta.get("cachedContentTokenCount")),
+        cached_input_tokens: count(meta.get("cachedContentTokenCount"), "cachedContentTokenCount")?,
         output_tokens: candidates.saturating_add(thoughts),
         reasoning_tokens: thoughts,
         ..Usage::default()
-    }
+    })
 }
 
 /// Observes one `GenerateContentResponse` (a whole reply, or one element of a stream).
@@ -45,9 +46,12 @@ pub fn observe_response(observed: &mut Observed, value: &Value) {
         }
     }
     if let Some(meta) = value.get("usageMetadata").filter(|m| m.is_object()) {
-        observed.usage = Some(parse_usage(meta));
+        let valid = observed.take_usage(parse_usage(meta));
+        if valid && meta.get("promptTokenCount").is_some() {
+            observed.input_stated = true;
+        }
         if finished {
-            observed.usage_final = true;
+            observed.usage_final = valid;
         }
     }
     if finished {
@@ -170,6 +174,19 @@ data: {\"candidates\":[{\"content\":{\"role\":\"model\",\"parts\":[{\"text\":\"l
         let error = br#"{"error":{"code":400,"message":"API key not valid.","status":"INVALID_ARGUMENT"}}"#;
         let (observed, _) = meter_chunks(MeteredApi::GeminiGenerate, false, false, &[error]);
         assert_eq!(observed.error.as_deref(), Some("API key not valid."));
+    }
+
+    #[test]
+    fn bad_counts_are_no_usage() {
+        for bad in ["-1", "2.5", "\"7\""] {
+            let body = format!(
+                r#"{{"candidates":[{{"content":{{"parts":[{{"text":"Hi"}}]}},"finishReason":"STOP"}}],"usageMetadata":{{"promptTokenCount":10,"thoughtsTokenCount":{bad}}}}}"#
+            );
+            let (observed, _) =
+                crate::usage::test_support::meter_chunks(crate::providers::MeteredApi::GeminiGenerate, false, false, &[body.as_bytes()]);
+            assert!(observed.usage.is_none() && !observed.usage_final, "{bad}: {observed:?}");
+            assert!(observed.invalid_usage.as_deref().is_some_and(|w| w.contains("thoughtsTokenCount")));
+        }
     }
 
     #[test]

@@ -69,6 +69,29 @@ pub struct Observed {
     pub output_text_bytes: u64,
     /// The response reached its normal end marker.
     pub complete: bool,
+    /// A usage report that could not be read as counts (a negative, fractional or textual
+    /// count, a cost that is no cost): the request is settled at its hold, never at zero.
+    pub invalid_usage: Option<String>,
+    /// The reply has stated its input (Anthropic's `message_start`, a Gemini chunk's prompt
+    /// count): usage's input side is known while its output is still to come.
+    pub input_stated: bool,
+}
+
+impl Observed {
+    /// Takes one parsed usage report: a valid one replaces the last, an invalid one is kept as
+    /// the reason the reply cannot be metered.
+    pub(crate) fn take_usage(&mut self, parsed: Result<Usage, String>) -> bool {
+        match parsed {
+            Ok(usage) => {
+                self.usage = Some(usage);
+                true
+            }
+            Err(why) => {
+                self.invalid_usage.get_or_insert(why);
+                false
+            }
+        }
+    }
 }
 
 /// How a reply body is framed, from its content type and the API.
@@ -321,10 +344,47 @@ fn observe_event(api: MeteredApi, observed: &mut Observed, counts: &mut anthropi
     }
 }
 
-/// Reads a JSON number as a token count; absent, null, negative or fractional values count as 0
-/// (a malformed count must not become a panic or a wrapped-around huge number).
-pub(crate) fn count(value: Option<&serde_json::Value>) -> u64 {
-    value.and_then(serde_json::Value::as_u64).unwrap_or(0)
+/// The most tokens one reply may report of any kind; more is no count but garbage (no context
+/// window comes near it, and pricing it would mean nothing).
+pub const MAX_REPORTED_TOKENS: u64 = 100_000_000;
+
+/// The most cost one reply may report, in USD; more is garbage, never a bill.
+pub const MAX_REPORTED_COST: u64 = 10_000;
+
+/// Reads a reported token count: absent or null is 0 (a provider leaves out what it did not
+/// use), a JSON integer from 0 to [`MAX_REPORTED_TOKENS`] is the count, and anything else
+/// (negative, fractional, `1e30`, text) is an error naming the field, so that the request is
+/// settled at its hold rather than at a made-up figure.
+pub(crate) fn count(value: Option<&serde_json::Value>, field: &str) -> Result<u64, String> {
+    use serde_json::Value;
+    match value {
+        None | Some(Value::Null) => Ok(0),
+        Some(Value::Number(n)) => match n.as_u64() {
+            Some(tokens) if tokens <= MAX_REPORTED_TOKENS => Ok(tokens),
+            _ => Err(format!("{field} {n} is not a token count")),
+        },
+        Some(other) => Err(format!("{field} {other} is not a token count")),
+    }
+}
+
+/// Reads a reported cost (OpenRouter's `usage.cost`, in USD): absent or null is none; a JSON
+/// number from 0 to [`MAX_REPORTED_COST`] is taken digit for digit; anything else (negative,
+/// text, huge) is an error, never a credit.
+pub(crate) fn reported_cost(value: Option<&serde_json::Value>) -> Result<Option<Decimal>, String> {
+    use serde_json::Value;
+    let bad = |v: &Value| format!("usage.cost {v} is not a cost");
+    match value {
+        None | Some(Value::Null) => Ok(None),
+        Some(v @ Value::Number(n)) => {
+            let text = n.to_string();
+            let cost = text.parse::<Decimal>().ok().or_else(|| Decimal::from_scientific(&text).ok()).ok_or_else(|| bad(v))?;
+            if cost.is_sign_negative() || cost > Decimal::from(MAX_REPORTED_COST) {
+                return Err(bad(v));
+            }
+            Ok(Some(cost.normalize()))
+        }
+        Some(other) => Err(bad(other)),
+    }
 }
 
 #[cfg(test)]

@@ -10,41 +10,26 @@
 
 use std::borrow::Cow;
 
-use rust_decimal::Decimal;
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::sse::SseEvent;
-use super::{Observed, Usage, Verdict, count};
+use super::{Observed, Usage, Verdict, count, reported_cost};
 
-/// Reads a Chat Completions `usage` object.
-pub fn parse_chat_usage(usage: &Value) -> Usage {
-    let prompt = usage.get("prompt_tokens");
+/// Reads a Chat Completions `usage` object; a count or cost that is not one is an error.
+pub fn parse_chat_usage(usage: &Value) -> Result<Usage, String> {
     let prompt_details = usage.get("prompt_tokens_details");
     let completion_details = usage.get("completion_tokens_details");
-    Usage {
-        input_tokens: count(prompt),
-        cached_input_tokens: count(prompt_details.and_then(|d| d.get("cached_tokens"))),
-        cache_write_5m_tokens: count(prompt_details.and_then(|d| d.get("cache_write_tokens"))),
+    Ok(Usage {
+        input_tokens: count(usage.get("prompt_tokens"), "prompt_tokens")?,
+        cached_input_tokens: count(prompt_details.and_then(|d| d.get("cached_tokens")), "cached_tokens")?,
+        cache_write_5m_tokens: count(prompt_details.and_then(|d| d.get("cache_write_tokens")), "cache_write_tokens")?,
         cache_write_1h_tokens: 0,
-        output_tokens: count(usage.get("completion_tokens")),
-        reasoning_tokens: count(completion_details.and_then(|d| d.get("reasoning_tokens"))),
+        output_tokens: count(usage.get("completion_tokens"), "completion_tokens")?,
+        reasoning_tokens: count(completion_details.and_then(|d| d.get("reasoning_tokens")), "reasoning_tokens")?,
         web_search_requests: 0,
-        reported_cost: usage.get("cost").and_then(decimal_from_json),
-    }
-}
-
-/// A JSON number as an exact decimal: the digits as written, never through a binary float
-/// rounding that the text did not have.
-pub(crate) fn decimal_from_json(value: &Value) -> Option<Decimal> {
-    match value {
-        Value::Number(n) => {
-            let text = n.to_string();
-            text.parse::<Decimal>().ok().or_else(|| Decimal::from_scientific(&text).ok())
-        }
-        Value::String(s) => s.parse().ok(),
-        _ => None,
-    }
+        reported_cost: reported_cost(usage.get("cost"))?,
+    })
 }
 
 /// Observes a complete non-streamed `chat.completion` body.
@@ -59,8 +44,7 @@ pub fn observe_chat_json(observed: &mut Observed, body: &[u8]) {
         observed.model = Some(model.to_string());
     }
     if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
-        observed.usage = Some(parse_chat_usage(usage));
-        observed.usage_final = true;
+        observed.usage_final = observed.take_usage(parse_chat_usage(usage));
     }
     if let Some(choices) = value.get("choices").and_then(Value::as_array) {
         for choice in choices {
@@ -141,8 +125,7 @@ pub fn observe_chat_event(observed: &mut Observed, event: &SseEvent) -> Verdict 
     }
     match chunk.usage.filter(Value::is_object) {
         Some(usage) => {
-            observed.usage = Some(parse_chat_usage(&usage));
-            observed.usage_final = true;
+            observed.usage_final = observed.take_usage(parse_chat_usage(&usage));
             // The usage-only chunk the proxy asked for; a chunk that also carries choices stays.
             if choices_empty { Verdict::Hide } else { Verdict::Forward }
         }
@@ -150,16 +133,16 @@ pub fn observe_chat_event(observed: &mut Observed, event: &SseEvent) -> Verdict 
     }
 }
 
-/// Reads a Responses API `usage` object.
-pub fn parse_responses_usage(usage: &Value) -> Usage {
-    Usage {
-        input_tokens: count(usage.get("input_tokens")),
-        cached_input_tokens: count(usage.pointer("/input_tokens_details/cached_tokens")),
-        cache_write_5m_tokens: count(usage.pointer("/input_tokens_details/cache_write_tokens")),
-        output_tokens: count(usage.get("output_tokens")),
-        reasoning_tokens: count(usage.pointer("/output_tokens_details/reasoning_tokens")),
+/// Reads a Responses API `usage` object; a count that is not one is an error.
+pub fn parse_responses_usage(usage: &Value) -> Result<Usage, String> {
+    Ok(Usage {
+        input_tokens: count(usage.get("input_tokens"), "input_tokens")?,
+        cached_input_tokens: count(usage.pointer("/input_tokens_details/cached_tokens"), "cached_tokens")?,
+        cache_write_5m_tokens: count(usage.pointer("/input_tokens_details/cache_write_tokens"), "cache_write_tokens")?,
+        output_tokens: count(usage.get("output_tokens"), "output_tokens")?,
+        reasoning_tokens: count(usage.pointer("/output_tokens_details/reasoning_tokens"), "reasoning_tokens")?,
         ..Usage::default()
-    }
+    })
 }
 
 /// Observes a `response` object: a whole non-streamed reply, or the one a terminal event carries.
@@ -171,8 +154,7 @@ fn observe_response_object(observed: &mut Observed, response: &Value) {
         observed.error = Some(error_message(error));
     }
     if let Some(usage) = response.get("usage").filter(|u| u.is_object()) {
-        observed.usage = Some(parse_responses_usage(usage));
-        observed.usage_final = true;
+        observed.usage_final = observed.take_usage(parse_responses_usage(usage));
         observed.complete = true;
     }
 }
@@ -229,8 +211,8 @@ pub fn observe_embeddings_json(observed: &mut Observed, body: &[u8]) {
         observed.model = Some(model.to_string());
     }
     if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
-        observed.usage = Some(Usage { input_tokens: count(usage.get("prompt_tokens")), ..Usage::default() });
-        observed.usage_final = true;
+        let parsed = count(usage.get("prompt_tokens"), "prompt_tokens").map(|input_tokens| Usage { input_tokens, ..Usage::default() });
+        observed.usage_final = observed.take_usage(parsed);
         observed.complete = true;
     }
 }
@@ -327,10 +309,27 @@ data: [DONE]\n\n";
     }
 
     #[test]
-    fn malformed_counts_do_not_panic() {
-        let body = br#"{"model":"m","choices":[],"usage":{"prompt_tokens":-5,"completion_tokens":1.5,"prompt_tokens_details":null,"completion_tokens_details":{"reasoning_tokens":"x"}}}"#;
+    fn malformed_counts_are_no_usage_and_never_panic() {
+        for bad in ["-5", "1.5", "150.0", "1e30", "\"100\"", "1000000000000000000000000000000", "true"] {
+            let body = format!(r#"{{"model":"m","choices":[],"usage":{{"prompt_tokens":10,"completion_tokens":{bad}}}}}"#);
+            let (observed, _) = meter_chunks(MeteredApi::OpenAiChat, false, false, &[body.as_bytes()]);
+            assert_eq!(observed.usage, None, "{bad}");
+            assert!(!observed.usage_final, "{bad}");
+            assert!(observed.invalid_usage.as_deref().is_some_and(|why| why.contains("completion_tokens")), "{bad}: {observed:?}");
+        }
+        // Absent or null details are fine: nothing was used of them.
+        let body = br#"{"model":"m","choices":[],"usage":{"prompt_tokens":5,"completion_tokens":1,"prompt_tokens_details":null}}"#;
         let (observed, _) = meter_chunks(MeteredApi::OpenAiChat, false, false, &[body]);
-        assert_eq!(observed.usage, Some(Usage::default()));
+        assert_eq!((observed.usage.map(|u| u.input_tokens), observed.invalid_usage), (Some(5), None));
+        // A reported cost that is no cost (OpenRouter) is refused the same way.
+        for bad in ["-5", "\"0.001\"", "1e30", "79228162514264337593543950335", "10000.01"] {
+            let body = format!(r#"{{"model":"m","choices":[],"usage":{{"prompt_tokens":1,"completion_tokens":1,"cost":{bad}}}}}"#);
+            let (observed, _) = meter_chunks(MeteredApi::OpenAiChat, false, false, &[body.as_bytes()]);
+            assert!(observed.invalid_usage.as_deref().is_some_and(|why| why.contains("usage.cost")), "{bad}: {observed:?}");
+        }
+        let body = br#"{"model":"m","choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"cost":1.5e-5}}"#;
+        let (observed, _) = meter_chunks(MeteredApi::OpenAiChat, false, false, &[body]);
+        assert_eq!(observed.usage.unwrap().reported_cost, Some("0.000015".parse().unwrap()));
         for garbage in [&b"{"[..], b"[]", b"null", b"\xff\xfe", b""] {
             let _ = meter_chunks(MeteredApi::OpenAiChat, false, false, &[garbage]);
             let _ = meter_chunks(MeteredApi::OpenAiChat, true, true, &[b"data: ", garbage, b"\n\n"]);

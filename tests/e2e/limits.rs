@@ -97,7 +97,7 @@ fn concurrency_limits_requests_in_flight() {
 #[test]
 fn set_changes_limits_in_place_and_rotate_swaps_the_key() {
     let (daemon, fake) = setup();
-    let key = daemon.grant("agent", "0.003", &["--provider", "openai", "--models", "test-model"]);
+    let key = daemon.grant("agent", "0.003", &["--provider", "openai", "--models", "test-model", "--fit", "false"]);
     let rt = runtime();
     fake.script(|s| {
         s.prompt_tokens = 1000;
@@ -136,10 +136,14 @@ fn fit_lowers_max_output_to_what_is_left_instead_of_refusing() {
     // 128,000 × $4.40 per million, far above a $0.01 cap.
     let plain = r#"{"model":"test-model","messages":[{"role":"user","content":"hi"}]}"#;
     let rt = runtime();
-    let strict = daemon.grant("strict", "0.01", &["--provider", "openai"]);
-    assert_eq!(rt.block_on(post_json(&chat_url(&daemon), &strict, plain)).status, 429);
+    let strict = daemon.grant("strict", "0.01", &["--provider", "openai", "--fit", "false"]);
+    let refused = rt.block_on(post_json(&chat_url(&daemon), &strict, plain));
+    assert_eq!(refused.status, 429);
+    assert!(refused.error_message().contains("this request could cost up to $0.56"), "{}", refused.text());
+    assert_eq!(daemon.ctl_json(&["ls"]).as_array().unwrap().iter().find(|g| g["name"] == "strict").unwrap()["limits"]["fit"], false);
 
-    let key = daemon.grant("fit", "0.01", &["--provider", "openai", "--fit"]);
+    // Fitting is the default.
+    let key = daemon.grant("fit", "0.01", &["--provider", "openai"]);
     assert_eq!(daemon.ctl_json(&["ls"]).as_array().unwrap().iter().find(|g| g["name"] == "fit").unwrap()["limits"]["fit"], true);
     let reply = rt.block_on(post_json(&chat_url(&daemon), &key, plain));
     assert_eq!(reply.status, 200, "{}", reply.text());
@@ -152,7 +156,7 @@ fn fit_lowers_max_output_to_what_is_left_instead_of_refusing() {
     let expected = ((dec("0.01") - input) / dec("0.0000044")).floor();
     assert_eq!(dec(&fitted.to_string()), expected);
 
-    // When not even 256 output tokens fit, the request is refused as before.
+    // When not even 256 output tokens fit, the request is refused at once, saying so.
     fake.script(|s| {
         s.prompt_tokens = 1000;
         s.completion_tokens = 1900;
@@ -160,6 +164,7 @@ fn fit_lowers_max_output_to_what_is_left_instead_of_refusing() {
     assert_eq!(rt.block_on(post_json(&chat_url(&daemon), &key, plain)).status, 200);
     let refused = rt.block_on(post_json(&chat_url(&daemon), &key, plain));
     assert_eq!(refused.status, 429, "{}", refused.text());
+    assert!(refused.error_message().contains("even with its output lowered to 256 tokens"), "{}", refused.text());
     assert!(daemon.spent("fit") <= dec("0.01"));
     daemon.ctl_ok(&["set", "fit", "--fit", "false"]);
     assert_eq!(daemon.ctl_json(&["ls"]).as_array().unwrap().iter().find(|g| g["name"] == "fit").unwrap()["limits"]["fit"], false);

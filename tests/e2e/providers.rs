@@ -230,11 +230,16 @@ fn gemini_every_call_shape_with_thoughts_billed_as_output() {
 fn openrouter_bills_the_cost_it_reports() {
     let (daemon, fake, key) = setup("openrouter");
     fake.script(|s| s.report_cost = Some("0.00095"));
+    // The bound comes from OpenRouter's own model list; the bill is the cost it reports.
+    fake.list_model("anthropic/claude-sonnet-4.5", "0.000003", "0.000015");
     let auth = format!("Bearer {key}");
     let body = r#"{"model":"anthropic/claude-sonnet-4.5","stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
     let reply = post(&daemon.url("/openrouter/v1/chat/completions"), &[("authorization", &auth)], body);
-    assert_eq!(reply.status, 200, "a model with no price is fine where the provider reports cost");
-    let sent = fake.received()[0].json();
+    assert_eq!(reply.status, 200, "{}", reply.text());
+    let received = fake.received();
+    assert_eq!((received[0].method.as_str(), received[0].path.as_str()), ("GET", "/v1/models"), "the list is fetched when first needed");
+    assert_eq!(received[0].header("authorization").as_deref(), Some(format!("Bearer {MASTER}").as_str()));
+    let sent = received[1].json();
     assert_eq!(sent["stream_options"]["include_usage"], Value::Bool(true));
     fake.script(|s| s.report_cost = Some("1.5e-5"));
     post(&daemon.url("/openrouter/v1/chat/completions"), &[("authorization", &auth)], &body.replace(",\"stream\":true", ""));

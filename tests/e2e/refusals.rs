@@ -3,6 +3,8 @@
 
 use std::time::Duration;
 
+use rust_decimal::Decimal;
+
 use ::http::Method;
 
 use crate::metering::{chat_url, setup};
@@ -79,7 +81,7 @@ fn a_spent_budget_is_refused_with_429_naming_spent_cap_and_reset() {
     let (daemon, fake) = setup();
     // Each request costs 1000 × 1.10 + 1000 × 4.40 per million = $0.0055, and may cost at most
     // (body bytes + 1024) × 1.10 + 1000 × 4.40 per million, about $0.0056: three fit in $0.02.
-    let key = daemon.grant("script", "0.02", &["--provider", "openai", "--period", "day"]);
+    let key = daemon.grant("script", "0.02", &["--provider", "openai", "--period", "day", "--fit", "false"]);
     fake.script(|s| {
         s.prompt_tokens = 1000;
         s.completion_tokens = 1000;
@@ -93,7 +95,7 @@ fn a_spent_budget_is_refused_with_429_naming_spent_cap_and_reset() {
     let codes: Vec<u16> = statuses.iter().map(|r| r.status).collect();
     assert_eq!(codes, [200, 200, 200, 429, 429]);
     let message = statuses[3].error_message();
-    assert!(message.contains("has $0.0035 left of its $0.02 daily cap ($0.0165 spent, $0.00 held by requests in flight) and this request could cost up to $0.0056"), "{message}");
+    assert!(message.contains("has $0.0035 left of its $0.02 daily cap and this request could cost up to $0.0056"), "{message}");
     assert!(message.contains("; it resets on"), "{message}");
     assert_eq!(statuses[3].json()["error"]["type"], "insufficient_quota");
     assert_eq!(fake.billed_requests(), 3);
@@ -113,7 +115,7 @@ fn a_spent_budget_is_refused_with_429_naming_spent_cap_and_reset() {
         s.completion_tokens = 1000;
     });
     let cap = format!("0.{:06}", 2 * bound_tokens);
-    let exact = daemon.grant("exact", &cap, &["--provider", "openai"]);
+    let exact = daemon.grant("exact", &cap, &["--provider", "openai", "--fit", "false"]);
     for _ in 0..2 {
         assert_eq!(rt.block_on(post_json(&chat_url(&daemon), &exact, round)).status, 200);
     }
@@ -195,8 +197,11 @@ fn an_unreachable_upstream_is_502_and_a_silent_one_504() {
     assert!(reply.error_message().contains("did not answer within 1 s"), "{}", reply.text());
 }
 
-#[test]
-fn forty_concurrent_streams_never_take_the_bill_past_the_cap() {
+/// 40 streams at once against a cap that fits 10 at their most: 10 are admitted, the other 30
+/// wait for them instead of being refused, and as holds settle the rest go through (fitted when
+/// what is left is small) until what is left cannot pay for a request even with nothing in
+/// flight. The upstream's bill never passes the cap and the ledger equals it.
+fn forty_streams_against_a_cap_that_fits_ten(output_at_limit: bool) -> (Decimal, Decimal, usize) {
     use std::sync::Arc;
     use std::sync::atomic::{AtomicUsize, Ordering};
     let (daemon, fake) = setup();
@@ -206,8 +211,10 @@ fn forty_concurrent_streams_never_take_the_bill_past_the_cap() {
     let cap = (bound * dec("10.5")).round_dp_with_strategy(6, rust_decimal::RoundingStrategy::ToZero);
     let key = daemon.grant("swarm", &cap.to_string(), &["--provider", "openai"]);
     fake.script(|s| {
-        s.prompt_tokens = 1000;
+        // The most input the bound allows, and (when asked) the most output the request allows.
+        s.prompt_tokens = if output_at_limit { body.len() as u64 + 1024 } else { 1000 };
         s.completion_tokens = 500;
+        s.output_at_limit = output_at_limit;
         s.hold_after_first_event = true;
     });
     let rt = runtime();
@@ -223,18 +230,45 @@ fn forty_concurrent_streams_never_take_the_bill_past_the_cap() {
             })
         })
         .collect();
-    // Every request is either refused already or held at the upstream, all at the same time.
-    wait_for("all 40 requests to be refused or in flight", Duration::from_secs(30), || {
-        (done.load(Ordering::SeqCst) + fake.received().len() == 40).then_some(())
-    });
+    // Ten are held at the upstream at once; the other thirty wait in capit rather than fail.
+    wait_for("ten requests in flight", Duration::from_secs(30), || (fake.received().len() == 10).then_some(()));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(fake.received().len(), 10, "exactly as many as fit at their most were admitted");
+    assert_eq!(done.load(Ordering::SeqCst), 0, "nobody was refused while only holds in flight were in the way");
+    let held = dec(daemon.ctl_json(&["ls"])[0]["reserved"].as_str().unwrap());
+    assert_eq!(held, bound * dec("10"));
     fake.release();
     let replies: Vec<_> = tasks.into_iter().map(|t| rt.block_on(t).unwrap()).collect();
     let ok = replies.iter().filter(|r| r.status == 200).count();
     let refused: Vec<_> = replies.iter().filter(|r| r.status == 429).collect();
-    assert_eq!(ok, 10, "exactly as many as fit at their most were admitted");
-    assert_eq!(refused.len(), 30);
-    assert!(refused.iter().all(|r| r.error_message().contains("held by requests in flight")));
+    assert_eq!(ok + refused.len(), 40, "{:?}", replies.iter().map(|r| r.status).collect::<Vec<_>>());
+    if output_at_limit {
+        // Each cost all its hold: what is left after ten (half a hold) pays for no request.
+        assert_eq!(ok, 10);
+    } else {
+        assert!(ok > 10, "requests went through as holds settled: {ok}");
+    }
+    for r in &refused {
+        let message = r.error_message();
+        assert!(
+            message.contains("even with its output lowered to") || message.contains("has spent"),
+            "refused only when nothing could pay: {message}"
+        );
+    }
     assert!(fake.bill() <= cap, "the upstream billed {} against a cap of {cap}", fake.bill());
-    assert_eq!(fake.billed_requests(), 10);
+    assert_eq!(fake.billed_requests(), ok);
     assert_eq!(daemon.spent("swarm"), fake.bill());
+    (fake.bill(), cap, ok)
+}
+
+#[test]
+fn forty_concurrent_streams_never_take_the_bill_past_the_cap() {
+    let (bill, cap, ok) = forty_streams_against_a_cap_that_fits_ten(false);
+    eprintln!("40 streams, cap fits 10: {ok} served, bill {bill} of {cap}");
+}
+
+#[test]
+fn forty_streams_that_each_use_all_they_may_never_pass_the_cap() {
+    let (bill, cap, ok) = forty_streams_against_a_cap_that_fits_ten(true);
+    eprintln!("40 streams at their limit, cap fits 10: {ok} served, bill {bill} of {cap}, overshoot {}", (bill - cap).max(Decimal::ZERO));
 }

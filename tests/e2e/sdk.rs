@@ -96,7 +96,8 @@ fn the_official_anthropic_python_sdk_works_through_the_proxy() {
     assert_eq!(seen["stream_text"], "Hello from the fake");
     assert_eq!(seen["stream_output_tokens"], 42);
     assert_eq!(seen["bearer_text"], "Hello from the fake");
-    assert_eq!(seen["count_input_tokens"], 12);
+    // The free count is all the input the reply bills: 12 plain, 2,000 cached, 300 written.
+    assert_eq!(seen["count_input_tokens"], 2312);
     assert_eq!(seen["refusal_status"], 401);
     assert_eq!(fake.billed_requests(), 3);
     assert_eq!(daemon.spent("claude"), fake.bill());

@@ -60,6 +60,22 @@ pub struct Script {
     pub crlf: bool,
     /// Gzip the reply whatever the request's Accept-Encoding said.
     pub gzip: bool,
+    /// Generate past the request's max output tokens (as no real upstream does); otherwise the
+    /// output is `completion_tokens` at most the request's limit.
+    pub ignore_max_tokens: bool,
+    /// Generate exactly the most output the request allows.
+    pub output_at_limit: bool,
+    /// Fail after the request's body arrived, as a real upstream can.
+    pub failure: Option<Failure>,
+}
+
+/// How the fake fails once it has read a request (and, but for the error status, billed it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Bill the request, then wait this long before the reply's head.
+    Stall(Duration),
+    /// Bill the request, then close the connection without a reply.
+    Reset,
 }
 
 impl Default for Script {
@@ -85,6 +101,9 @@ impl Default for Script {
             report_cost: None,
             crlf: false,
             gzip: false,
+            ignore_max_tokens: false,
+            output_at_limit: false,
+            failure: None,
         }
     }
 }
@@ -123,6 +142,8 @@ impl Received {
 
 struct Inner {
     script: Mutex<Script>,
+    /// OpenRouter's model list: id → (USD per prompt token, per completion token), as text.
+    listed_models: Mutex<Vec<(String, String, String)>>,
     prices: Mutex<HashMap<String, FakePrice>>,
     received: Mutex<Vec<Received>>,
     bill: Mutex<Decimal>,
@@ -173,6 +194,7 @@ impl Fake {
     fn start(tls: Option<tokio_rustls::TlsAcceptor>) -> Fake {
         let inner = Arc::new(Inner {
             script: Mutex::new(Script::default()),
+            listed_models: Mutex::new(Vec::new()),
             prices: Mutex::new(HashMap::new()),
             received: Mutex::new(Vec::new()),
             bill: Mutex::new(Decimal::ZERO),
@@ -231,6 +253,12 @@ impl Fake {
         self.inner.finished_streams.load(Ordering::SeqCst)
     }
 
+    /// Lists a model in the OpenRouter-shaped model list with prices per token (as OpenRouter
+    /// writes them: decimal text, USD per token).
+    pub fn list_model(&self, id: &str, prompt_per_token: &str, completion_per_token: &str) {
+        self.inner.listed_models.lock().unwrap().push((id.to_string(), prompt_per_token.to_string(), completion_per_token.to_string()));
+    }
+
     /// Lets every stream held after its first event go on, now and from now on.
     pub fn release(&self) {
         self.inner.release.add_permits(tokio::sync::Semaphore::MAX_PERMITS / 2);
@@ -268,7 +296,7 @@ async fn serve(
         let inner = inner.clone();
         let service = hyper::service::service_fn(move |req| {
             let inner = inner.clone();
-            async move { Ok::<_, Infallible>(handle(inner, req).await) }
+            async move { handle(inner, req).await }
         });
         let builder = builder.clone();
         let tls = tls.clone();
@@ -294,7 +322,22 @@ fn json_response(status: u16, value: Value) -> Response<Body> {
     Response::builder().status(status).header("content-type", "application/json").body(full(value.to_string())).unwrap()
 }
 
-async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
+/// Answers one request the way its script says; `Err` closes the connection with no reply.
+async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Result<Response<Body>, std::io::Error> {
+    let failure = inner.script.lock().unwrap().failure;
+    let response = answer(inner, req).await;
+    match failure {
+        None => Ok(response),
+        // The reply (and its bill) is made; it just never comes, or comes too late.
+        Some(Failure::Stall(wait)) => {
+            tokio::time::sleep(wait).await;
+            Ok(response)
+        }
+        Some(Failure::Reset) => Err(std::io::Error::other("the fake reset the connection")),
+    }
+}
+
+async fn answer(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let (parts, body) = req.into_parts();
     let body = body.collect().await.map(|c| c.to_bytes()).unwrap_or_default();
     let received = Received {
@@ -314,6 +357,22 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     let query = parts.uri.query().unwrap_or("").to_string();
     let gemini = path.strip_prefix("/v1beta/models/").or_else(|| path.strip_prefix("/v1/models/")).and_then(|r| r.split_once(':'));
     match (parts.method.as_str(), path.as_str(), gemini) {
+        ("GET", "/v1/models", _) if !inner.listed_models.lock().unwrap().is_empty() => {
+            let models: Vec<Value> = inner
+                .listed_models
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|(id, prompt, completion)| {
+                    json!({
+                        "id": id, "name": id, "context_length": 200000,
+                        "pricing": {"prompt": prompt, "completion": completion, "request": "0", "image": "0", "web_search": "0", "internal_reasoning": "0"},
+                        "top_provider": {"context_length": 200000, "max_completion_tokens": 32000, "is_moderated": false},
+                    })
+                })
+                .collect();
+            json_response(200, json!({"data": models}))
+        }
         ("GET", "/v1/models", _) => {
             json_response(200, json!({"object":"list","data":[{"id":"gpt-5","object":"model","created":1754000000,"owned_by":"system"}]}))
         }
@@ -324,9 +383,19 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         ("POST", "/v1/responses", _) => responses(inner, script, &body),
         ("POST", "/v1/embeddings", _) => embeddings(inner, script, &body),
         ("POST", "/v1/messages", _) => anthropic(inner, script, &body),
-        ("POST", "/v1/messages/count_tokens", _) => json_response(200, json!({"input_tokens": script.prompt_tokens})),
-        ("POST", _, Some((model, "generateContent"))) => gemini_generate(inner, script, model, false, false),
-        ("POST", _, Some((model, "streamGenerateContent"))) => gemini_generate(inner, script, model, true, query.contains("alt=sse")),
+        // The free counts give the whole input the reply would bill (Anthropic's disjoint parts
+        // summed; OpenAI's and Gemini's cached tokens are inside the prompt count).
+        ("POST", "/v1/messages/count_tokens", _) => json_response(
+            200,
+            json!({"input_tokens": script.prompt_tokens + script.cached_tokens + script.cache_write_5m + script.cache_write_1h}),
+        ),
+        ("POST", "/v1/responses/input_tokens", _) => {
+            json_response(200, json!({"object": "response.input_tokens", "input_tokens": script.prompt_tokens}))
+        }
+        ("POST", _, Some((model, "generateContent"))) => gemini_generate(inner, script, model, &body, false, false),
+        ("POST", _, Some((model, "streamGenerateContent"))) => {
+            gemini_generate(inner, script, model, &body, true, query.contains("alt=sse"))
+        }
         ("POST", _, Some((_, "countTokens"))) => json_response(200, json!({"totalTokens": script.prompt_tokens})),
         _ => json_response(
             404,
@@ -337,6 +406,24 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
 
 fn parse_request(body: &Bytes) -> Option<Value> {
     serde_json::from_slice(body).ok()
+}
+
+/// The script as a real upstream follows it for one request: no more output than the request's
+/// own limit (unless the script says to ignore it), or exactly that limit. Where reasoning is
+/// counted inside the output (all but Gemini), it stays within it.
+fn within_limit(mut script: Script, max_output: Option<u64>) -> Script {
+    let reasoning_apart = script.reasoning_tokens > script.completion_tokens;
+    if let Some(max) = max_output {
+        if script.output_at_limit {
+            script.completion_tokens = max;
+        } else if !script.ignore_max_tokens {
+            script.completion_tokens = script.completion_tokens.min(max);
+        }
+        if !reasoning_apart {
+            script.reasoning_tokens = script.reasoning_tokens.min(script.completion_tokens);
+        }
+    }
+    script
 }
 
 fn bad_json() -> Response<Body> {
@@ -413,6 +500,7 @@ fn words(text: &str) -> Vec<String> {
 /// OpenAI Responses API: JSON, or named SSE events ending in `response.completed`.
 fn responses(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
     let Some(request) = parse_request(body) else { return bad_json() };
+    let script = within_limit(script, request["max_output_tokens"].as_u64());
     let model = script.reply_model.clone().unwrap_or_else(|| request["model"].as_str().unwrap_or("unknown").to_string());
     let usage = json!({
         "input_tokens": script.prompt_tokens,
@@ -482,6 +570,7 @@ fn anthropic(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> 
             json!({"type":"error","error":{"type":"invalid_request_error","message":"The fake refuses this request"},"request_id":"req_fake"}),
         );
     }
+    let script = within_limit(script, request["max_tokens"].as_u64());
     let model = script.reply_model.clone().unwrap_or_else(|| request["model"].as_str().unwrap_or("unknown").to_string());
     let mut usage = json!({
         "input_tokens": script.prompt_tokens,
@@ -537,7 +626,9 @@ fn anthropic(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> 
 
 /// Gemini: a JSON reply, or a stream of replies with running `usageMetadata` totals, as SSE
 /// (`alt=sse`) or as one JSON array sent element by element.
-fn gemini_generate(inner: Arc<Inner>, script: Script, model: &str, stream: bool, sse_mode: bool) -> Response<Body> {
+fn gemini_generate(inner: Arc<Inner>, script: Script, model: &str, body: &Bytes, stream: bool, sse_mode: bool) -> Response<Body> {
+    let max_output = parse_request(body).and_then(|r| r["generationConfig"]["maxOutputTokens"].as_u64());
+    let script = within_limit(script, max_output);
     if script.status != 200 {
         return json_response(
             script.status,
@@ -590,6 +681,7 @@ fn gemini_generate(inner: Arc<Inner>, script: Script, model: &str, stream: bool,
 
 fn chat(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
     let Some(request) = parse_request(body) else { return bad_json() };
+    let script = within_limit(script, request["max_completion_tokens"].as_u64().or(request["max_tokens"].as_u64()));
     if script.status != 200 {
         return json_response(
             script.status,

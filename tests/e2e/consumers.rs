@@ -14,7 +14,7 @@ use crate::support::http;
 use crate::support::upstream::Fake;
 use crate::support::{TempDir, runtime};
 
-fn ok(out: Output) -> String {
+pub(crate) fn ok(out: Output) -> String {
     assert!(out.status.success(), "capitctl failed: {}", String::from_utf8_lossy(&out.stderr));
     String::from_utf8(out.stdout).unwrap()
 }
@@ -370,7 +370,7 @@ fn openclaw_json5_keeps_its_comments_and_a_per_agent_override_is_refused() {
 /// Runs an agent's real CLI as a user whose HOME is `home` would, for at most 90 s; returns
 /// its stdout and stderr. `None` when the CLI is not installed (fails under
 /// CAPIT_REQUIRE_AGENTS).
-fn run_agent(program: &str, args: &[&str], home: &Path, env: &[(&str, &str)], unset: &[&str]) -> Option<(String, String)> {
+pub(crate) fn run_agent(program: &str, args: &[&str], home: &Path, env: &[(&str, &str)], unset: &[&str]) -> Option<(String, String)> {
     if std::process::Command::new(program).arg("--version").output().is_err() {
         assert!(std::env::var_os("CAPIT_REQUIRE_AGENTS").is_none(), "CAPIT_REQUIRE_AGENTS is set but {program} is not installed");
         eprintln!("skipped: {program} is not installed (see .ci/run for the npm package)");
@@ -402,7 +402,7 @@ fn run_agent(program: &str, args: &[&str], home: &Path, env: &[(&str, &str)], un
 }
 
 /// What the fake received, as `METHOD path?query` lines.
-fn calls(fake: &Fake) -> Vec<String> {
+pub(crate) fn calls(fake: &Fake) -> Vec<String> {
     fake.received().iter().map(|r| format!("{} {}?{}", r.method, r.path, r.query.clone().unwrap_or_default())).collect()
 }
 

@@ -56,6 +56,15 @@ pub struct Script {
     pub web_searches: u64,
     /// Report `usage.cost` (OpenRouter) and bill exactly that.
     pub report_cost: Option<&'static str>,
+    /// What the fake really charges when it reports a cost that is not one (text, negative,
+    /// huge); without it the reported figure is the charge.
+    pub billed_cost: Option<&'static str>,
+    /// Report (and bill) the cost of the reply's tokens at the prices of the model list, as
+    /// OpenRouter does.
+    pub report_listed_cost: bool,
+    /// Chat usage fields written as this JSON text, for counts that are not counts (`"100"`,
+    /// `1e30`, `-5`); the bill is still the script's own counts.
+    pub raw_completion_tokens: Option<&'static str>,
     /// End SSE lines with `\r\n` (as Gemini and Vertex may).
     pub crlf: bool,
     /// Gzip the reply whatever the request's Accept-Encoding said.
@@ -99,6 +108,9 @@ impl Default for Script {
             cache_split: false,
             web_searches: 0,
             report_cost: None,
+            billed_cost: None,
+            report_listed_cost: false,
+            raw_completion_tokens: None,
             crlf: false,
             gzip: false,
             ignore_max_tokens: false,
@@ -696,14 +708,28 @@ fn chat(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> {
         "prompt_tokens_details": {"cached_tokens": script.cached_tokens, "audio_tokens": 0},
         "completion_tokens_details": {"reasoning_tokens": script.reasoning_tokens, "audio_tokens": 0, "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0},
     });
+    if let Some(raw) = script.raw_completion_tokens {
+        usage["completion_tokens"] = serde_json::from_str(raw).unwrap();
+    }
     // The provider bills what it generates, whether or not the client ever sees the usage.
     match script.report_cost {
+        _ if script.report_listed_cost => {
+            // OpenRouter: the reply's tokens at the prices its model list gives.
+            let listed = inner.listed_models.lock().unwrap().iter().find(|(id, _, _)| *id == model).cloned();
+            let (_, prompt, completion) = listed.unwrap_or_else(|| panic!("the fake does not list {model}"));
+            let per_token = |text: &str| text.parse::<Decimal>().unwrap();
+            let cost =
+                Decimal::from(script.prompt_tokens) * per_token(&prompt) + Decimal::from(script.completion_tokens) * per_token(&completion);
+            usage["cost"] = serde_json::from_str(&cost.normalize().to_string()).unwrap();
+            add_to_bill(&inner, cost);
+        }
         Some(cost) => {
-            // OpenRouter: the cost it reports is what it charges.
+            // OpenRouter: the cost it reports is what it charges (unless the report is garbage).
             usage["cost"] = serde_json::from_str(cost).unwrap();
             usage["cost_details"] = json!({"upstream_inference_cost": null});
-            add_to_bill(&inner, cost.parse().unwrap());
+            add_to_bill(&inner, script.billed_cost.unwrap_or(cost).parse().unwrap());
         }
+        None if script.billed_cost.is_some() => add_to_bill(&inner, script.billed_cost.unwrap().parse().unwrap()),
         None => bill_openai(&inner, &model, &script),
     }
     if !request["stream"].as_bool().unwrap_or(false) {

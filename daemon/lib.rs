@@ -10,6 +10,7 @@
 //!   route allowlist), [`secret`] (keys).
 //! - [`store`]: the only module that knows redb; one writer thread, batched commits.
 //! - [`state`]: live state over the store, shared by the proxy and the control service.
+//! - [`when`]: times as people write them (capitctl's flags share it).
 //! - [`proxy`]: the only module that knows hyper. [`control`]: the only one that knows protobuf.
 
 pub mod admission;
@@ -28,6 +29,7 @@ pub mod shutdown;
 pub mod state;
 pub mod store;
 pub mod usage;
+pub mod when;
 
 /// The generated protobuf types and gRPC stubs of `proto/capit/v1/control.proto`.
 pub mod proto {

@@ -638,7 +638,9 @@ mod tests {
         };
         assert_eq!(
             too_big.to_string(),
-            "capit: grant \"claude\" has $1.00 left of its $5.00 monthly cap and this request could cost up to $1.71 even with its output lowered to 256 tokens; send less context or a lower max output"
+            format!(
+                "capit: grant \"claude\" has $1.00 left of its $5.00 monthly cap and this request could cost up to $1.71 even with its output lowered to 256 tokens; send less context or a lower max output.{TOP_UP_HINT}"
+            )
         );
         assert_eq!((too_big.reason(), too_big.retry_after()), ("would_exceed_cap", None));
         let busy =

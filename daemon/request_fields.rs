@@ -637,7 +637,10 @@ mod tests {
             serde_json::json!({"generateContentRequest":{"model":"models/gemini-x","contents":[{"parts":[{"text":"hi"}]}],"cachedContent":"cachedContents/c"}})
         );
         assert!(count_body(MeteredApi::OpenAiChat, br#"{"model":"m"}"#, "m").is_none());
-        assert!(count_body(MeteredApi::OpenAiResponses, br#"{"model":"m","prompt":{"id":"pmpt_1"}}"#, "m").is_none(), "a stored prompt is not counted");
+        assert!(
+            count_body(MeteredApi::OpenAiResponses, br#"{"model":"m","prompt":{"id":"pmpt_1"}}"#, "m").is_none(),
+            "a stored prompt is not counted"
+        );
 
         assert_eq!(counted_input(MeteredApi::AnthropicMessages, br#"{"input_tokens":1234}"#), Some(1234));
         assert_eq!(counted_input(MeteredApi::OpenAiResponses, br#"{"object":"response.input_tokens","input_tokens":7}"#), Some(7));

@@ -207,7 +207,10 @@ impl Backstop {
     async fn delete_quietly(&self, provider: &Provider, hash: &str) -> bool {
         let Some(management) = self.state.management_key(&provider.name) else { return false };
         match self.api(provider).delete(&management, hash).await {
-            Ok(()) => true,
+            Ok(()) => {
+                tracing::info!(provider = %provider.name, "provider key deleted");
+                true
+            }
             Err(e) => {
                 tracing::warn!(provider = %provider.name, error = %e, "deleting a provider key failed; it is retried");
                 false

@@ -34,6 +34,9 @@ fn main() {
             note: String::new(),
             created_by: "bench".into(),
             limits: Limits::default(),
+            apis: vec![],
+            provider_key: None,
+            direct: false,
         };
         state.create_grant(spec).await.unwrap();
         let slot = state.find_grant("bench").unwrap();

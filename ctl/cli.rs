@@ -50,16 +50,51 @@ pub enum Command {
     Agents,
     /// Take a grant's key out of the agent's configuration (the grant stays; see revoke).
     Uninstall { agent: String },
+    /// Access requests from local programs, waiting for your answer.
+    Requests,
+    /// Approve an access request: a new grant (the program collects its key once) or a top-up.
+    Approve(ApproveArgs),
+    /// Deny an access request.
+    Deny { id: String },
+}
+
+#[derive(Debug, Args)]
+pub struct ApproveArgs {
+    pub id: String,
+    /// The cap to give instead of what was asked (for a top-up: the grant's new cap).
+    #[arg(long, allow_hyphen_values = true)]
+    pub cap: Option<String>,
+    /// The allowed models, instead of those asked for (comma-separated; empty allows all).
+    #[arg(long, value_delimiter = ',')]
+    pub models: Option<Vec<String>>,
+    /// The APIs allowed, instead of those asked for (comma-separated; empty allows all).
+    #[arg(long, value_delimiter = ',')]
+    pub apis: Option<Vec<String>>,
 }
 
 #[derive(Debug, Subcommand)]
 pub enum KeyCommand {
     /// Store the master key of a provider.
-    Add { provider: String },
+    Add {
+        provider: String,
+        /// A key that manages the provider's keys (OpenRouter's management key): every grant of
+        /// the provider then gets its own key, capped by the provider too.
+        #[arg(long)]
+        management: bool,
+    },
     /// List stored keys (fingerprints only).
-    Ls,
+    Ls {
+        /// List the keys capit made on this provider's side (OpenRouter), with their limits and usage.
+        #[arg(long, value_name = "PROVIDER")]
+        remote: Option<String>,
+    },
     /// Forget a provider's master key.
-    Rm { provider: String },
+    Rm {
+        provider: String,
+        /// Forget its management key instead.
+        #[arg(long)]
+        management: bool,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -141,6 +176,13 @@ pub struct GrantArgs {
     /// Write the base URL and key into this dotenv file (for any agent or script).
     #[arg(long)]
     pub env_file: Option<std::path::PathBuf>,
+    /// Hand the agent an OpenRouter key capped by OpenRouter itself, for agents that cannot reach
+    /// this machine's proxy (Cursor, remote agents); needs an OpenRouter management key.
+    #[arg(long)]
+    pub direct: bool,
+    /// The billable APIs the grant may call: chat, responses, embeddings, messages, generate.
+    #[arg(long, value_delimiter = ',')]
+    pub apis: Vec<String>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }
@@ -185,6 +227,9 @@ pub struct SetArgs {
     pub models: Option<Vec<String>>,
     #[arg(long)]
     pub note: Option<String>,
+    /// The billable APIs allowed, comma-separated; an empty value allows all.
+    #[arg(long, value_delimiter = ',')]
+    pub apis: Option<Vec<String>>,
     #[command(flatten)]
     pub limits: LimitArgs,
 }

@@ -15,7 +15,7 @@ use crate::consumers::{self, AgentEnv, Consumer, Target, files};
 use crate::output::{self, dollars, time_human, time_json};
 use crate::when;
 
-type Client = ControlClient<Channel>;
+pub(crate) type Client = ControlClient<Channel>;
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
     let socket = socket_path(cli.socket)?;
@@ -34,6 +34,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Status => status(&mut client, json).await,
         Command::Agents => agents(json),
         Command::Uninstall { agent } => uninstall(&mut client, &agent, json).await,
+        Command::Requests => crate::requests::list(&mut client, json).await,
+        Command::Approve(args) => crate::requests::approve(&mut client, args, json).await,
+        Command::Deny { id } => crate::requests::deny(&mut client, &id, json).await,
     }
 }
 
@@ -56,7 +59,7 @@ async fn connect(socket: &std::path::Path) -> anyhow::Result<Client> {
 }
 
 /// Turns a gRPC status into the daemon's own message.
-fn rpc(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn rpc(status: tonic::Status) -> anyhow::Error {
     let message = status.message();
     if message.is_empty() { anyhow!("capitd: {:?}", status.code()) } else { anyhow!("{message}") }
 }
@@ -79,37 +82,55 @@ fn read_secret(prompt: &str) -> anyhow::Result<String> {
 
 async fn key(client: &mut Client, cmd: KeyCommand, json: bool) -> anyhow::Result<()> {
     match cmd {
-        KeyCommand::Add { provider } => {
-            let secret = read_secret(&format!("Master key for {provider} (input hidden): "))?;
-            let info = client.add_key(pb::AddKeyRequest { provider, secret }).await.map_err(rpc)?.into_inner().key.unwrap_or_default();
+        KeyCommand::Add { provider, management } => {
+            let what = if management { "Management key" } else { "Master key" };
+            let secret = read_secret(&format!("{what} for {provider} (input hidden): "))?;
+            let reply = client.add_key(pb::AddKeyRequest { provider, secret, management }).await.map_err(rpc)?.into_inner();
+            let info = reply.key.unwrap_or_default();
+            let kind = if management { "management key" } else { "key" };
             if json {
-                output::json(&json!({"provider": info.provider, "fingerprint": info.fingerprint, "added_at": time_json(info.added_at)}));
+                output::json(&json!({
+                    "provider": info.provider, "fingerprint": info.fingerprint, "added_at": time_json(info.added_at),
+                    "management": management, "grants_capped": reply.backstopped, "not_capped": reply.not_backstopped,
+                }));
             } else {
-                println!("stored the {} key {}", info.provider, info.fingerprint);
+                println!("stored the {} {kind} {}", info.provider, info.fingerprint);
+                if management {
+                    println!(
+                        "every {} grant now gets its own {} key, capped by {} itself ({} existing grants got one)",
+                        info.provider, info.provider, info.provider, reply.backstopped
+                    );
+                    for failed in &reply.not_backstopped {
+                        println!("not capped on {}'s side: {failed}", info.provider);
+                    }
+                }
             }
         }
-        KeyCommand::Ls => {
+        KeyCommand::Ls { remote: Some(provider) } => return crate::remote::list(client, &provider, json).await,
+        KeyCommand::Ls { remote: None } => {
             let keys = client.list_keys(pb::ListKeysRequest {}).await.map_err(rpc)?.into_inner().keys;
+            let kind = |k: &pb::KeyInfo| if k.management { "management" } else { "master" };
             if json {
                 output::json(&Value::Array(
                     keys.iter()
-                        .map(|k| json!({"provider": k.provider, "fingerprint": k.fingerprint, "added_at": time_json(k.added_at)}))
+                        .map(|k| json!({"provider": k.provider, "fingerprint": k.fingerprint, "added_at": time_json(k.added_at), "kind": kind(k)}))
                         .collect(),
                 ));
             } else if keys.is_empty() {
                 println!("no master keys stored; add one with: capitctl key add <provider>");
             } else {
-                let mut rows = vec![vec!["PROVIDER".into(), "KEY".into(), "ADDED".into()]];
-                rows.extend(keys.iter().map(|k| vec![k.provider.clone(), k.fingerprint.clone(), time_human(k.added_at)]));
+                let mut rows = vec![vec!["PROVIDER".into(), "KIND".into(), "KEY".into(), "ADDED".into()]];
+                rows.extend(keys.iter().map(|k| vec![k.provider.clone(), kind(k).into(), k.fingerprint.clone(), time_human(k.added_at)]));
                 output::table(&rows);
             }
         }
-        KeyCommand::Rm { provider } => {
-            client.remove_key(pb::RemoveKeyRequest { provider: provider.clone() }).await.map_err(rpc)?;
+        KeyCommand::Rm { provider, management } => {
+            client.remove_key(pb::RemoveKeyRequest { provider: provider.clone(), management }).await.map_err(rpc)?;
+            let kind = if management { "management key" } else { "key" };
             if json {
-                output::json(&json!({"provider": provider, "removed": true}));
+                output::json(&json!({"provider": provider, "removed": true, "management": management}));
             } else {
-                println!("removed the {provider} key");
+                println!("removed the {provider} {kind}");
             }
         }
     }
@@ -252,7 +273,7 @@ fn export_lines(kind: &str, base_url: &str, key: &str) -> Vec<String> {
     vec![format!("export {url_var}={base_url}"), format!("export {key_var}={key}")]
 }
 
-fn local_user() -> String {
+pub(crate) fn local_user() -> String {
     std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }))
 }
 
@@ -331,14 +352,52 @@ fn restore(install: &pb::InstallRecord, kind: &str, env: &AgentEnv) -> anyhow::R
     Ok(format!("took capit's settings out of {shown} (it was edited since the install)"))
 }
 
+/// The one line every direct grant is given with.
+const DIRECT_CAVEAT: &str =
+    "direct: the agent calls OpenRouter itself, so only OpenRouter's limit on this key caps it; capit neither sees nor meters its requests";
+
+/// Writes a direct grant's new key into the files it was installed into (its key was replaced:
+/// a rotation, a new expiry), keeping what each file was before capit; says what it did.
+async fn reinstall(client: &mut Client, g: &pb::Grant, key: &str, base_url: &str) -> anyhow::Result<Option<String>> {
+    if g.installs.is_empty() {
+        return Ok(None);
+    }
+    let providers = client.list_providers(pb::ListProvidersRequest {}).await.map_err(rpc)?.into_inner().providers;
+    let kind = providers.iter().find(|p| p.name == g.provider).map(|p| p.kind.clone()).unwrap_or_default();
+    let env = AgentEnv::from_process();
+    let target = Target { base_url, key };
+    let mut records = Vec::new();
+    let mut shown = Vec::new();
+    for install in &g.installs {
+        let path = std::path::PathBuf::from(&install.path);
+        let installer = match consumers::editor(&install.agent) {
+            Some(c) => Installer::Agent(c),
+            None => Installer::EnvFile,
+        };
+        let current = files::read(&path).with_context(|| format!("reading {}", install.path))?;
+        let text = installer.install(&path, current.as_deref(), &kind, &target)?;
+        files::write_atomic(&path, &text).with_context(|| format!("writing {}", install.path))?;
+        records.push(pb::InstallRecord { written_sha256: files::fingerprint(&text), ..install.clone() });
+        shown.push(consumers::display_path(&path, &env));
+    }
+    client.record_install(pb::RecordInstallRequest { name: g.name.clone(), installs: records }).await.map_err(rpc)?;
+    Ok(Some(format!("the new key is installed into {}", shown.join(", "))))
+}
+
 async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Result<()> {
-    if let Some(reason) = consumers::unsupported(&args.agent) {
+    let manual = args.direct.then(|| consumers::direct_instructions(&args.agent)).flatten();
+    if let Some(reason) = consumers::unsupported(&args.agent).filter(|_| manual.is_none()) {
         bail!("{reason}");
     }
     let env = AgentEnv::from_process();
     let consumer = consumers::find(&args.agent).filter(|_| !args.no_install);
-    let provider =
-        args.provider.clone().or(consumer.map(|c| c.provider().to_string())).unwrap_or_else(|| default_provider(&args.agent).to_string());
+    // A direct key can only be an OpenRouter one: only OpenRouter caps a key itself.
+    let provider = args
+        .provider
+        .clone()
+        .or(args.direct.then(|| "openrouter".to_string()))
+        .or(consumer.map(|c| c.provider().to_string()))
+        .unwrap_or_else(|| default_provider(&args.agent).to_string());
     let now = chrono::Utc::now().timestamp();
     let expires_at = match &args.expires {
         Some(text) => when::parse_expiry(text, now)?,
@@ -384,7 +443,8 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         }
         let status = client.get_status(pb::GetStatusRequest {}).await.map_err(rpc)?.into_inner();
         let suffix = if info.kind == "anthropic" || info.kind == "gemini" { "" } else { "/v1" };
-        let base_url = format!("http://{}/{}{suffix}", status.listen_addr, info.name);
+        let base_url =
+            if args.direct { format!("{}{suffix}", info.base_url) } else { format!("http://{}/{}{suffix}", status.listen_addr, info.name) };
         for (installer, path) in &plan {
             let existing = files::read(path)?;
             let new =
@@ -393,11 +453,12 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         }
         return Ok(());
     }
-    if !info.has_key && !info.price_zero {
+    // A direct grant, or one whose provider key capit makes, needs no master key.
+    if !info.has_key && !info.price_zero && !args.direct && !info.has_management_key {
         // A first-time user needs one command: ask for the master key on the spot.
         let secret = read_secret(&format!("No {provider} key is stored yet. Master key for {provider} (input hidden): "))
             .with_context(|| format!("no master key is stored for {provider}; add one with: capitctl key add {provider}"))?;
-        client.add_key(pb::AddKeyRequest { provider: provider.clone(), secret }).await.map_err(rpc)?;
+        client.add_key(pb::AddKeyRequest { provider: provider.clone(), secret, management: false }).await.map_err(rpc)?;
     }
     if !plan.is_empty() {
         // Granting an agent again replaces its grant: the old key dies and its install is undone.
@@ -425,6 +486,8 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         note: args.note.clone(),
         created_by: local_user(),
         limits: Some(limits_pb(&args.limits)),
+        direct: args.direct,
+        apis: args.apis.clone(),
     };
     let created = client.create_grant(request).await.map_err(rpc)?.into_inner();
     let g = created.grant.unwrap_or_default();
@@ -477,20 +540,33 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
             "cap": g.cap, "period": g.period, "expires_at": time_json(g.expires_at),
             "models": g.models, "state": g.state, "created_by": g.created_by, "note": g.note,
             "resets_at": time_json(g.resets_at), "exports": exports, "installed_into": installed_into,
+            "direct": g.direct, "apis": g.apis, "note_direct": g.direct.then_some(DIRECT_CAVEAT), "setup": manual,
         }));
         return Ok(());
     }
+    let mode = if g.direct { " direct" } else { "" };
     if let Some(shown) = installed_into {
-        println!("${}{per} {} grant \"{}\" installed into {shown}", g.cap, g.provider, g.name);
+        println!("${}{per}{mode} {} grant \"{}\" installed into {shown}", g.cap, g.provider, g.name);
+        if g.direct {
+            println!("{DIRECT_CAVEAT}");
+        }
         return Ok(());
     }
-    println!("${}{per} {} grant \"{}\" created; its key is shown only now:", g.cap, g.provider, g.name);
+    println!("${}{per}{mode} {} grant \"{}\" created; its key is shown only now:", g.cap, g.provider, g.name);
     println!();
     println!("  key:      {}", created.key);
     println!("  base URL: {}", created.base_url);
     println!();
-    for line in exports {
-        println!("{line}");
+    match manual {
+        Some(steps) => println!("{steps}"),
+        None => {
+            for line in exports {
+                println!("{line}");
+            }
+        }
+    }
+    if g.direct {
+        println!("{DIRECT_CAVEAT}");
     }
     Ok(())
 }
@@ -530,7 +606,8 @@ fn agents(json: bool) -> anyhow::Result<()> {
     if json {
         let mut list: Vec<Value> = rows.iter().map(|(name, what, provider, found, path)| json!({"agent": name, "describes": what, "provider": provider, "found": found, "config": path, "supported": true})).collect();
         for name in ["cursor", "windsurf"] {
-            list.push(json!({"agent": name, "supported": false, "reason": consumers::unsupported(name)}));
+            let direct = consumers::direct_instructions(name).is_some();
+            list.push(json!({"agent": name, "supported": false, "direct": direct, "reason": consumers::unsupported(name)}));
         }
         output::json(&Value::Array(list));
         return Ok(());
@@ -541,8 +618,10 @@ fn agents(json: bool) -> anyhow::Result<()> {
     }
     output::table(&table);
     println!("any other name: capitctl grant NAME AMOUNT --provider P prints the key and export lines (or --env-file FILE)");
+    println!("any agent, with an OpenRouter management key stored: --direct hands it a key OpenRouter caps itself (no proxy)");
     for name in ["cursor", "windsurf"] {
-        println!("{name}: not supported: {}", consumers::unsupported(name).unwrap_or_default());
+        let how = if consumers::direct_instructions(name).is_some() { "only with --direct" } else { "not supported" };
+        println!("{name}: {how}: {}", consumers::unsupported(name).unwrap_or_default());
     }
     Ok(())
 }
@@ -586,6 +665,8 @@ async fn set(client: &mut Client, args: SetArgs, json: bool) -> anyhow::Result<(
         tpm: l.tpm,
         concurrency: l.concurrency,
         fit: l.fit,
+        set_apis: args.apis.is_some(),
+        apis: args.apis.clone().unwrap_or_default(),
     };
     let unchanged = request.cap.is_none()
         && request.period.is_none()
@@ -593,15 +674,36 @@ async fn set(client: &mut Client, args: SetArgs, json: bool) -> anyhow::Result<(
         && !request.set_models
         && request.note.is_none()
         && [l.max_requests, l.max_tokens, l.rpm, l.tpm, l.concurrency].iter().all(Option::is_none)
-        && l.fit.is_none();
+        && l.fit.is_none()
+        && !request.set_apis;
     if unchanged {
-        bail!("nothing to change; give --cap, --period, --expires, --models, --note or a limit");
+        bail!("nothing to change; give --cap, --period, --expires, --models, --apis, --note or a limit");
     }
-    let g = client.update_grant(request).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
+    let reply = client.update_grant(request).await.map_err(rpc)?.into_inner();
+    let g = reply.grant.unwrap_or_default();
+    let reinstalled = if reply.key.is_empty() { None } else { reinstall(client, &g, &reply.key, &reply.base_url).await? };
     if json {
-        output::json(&grant_json(&g));
+        let mut doc = grant_json(&g);
+        if !reply.key.is_empty() {
+            doc["key"] = json!(reply.key);
+            doc["base_url"] = json!(reply.base_url);
+            doc["reinstalled"] = json!(reinstalled);
+        }
+        output::json(&doc);
     } else {
         println!("grant \"{}\": {} of {} per {}, {}", g.name, dollars(&g.spent), dollars(&g.cap), g.period, g.state);
+        if !reply.key.is_empty() {
+            // OpenRouter cannot change a key's expiry, so the direct grant has a new key.
+            println!(
+                "its OpenRouter key was replaced (OpenRouter cannot change a key's expiry) and the old one deleted; the new key is shown only now:"
+            );
+            println!();
+            println!("  key:      {}", reply.key);
+            println!("  base URL: {}", reply.base_url);
+            if let Some(done) = reinstalled {
+                println!("{done}");
+            }
+        }
     }
     Ok(())
 }
@@ -609,21 +711,27 @@ async fn set(client: &mut Client, args: SetArgs, json: bool) -> anyhow::Result<(
 async fn rotate(client: &mut Client, name: &str, json: bool) -> anyhow::Result<()> {
     let r = client.rotate_grant(pb::RotateGrantRequest { name: name.to_string() }).await.map_err(rpc)?.into_inner();
     let g = r.grant.unwrap_or_default();
+    let reinstalled = if g.direct { reinstall(client, &g, &r.key, &r.base_url).await? } else { None };
     if json {
         let mut doc = grant_json(&g);
         doc["key"] = json!(r.key);
         doc["base_url"] = json!(r.base_url);
+        doc["reinstalled"] = json!(reinstalled);
         output::json(&doc);
     } else {
-        println!("grant \"{}\" has a new key (the old one no longer works); it is shown only now:", g.name);
+        let what = if g.direct { "OpenRouter key" } else { "key" };
+        println!("grant \"{}\" has a new {what} (the old one no longer works); it is shown only now:", g.name);
         println!();
         println!("  key:      {}", r.key);
         println!("  base URL: {}", r.base_url);
+        if let Some(done) = reinstalled {
+            println!("{done}");
+        }
     }
     Ok(())
 }
 
-fn grant_json(g: &pb::Grant) -> Value {
+pub(crate) fn grant_json(g: &pb::Grant) -> Value {
     json!({
         "name": g.name, "provider": g.provider, "cap": g.cap, "spent": g.spent, "reserved": g.reserved, "period": g.period,
         "expires_at": time_json(g.expires_at), "state": g.state, "resets_at": time_json(g.resets_at),
@@ -631,6 +739,8 @@ fn grant_json(g: &pb::Grant) -> Value {
         "revoked_at": time_json(g.revoked_at), "limits": limits_json(g.limits.as_ref()),
         "installed_into": g.installs.first().map(|i| i.path.clone()),
         "refused": refused_json(&g.refused),
+        "direct": g.direct, "spent_source": if g.direct { "provider" } else { "ledger" }, "apis": g.apis,
+        "provider_key": g.provider_key.as_ref().map(crate::remote::provider_key_json),
     })
 }
 
@@ -674,7 +784,7 @@ async fn list(client: &mut Client, all: bool, json: bool) -> anyhow::Result<()> 
             g.period.clone(),
             time_human(g.resets_at),
             time_human(g.expires_at),
-            g.state.clone(),
+            if g.direct { format!("{}, direct", g.state) } else { g.state.clone() },
             g.refused.values().sum::<u64>().to_string(),
             g.created_by.clone(),
             g.note.clone(),
@@ -777,8 +887,8 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
 }
 
 async fn revoke(client: &mut Client, name: &str, json: bool) -> anyhow::Result<()> {
-    let g =
-        client.revoke_grant(pb::RevokeGrantRequest { name: name.to_string() }).await.map_err(rpc)?.into_inner().grant.unwrap_or_default();
+    let reply = client.revoke_grant(pb::RevokeGrantRequest { name: name.to_string() }).await.map_err(rpc)?.into_inner();
+    let (g, note) = (reply.grant.unwrap_or_default(), reply.note);
     let restored = if g.installs.is_empty() {
         None
     } else {
@@ -794,9 +904,13 @@ async fn revoke(client: &mut Client, name: &str, json: bool) -> anyhow::Result<(
     if json {
         let mut doc = grant_json(&g);
         doc["restored"] = json!(restored);
+        doc["note"] = json!((!note.is_empty()).then_some(note));
         output::json(&doc);
     } else {
         println!("revoked grant \"{}\"; its key no longer works (it had spent {})", g.name, dollars(&g.spent));
+        if !note.is_empty() {
+            println!("{note}");
+        }
         if let Some(restored) = restored {
             println!("{restored}");
         }
@@ -811,6 +925,14 @@ async fn status(client: &mut Client, json: bool) -> anyhow::Result<()> {
             "version": s.version, "uptime_seconds": s.uptime_seconds, "listen_addr": s.listen_addr, "home": s.home,
             "grants_active": s.grants_active, "grants_total": s.grants_total, "keys": s.keys,
             "providers": s.providers, "ledger_entries": s.ledger_entries,
+            "access_requests": s.access_requests,
+            "provider_keys": {
+                "checked_at": time_json(s.keys_checked_at), "errors": s.key_check_errors,
+                "drift": s.drift.iter().map(|d| json!({
+                    "grant": d.grant, "provider": d.provider, "provider_usage": d.provider_usage, "ledger": d.ledger,
+                    "difference": d.difference, "drifted": d.drifted, "since": time_json(d.since),
+                })).collect::<Vec<_>>(),
+            },
         }));
     } else {
         println!("capitd {} up {} s, proxy on http://{}", s.version, s.uptime_seconds, s.listen_addr);
@@ -819,6 +941,33 @@ async fn status(client: &mut Client, json: bool) -> anyhow::Result<()> {
             "{} active grants ({} in all), {} master keys, {} providers, {} ledger entries",
             s.grants_active, s.grants_total, s.keys, s.providers, s.ledger_entries
         );
+        if s.access_requests > 0 {
+            println!("{} access requests wait for an answer: capitctl requests", s.access_requests);
+        }
+        if s.keys_checked_at > 0 {
+            let drifted: Vec<&pb::KeyDrift> = s.drift.iter().filter(|d| d.drifted).collect();
+            println!(
+                "provider keys checked {}: {} keys, {} drifting from the ledger",
+                time_human(s.keys_checked_at),
+                s.drift.len(),
+                drifted.len()
+            );
+            for d in drifted {
+                println!(
+                    "drift: grant \"{}\": {} reports {} used since {}, capit's ledger {} ({}{})",
+                    d.grant,
+                    d.provider,
+                    dollars(&d.provider_usage),
+                    time_human(d.since),
+                    dollars(&d.ledger),
+                    if d.difference.starts_with('-') { "" } else { "+" },
+                    dollars(&d.difference).replace("$-", "-$")
+                );
+            }
+        }
+        for e in &s.key_check_errors {
+            println!("provider key check failed: {e}");
+        }
     }
     Ok(())
 }

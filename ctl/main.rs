@@ -5,6 +5,8 @@ mod cli;
 mod cmd;
 mod consumers;
 mod output;
+mod remote;
+mod requests;
 mod when;
 
 use std::process::ExitCode;

@@ -1,74 +1,12 @@
-//! Times on the command line: durations (`7d`, `12h`, `30m`, `2w`), dates (`2026-12-31`, in
-//! local time) and RFC 3339 instants, turned into Unix seconds.
-
-use anyhow::{Context, bail};
-use chrono::{DateTime, Local, NaiveDate, TimeZone};
-
-fn duration_seconds(text: &str) -> Option<i64> {
-    let (digits, unit) = text.split_at(text.find(|c: char| !c.is_ascii_digit())?);
-    let n: i64 = digits.parse().ok()?;
-    let unit = match unit {
-        "m" | "min" => 60,
-        "h" => 3600,
-        "d" => 86_400,
-        "w" => 7 * 86_400,
-        _ => return None,
-    };
-    n.checked_mul(unit)
-}
-
-fn local_midnight(date: NaiveDate) -> anyhow::Result<i64> {
-    let naive = date.and_hms_opt(0, 0, 0).context("invalid date")?;
-    Ok(Local.from_local_datetime(&naive).earliest().context("that local time does not exist")?.timestamp())
-}
+//! Times on the command line (`7d`, `2026-12-31`, RFC 3339), read by the library's `when`
+//! module, which access requests share.
 
 /// An expiry: a duration from `now`, the end of a date, or an instant.
 pub fn parse_expiry(text: &str, now: i64) -> anyhow::Result<i64> {
-    let text = text.trim();
-    if let Some(secs) = duration_seconds(text) {
-        if secs <= 0 {
-            bail!("expiry {text:?} must be in the future");
-        }
-        return Ok(now + secs);
-    }
-    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        let next = date.succ_opt().context("date out of range")?;
-        return local_midnight(next);
-    }
-    if let Ok(instant) = DateTime::parse_from_rfc3339(text) {
-        return Ok(instant.timestamp());
-    }
-    bail!("cannot read expiry {text:?}; use 7d, 12h, 2026-12-31 or an RFC 3339 time")
+    capit::when::parse_expiry(text, now).map_err(anyhow::Error::msg)
 }
 
 /// A start time: a duration before `now`, the start of a date, or an instant.
 pub fn parse_since(text: &str, now: i64) -> anyhow::Result<i64> {
-    let text = text.trim();
-    if let Some(secs) = duration_seconds(text) {
-        return Ok(now - secs);
-    }
-    if let Ok(date) = NaiveDate::parse_from_str(text, "%Y-%m-%d") {
-        return local_midnight(date);
-    }
-    if let Ok(instant) = DateTime::parse_from_rfc3339(text) {
-        return Ok(instant.timestamp());
-    }
-    bail!("cannot read time {text:?}; use 7d, 2026-11-01 or an RFC 3339 time")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn expiries() {
-        assert_eq!(parse_expiry("7d", 100).unwrap(), 100 + 7 * 86_400);
-        assert_eq!(parse_expiry("12h", 0).unwrap(), 43_200);
-        assert_eq!(parse_expiry("2026-12-31T00:00:00Z", 0).unwrap(), 1_798_675_200);
-        let end = parse_expiry("2026-12-31", 0).unwrap();
-        assert_eq!(end, local_midnight(NaiveDate::from_ymd_opt(2027, 1, 1).unwrap()).unwrap());
-        assert!(parse_expiry("soon", 0).is_err());
-        assert!(parse_expiry("0d", 0).is_err());
-        assert_eq!(parse_since("1d", 86_400).unwrap(), 0);
-    }
+    capit::when::parse_since(text, now).map_err(anyhow::Error::msg)
 }

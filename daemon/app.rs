@@ -46,10 +46,13 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AppError + '_ {
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
     private_dir(&config.home)?;
     let (store, snapshot) = Store::open(&config.home.join("capit.redb"))?;
-    let state = Arc::new(State::new(store.clone(), snapshot, config.home.clone())?);
+    let state = Arc::new(State::new(store.clone(), snapshot, config.home.clone())?.with_access(config.access.clone()));
 
     // Built before binding anything, so that a bad --upstream-ca stops the start cleanly.
     let client = crate::proxy::upstream_client(config.proxy.upstream_ca.as_deref()).map_err(AppError::UpstreamTls)?;
+    // The daemon's own calls (OpenRouter's key management) go over the same TLS client.
+    let outbound = crate::proxy::outbound::Outbound::new(client.clone(), std::time::Duration::from_secs(30));
+    let backstop = Arc::new(crate::backstop::service::Backstop::new(state.clone(), outbound));
     let proxy_listener = TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;
     let proxy_addr = proxy_listener.local_addr().map_err(io(&config.home))?;
     state.set_listen_addr(proxy_addr);
@@ -58,7 +61,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let stop = CancellationToken::new();
     let proxy = tokio::spawn(crate::proxy::serve(proxy_listener, state.clone(), client, config.proxy.clone(), stop.clone()));
-    let control = tokio::spawn(serve_control(control_listener, state.clone(), stop.clone()));
+    let control = tokio::spawn(serve_control(control_listener, backstop.clone(), stop.clone()));
+    let key_checks = tokio::spawn(backstop.clone().run(config.key_check_interval, stop.clone()));
 
     shutdown.await;
     stop.cancel();
@@ -68,6 +72,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         Ok(Ok(())) => {}
     }
     let control_result = control.await;
+    let _ = key_checks.await;
+    drop(backstop);
     drop(state);
     store.close();
     if let Err(e) = std::fs::remove_file(&config.socket) {
@@ -110,7 +116,11 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, AppError> {
     Ok(listener)
 }
 
-async fn serve_control(listener: UnixListener, state: Arc<State>, stop: CancellationToken) -> Result<(), AppError> {
+async fn serve_control(
+    listener: UnixListener,
+    backstop: Arc<crate::backstop::service::Backstop>,
+    stop: CancellationToken,
+) -> Result<(), AppError> {
     // SAFETY: getuid has no preconditions and cannot fail.
     let my_uid = unsafe { libc::getuid() };
     let incoming = UnixListenerStream::new(listener).filter_map(move |conn| match conn {
@@ -129,7 +139,7 @@ async fn serve_control(listener: UnixListener, state: Arc<State>, stop: Cancella
     });
     tonic::transport::Server::builder()
         // LiteLLM's full price file is a few MiB; tonic's default limit is 4 MiB.
-        .add_service(ControlServer::new(ControlService::new(state)).max_decoding_message_size(64 * 1024 * 1024))
+        .add_service(ControlServer::new(ControlService::new(backstop)).max_decoding_message_size(64 * 1024 * 1024))
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await?;
     Ok(())

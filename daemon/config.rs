@@ -43,6 +43,20 @@ pub struct Cli {
     /// Requests that may wait at once per grant; more are refused at once.
     #[arg(long, default_value_t = 64)]
     pub queue_depth: u64,
+    /// Seconds between checks of the provider keys capit made (OpenRouter): usage against the
+    /// ledger, limits against the grants, deletions still pending.
+    #[arg(long, default_value_t = 300)]
+    pub key_check_interval: u64,
+    /// Seconds an access request waits for an answer, and an answer for its collection.
+    #[arg(long, default_value_t = 3600)]
+    pub request_ttl: u64,
+    /// Access requests waiting for an answer at once; more are refused (429).
+    #[arg(long, default_value_t = 16)]
+    pub max_pending_requests: u64,
+    /// Program run as `PROGRAM capit MESSAGE` when an access request arrives, or "none"
+    /// (default: notify-send on Linux, osascript on macOS, where present).
+    #[arg(long)]
+    pub notify_command: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug)]
@@ -51,6 +65,8 @@ pub struct Config {
     pub socket: PathBuf,
     pub listen: SocketAddr,
     pub proxy: ProxyConfig,
+    pub key_check_interval: Duration,
+    pub access: crate::access::AccessConfig,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -81,6 +97,15 @@ impl Config {
         let grace = range("--grace", cli.grace, 0, 3_600)?;
         let queue_timeout = range("--queue-timeout", cli.queue_timeout, 0, 3_600)?;
         let queue_depth = range("--queue-depth", cli.queue_depth, 0, 100_000)?;
+        let key_check_interval = range("--key-check-interval", cli.key_check_interval, 1, 86_400)?;
+        let request_ttl = range("--request-ttl", cli.request_ttl, 1, 7 * 86_400)?;
+        let max_pending = range("--max-pending-requests", cli.max_pending_requests, 1, 1_000)?;
+        let notify = match cli.notify_command {
+            Some(program) if program.as_os_str() == "none" => crate::access::Notifier::None,
+            Some(program) => crate::access::Notifier::Program(program),
+            None if cfg!(target_os = "macos") => crate::access::Notifier::AppleScript,
+            None => crate::access::Notifier::Program(PathBuf::from("notify-send")),
+        };
         Ok(Config {
             home,
             socket,
@@ -93,6 +118,8 @@ impl Config {
                 upstream_ca: cli.upstream_ca,
                 wait: crate::state::WaitPolicy { timeout: Duration::from_secs(queue_timeout), depth: queue_depth as usize },
             },
+            key_check_interval: Duration::from_secs(key_check_interval),
+            access: crate::access::AccessConfig { ttl_seconds: request_ttl as i64, max_pending: max_pending as usize, notify },
         })
     }
 }

@@ -131,6 +131,80 @@ pub struct Grant {
     /// The agent configuration files capitctl changed for this grant, to undo on revoke.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub installs: Vec<InstallRecord>,
+    /// The billable APIs the grant may call; empty means all of them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub apis: Vec<Api>,
+    /// The provider's own capped key for this grant (OpenRouter), when capit made one: the proxy
+    /// forwards with it, so the provider enforces the cap as a second lock.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider_key: Option<Box<crate::backstop::ProviderKey>>,
+    /// The agent was handed `provider_key` itself and talks to the provider directly: capit
+    /// neither sees nor meters its requests, and only the provider's limit caps it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub direct: bool,
+}
+
+/// A billable API, as a grant's scope names it (`--apis chat,embeddings`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Api {
+    /// Chat Completions (OpenAI, OpenRouter, OpenAI-compatible servers).
+    Chat,
+    /// OpenAI's Responses API.
+    Responses,
+    Embeddings,
+    /// Anthropic Messages.
+    Messages,
+    /// Gemini `generateContent` and `streamGenerateContent`.
+    Generate,
+}
+
+impl Api {
+    pub const ALL: [Api; 5] = [Api::Chat, Api::Responses, Api::Embeddings, Api::Messages, Api::Generate];
+
+    pub fn parse(text: &str) -> Option<Api> {
+        Api::ALL.into_iter().find(|api| api.as_str() == text)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Api::Chat => "chat",
+            Api::Responses => "responses",
+            Api::Embeddings => "embeddings",
+            Api::Messages => "messages",
+            Api::Generate => "generate",
+        }
+    }
+
+    /// The scope a metered endpoint falls under.
+    pub fn of(api: crate::providers::MeteredApi) -> Api {
+        use crate::providers::MeteredApi as M;
+        match api {
+            M::OpenAiChat => Api::Chat,
+            M::OpenAiResponses => Api::Responses,
+            M::OpenAiEmbeddings => Api::Embeddings,
+            M::AnthropicMessages => Api::Messages,
+            M::GeminiGenerate => Api::Generate,
+        }
+    }
+}
+
+/// Reads a scope list (`chat,embeddings`): known names, each once, in a fixed order.
+pub fn parse_apis(names: &[String]) -> Result<Vec<Api>, GrantError> {
+    let mut apis = Vec::new();
+    for name in names.iter().map(|n| n.trim()).filter(|n| !n.is_empty()) {
+        let api = Api::parse(name).ok_or_else(|| GrantError::BadApi(name.to_string()))?;
+        if !apis.contains(&api) {
+            apis.push(api);
+        }
+    }
+    apis.sort();
+    Ok(apis)
+}
+
+/// `chat, embeddings`, for messages.
+pub fn api_list(apis: &[Api]) -> String {
+    apis.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", ")
 }
 
 /// An agent's configuration file changed for a grant: its text before, and a hash of the text
@@ -233,6 +307,7 @@ impl Refusal {
             Refusal::RateLimited { what: "tokens", .. } => "tpm",
             Refusal::RateLimited { .. } => "rpm",
             Refusal::TooManyInFlight { .. } => "concurrency",
+            Refusal::ApiNotAllowed { .. } => "api_not_allowed",
         }
     }
 
@@ -277,6 +352,11 @@ impl GrantState {
     }
 }
 
+/// How a grant whose cap is spent asks its owner for more (see `access`), said at the end of
+/// its 429.
+const TOP_UP_HINT: &str =
+    " To ask its owner for more, POST {\"amount\": \"5.00\", \"reason\": \"...\"} with this key to /capit/v1/requests on this proxy.";
+
 /// Why a request was refused; each has a sentence an agent can show its user.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
@@ -286,7 +366,7 @@ pub enum Refusal {
     Expired { grant: String, at: i64 },
     #[error("capit: grant \"{grant}\" may not use model \"{model}\" (allowed: {})", allowed.join(", "))]
     ModelNotAllowed { grant: String, model: String, allowed: Vec<String> },
-    #[error("capit: grant \"{grant}\" has spent ${} of its ${} {} cap{}", money(*spent), money(*cap), period.adjective(), resets_phrase(*resets_at))]
+    #[error("capit: grant \"{grant}\" has spent ${} of its ${} {} cap{}.{}", money(*spent), money(*cap), period.adjective(), resets_phrase(*resets_at), TOP_UP_HINT)]
     Exhausted { grant: String, spent: Decimal, cap: Decimal, period: Period, resets_at: Option<i64> },
     #[error("capit: grant \"{grant}\" has used all {max} requests it was given")]
     RequestsUsed { grant: String, max: u64 },
@@ -296,7 +376,7 @@ pub enum Refusal {
     RateLimited { grant: String, what: &'static str, limit: u64, retry_after: u64 },
     #[error("capit: grant \"{grant}\" allows {limit} requests at once; try again when one finishes")]
     TooManyInFlight { grant: String, limit: u64 },
-    #[error("capit: grant \"{grant}\" has ${} left of its ${} {} cap and this request could cost up to ${}{}; send less context or a lower max output{}", money(*left), money(*cap), period.adjective(), money(*least), lowered_phrase(*output_tokens), resets_phrase(*resets_at))]
+    #[error("capit: grant \"{grant}\" has ${} left of its ${} {} cap and this request could cost up to ${}{}; send less context or a lower max output{}.{}", money(*left), money(*cap), period.adjective(), money(*least), lowered_phrase(*output_tokens), resets_phrase(*resets_at), TOP_UP_HINT)]
     WouldExceed {
         grant: String,
         left: Decimal,
@@ -308,6 +388,8 @@ pub enum Refusal {
     },
     #[error("capit: grant \"{grant}\" has ${} left, but requests in flight hold ${} of it and this request needs up to ${}; {}; try again in {} s", money(*left), money(*held), money(*least), busy_phrase(*waited_seconds, *queue_full), BUSY_RETRY_SECONDS)]
     Busy { grant: String, left: Decimal, held: Decimal, least: Decimal, waited_seconds: u64, queue_full: Option<usize> },
+    #[error("capit: grant \"{grant}\" may use only the {} API{}, not {}", api_list(allowed), if allowed.len() == 1 { "" } else { "s" }, api.as_str())]
+    ApiNotAllowed { grant: String, api: Api, allowed: Vec<Api> },
 }
 
 impl Grant {
@@ -358,6 +440,15 @@ impl Grant {
         Ok(())
     }
 
+    /// Refuses a billable API outside the grant's scope.
+    pub fn check_api(&self, api: Api) -> Result<(), Refusal> {
+        if self.apis.is_empty() || self.apis.contains(&api) {
+            Ok(())
+        } else {
+            Err(Refusal::ApiNotAllowed { grant: self.name.clone(), api, allowed: self.apis.clone() })
+        }
+    }
+
     /// Refuses a model outside the grant's list.
     pub fn check_model(&self, model: &str) -> Result<(), Refusal> {
         if self.allows_model(model) {
@@ -391,6 +482,8 @@ pub enum GrantError {
     BadPeriod(String),
     #[error("expiry must be in the future")]
     ExpiryInPast,
+    #[error("unknown API {0:?}; use chat, responses, embeddings, messages or generate")]
+    BadApi(String),
 }
 
 pub fn validate_name(name: &str) -> Result<(), GrantError> {
@@ -476,6 +569,9 @@ mod tests {
             revoked_at: None,
             limits: Limits::default(),
             installs: Vec::new(),
+            apis: Vec::new(),
+            provider_key: None,
+            direct: false,
         }
     }
 
@@ -542,7 +638,9 @@ mod tests {
         };
         assert_eq!(
             too_big.to_string(),
-            "capit: grant \"claude\" has $1.00 left of its $5.00 monthly cap and this request could cost up to $1.71 even with its output lowered to 256 tokens; send less context or a lower max output"
+            format!(
+                "capit: grant \"claude\" has $1.00 left of its $5.00 monthly cap and this request could cost up to $1.71 even with its output lowered to 256 tokens; send less context or a lower max output.{TOP_UP_HINT}"
+            )
         );
         assert_eq!((too_big.reason(), too_big.retry_after()), ("would_exceed_cap", None));
         let busy =
@@ -567,7 +665,24 @@ mod tests {
             period: Period::Month,
             resets_at: None,
         };
-        assert_eq!(r.to_string(), "capit: grant \"claude\" has spent $4.98 of its $5.00 monthly cap");
+        assert_eq!(
+            r.to_string(),
+            "capit: grant \"claude\" has spent $4.98 of its $5.00 monthly cap. To ask its owner for more, POST {\"amount\": \"5.00\", \"reason\": \"...\"} with this key to /capit/v1/requests on this proxy."
+        );
+    }
+
+    #[test]
+    fn scopes_limit_the_apis() {
+        let mut g = grant();
+        assert_eq!(g.check_api(Api::Embeddings), Ok(()), "no scope: every API");
+        g.apis = parse_apis(&["embeddings".into(), " chat".into(), "chat".into()]).unwrap();
+        assert_eq!(g.apis, [Api::Chat, Api::Embeddings]);
+        assert_eq!(g.check_api(Api::Chat), Ok(()));
+        let refused = g.check_api(Api::Responses).unwrap_err();
+        assert_eq!(refused.to_string(), "capit: grant \"claude\" may use only the chat, embeddings APIs, not responses");
+        assert_eq!(refused.reason(), "api_not_allowed");
+        assert_eq!(parse_apis(&["images".into()]), Err(GrantError::BadApi("images".into())));
+        assert_eq!(Api::of(crate::providers::MeteredApi::GeminiGenerate), Api::Generate);
     }
 
     #[test]

@@ -10,14 +10,20 @@
 //!   route allowlist), [`secret`] (keys).
 //! - [`store`]: the only module that knows redb; one writer thread, batched commits.
 //! - [`state`]: live state over the store, shared by the proxy and the control service.
+//! - [`backstop`]: provider-side caps (OpenRouter keys with a limit, one per grant), kept in step
+//!   with the grants; [`access`]: access requests from local programs, answered by the owner;
+//!   [`when`]: times as people write them; [`notify`]: desktop notifications.
 //! - [`proxy`]: the only module that knows hyper. [`control`]: the only one that knows protobuf.
 
+pub mod access;
 pub mod admission;
 pub mod app;
+pub mod backstop;
 pub mod config;
 pub mod control;
 pub mod grants;
 pub mod ledger;
+pub mod notify;
 pub mod paths;
 pub mod pricing;
 pub mod providers;
@@ -28,6 +34,7 @@ pub mod shutdown;
 pub mod state;
 pub mod store;
 pub mod usage;
+pub mod when;
 
 /// The generated protobuf types and gRPC stubs of `proto/capit/v1/control.proto`.
 pub mod proto {

@@ -131,6 +131,8 @@ pub enum ProviderError {
     BadBaseUrl(String),
     #[error("unknown provider kind {0:?}; a provider added by name must be of kind openai-compatible")]
     BadKind(String),
+    #[error("the provider name {0:?} is capit's own (its endpoints live under /capit/)")]
+    Reserved(String),
 }
 
 /// Checks a user-chosen provider name; it becomes the first segment of proxy paths.
@@ -138,7 +140,13 @@ pub fn validate_name(name: &str) -> Result<(), ProviderError> {
     let ok = (1..=40).contains(&name.len())
         && name.as_bytes()[0].is_ascii_lowercase()
         && name.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'_');
-    if ok { Ok(()) } else { Err(ProviderError::BadName(name.to_string())) }
+    if !ok {
+        return Err(ProviderError::BadName(name.to_string()));
+    }
+    if name == "capit" {
+        return Err(ProviderError::Reserved(name.to_string()));
+    }
+    Ok(())
 }
 
 /// Checks and normalises a base URL (no trailing slash), so that joining paths is plain
@@ -291,6 +299,7 @@ mod tests {
         assert!(validate_name("Bad").is_err());
         assert!(validate_name("").is_err());
         assert!(validate_name("1abc").is_err());
+        assert_eq!(validate_name("capit"), Err(ProviderError::Reserved("capit".into())), "its paths are capit's own endpoints");
         assert_eq!(normalize_base_url("http://127.0.0.1:9/").unwrap(), "http://127.0.0.1:9");
         assert_eq!(normalize_base_url("https://openrouter.ai/api").unwrap(), "https://openrouter.ai/api");
         assert!(normalize_base_url("ftp://x").is_err());

@@ -15,7 +15,7 @@ pub const VIRTUAL_KEY_PREFIX: &str = "sk-capit-";
 /// Random base62 characters after the prefix: 43 of them carry about 256 bits.
 const VIRTUAL_KEY_RANDOM_CHARS: usize = 43;
 
-const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
+pub const BASE62: &[u8; 62] = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz";
 
 /// A secret string (a master key or a freshly minted virtual key).
 #[derive(Clone, PartialEq, Eq)]
@@ -40,6 +40,20 @@ impl Secret {
 impl fmt::Debug for Secret {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("***")
+    }
+}
+
+/// A secret is stored as its text, in the 0600 database only (master keys, the provider keys
+/// capit makes for grants); nothing else serialises one.
+impl serde::Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> serde::Deserialize<'de> for Secret {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Secret, D::Error> {
+        String::deserialize(d).map(Secret)
     }
 }
 
@@ -102,16 +116,23 @@ pub struct RandomError;
 
 /// Mints a new virtual key: the prefix and 43 uniformly random base62 characters.
 pub fn generate_virtual_key() -> Result<Secret, RandomError> {
+    random_token(VIRTUAL_KEY_PREFIX, VIRTUAL_KEY_RANDOM_CHARS, BASE62)
+}
+
+/// `prefix` followed by `chars` characters drawn uniformly from `alphabet` (at most 64 symbols).
+pub fn random_token(prefix: &str, chars: usize, alphabet: &[u8]) -> Result<Secret, RandomError> {
     let rng = SystemRandom::new();
-    let mut key = String::with_capacity(VIRTUAL_KEY_PREFIX.len() + VIRTUAL_KEY_RANDOM_CHARS);
-    key.push_str(VIRTUAL_KEY_PREFIX);
+    let mut key = String::with_capacity(prefix.len() + chars);
+    key.push_str(prefix);
+    // Rejection sampling: only bytes below the largest multiple of the alphabet's size are used,
+    // so each accepted byte maps onto the alphabet uniformly.
+    let accept = (256 / alphabet.len()) * alphabet.len();
     let mut buf = [0u8; 64];
-    while key.len() < VIRTUAL_KEY_PREFIX.len() + VIRTUAL_KEY_RANDOM_CHARS {
+    while key.len() < prefix.len() + chars {
         rng.fill(&mut buf).map_err(|_| RandomError)?;
         for &byte in &buf {
-            // Rejection sampling: 248 = 4 * 62, so the accepted bytes map onto base62 uniformly.
-            if byte < 248 && key.len() < VIRTUAL_KEY_PREFIX.len() + VIRTUAL_KEY_RANDOM_CHARS {
-                key.push(BASE62[(byte % 62) as usize] as char);
+            if (byte as usize) < accept && key.len() < prefix.len() + chars {
+                key.push(alphabet[byte as usize % alphabet.len()] as char);
             }
         }
     }

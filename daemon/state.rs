@@ -9,6 +9,8 @@
 //! - Control-plane changes are serialised by one async mutex, so checks such as "this name is
 //!   free" hold until the write lands.
 
+mod provider_keys;
+
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -19,7 +21,7 @@ use std::time::Instant;
 use rust_decimal::Decimal;
 
 use crate::admission::{Decision, Demand, Hold, Room};
-use crate::grants::{Grant, GrantError, GrantId, GrantState, Limits, Period, Refusal, Window};
+use crate::grants::{Api, Grant, GrantError, GrantId, GrantState, Limits, Period, Refusal, Window};
 use crate::ledger::{LedgerEntry, Totals};
 use crate::pricing::{Price, PriceError, PriceSource, PriceTable};
 use crate::providers::{self, Provider, ProviderError, ProviderKind};
@@ -261,6 +263,8 @@ pub struct GrantView {
 struct Registry {
     providers: BTreeMap<String, Provider>,
     keys: BTreeMap<String, MasterKey>,
+    /// Keys that manage a provider's keys (OpenRouter's management key), by provider.
+    management_keys: BTreeMap<String, MasterKey>,
     prices: PriceTable,
     grants: BTreeMap<GrantId, Arc<GrantSlot>>,
     /// Virtual key hash → grant, for grants that are not revoked.
@@ -280,6 +284,10 @@ pub struct State {
     /// Ids for durable holds; unique within one run (a start clears every earlier hold).
     next_request_id: AtomicU64,
     clock: Clock,
+    /// Access requests from local programs, waiting for the owner (in memory only).
+    access: crate::access::AccessRequests,
+    /// This database's random id (see `backstop::key_name`).
+    installation_id: String,
 }
 
 /// What the proxy needs to forward a request for one provider.
@@ -311,11 +319,17 @@ impl State {
             .into_iter()
             .map(|(name, k)| (name, MasterKey { secret: Arc::new(Secret::new(k.secret)), added_at: k.added_at }))
             .collect();
+        let management_keys = snapshot
+            .management_keys
+            .into_iter()
+            .map(|(name, k)| (name, MasterKey { secret: Arc::new(Secret::new(k.secret)), added_at: k.added_at }))
+            .collect();
         let prices = PriceTable::with_overrides(snapshot.prices.into_iter().collect());
         let now = clock.now_seconds();
         let mut registry = Registry {
             providers,
             keys,
+            management_keys,
             prices,
             grants: BTreeMap::new(),
             by_hash: HashMap::new(),
@@ -345,6 +359,8 @@ impl State {
             home,
             next_request_id: AtomicU64::new(1),
             clock,
+            access: crate::access::AccessRequests::new(crate::access::AccessConfig::default()),
+            installation_id: snapshot.installation_id,
         })
     }
 
@@ -383,13 +399,7 @@ impl State {
     // ---- master keys ----
 
     pub async fn add_key(&self, provider: &str, secret: Secret) -> Result<(String, i64), StateError> {
-        let text = secret.expose().trim().to_string();
-        if text.is_empty() || text.len() > 4096 || text.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            return Err(StateError::Invalid("the key is empty or has spaces or control characters".into()));
-        }
-        if secret::looks_like_virtual_key(&text) {
-            return Err(StateError::Invalid("that is a capit virtual key, not the provider's own key".into()));
-        }
+        let text = provider_key_text(&secret)?;
         let _admin = self.admin.lock().await;
         if !self.read().providers.contains_key(provider) {
             return Err(StateError::UnknownProvider(provider.to_string()));
@@ -494,8 +504,10 @@ impl State {
 
     // ---- grants ----
 
-    /// Mints a grant and its virtual key; the key is returned once and only its hash is kept.
-    pub async fn create_grant(&self, spec: GrantSpec) -> Result<(GrantView, Secret), StateError> {
+    /// Checks a new grant as [`create_grant`](Self::create_grant) will, without making it: for
+    /// callers that must do something first (make the provider's key) only for a valid grant.
+    /// Returns the id the grant will get and its models, cleaned.
+    pub fn check_new_grant(&self, spec: &GrantSpec) -> Result<(GrantId, Vec<String>), StateError> {
         crate::grants::validate_name(&spec.name)?;
         let now = self.clock.now_seconds();
         if spec.expires_at.is_some_and(|at| at <= now) {
@@ -508,17 +520,22 @@ impl State {
         if spec.note.len() > 1000 || spec.created_by.len() > 200 {
             return Err(StateError::Invalid("the note must be at most 1000 bytes".into()));
         }
+        let registry = self.read();
+        if !registry.providers.contains_key(&spec.provider) {
+            return Err(StateError::UnknownProvider(spec.provider.clone()));
+        }
+        if registry.by_name.contains_key(&spec.name) {
+            return Err(StateError::GrantExists(spec.name.clone()));
+        }
+        Ok((GrantId(registry.next_grant_id), models))
+    }
+
+    /// Mints a grant and its virtual key; the key is returned once and only its hash is kept.
+    pub async fn create_grant(&self, spec: GrantSpec) -> Result<(GrantView, Secret), StateError> {
+        let now = self.clock.now_seconds();
         let _admin = self.admin.lock().await;
-        let (id, key) = {
-            let registry = self.read();
-            if !registry.providers.contains_key(&spec.provider) {
-                return Err(StateError::UnknownProvider(spec.provider));
-            }
-            if registry.by_name.contains_key(&spec.name) {
-                return Err(StateError::GrantExists(spec.name));
-            }
-            (GrantId(registry.next_grant_id), secret::generate_virtual_key()?)
-        };
+        let (id, models) = self.check_new_grant(&spec)?;
+        let key = secret::generate_virtual_key()?;
         let grant = Grant {
             id,
             name: spec.name,
@@ -534,6 +551,9 @@ impl State {
             revoked_at: None,
             limits: spec.limits,
             installs: Vec::new(),
+            apis: spec.apis,
+            provider_key: spec.provider_key.map(Box::new),
+            direct: spec.direct,
         };
         self.store.write(WriteOp::PutGrant(grant.clone())).await?;
         let window = local_window(grant.period, now);
@@ -573,48 +593,18 @@ impl State {
         slot.view(self.clock.now_seconds(), &self.store)
     }
 
+    /// The grant as [`update_grant`](Self::update_grant) would leave it, without changing it.
+    pub fn preview_update(&self, name: &str, update: &GrantUpdate) -> Result<Grant, StateError> {
+        let slot = self.active_slot(name)?;
+        apply_update(slot.grant(), update.clone(), self.clock.now_seconds())
+    }
+
     /// Changes a grant's limits in place; its key, spend and ledger stay.
     pub async fn update_grant(&self, name: &str, update: GrantUpdate) -> Result<GrantView, StateError> {
         let now = self.clock.now_seconds();
         let _admin = self.admin.lock().await;
         let slot = self.active_slot(name)?;
-        let mut grant = slot.grant();
-        if let Some(cap) = update.cap {
-            grant.cap = cap;
-        }
-        if let Some(period) = update.period {
-            grant.period = period;
-        }
-        if let Some(expires_at) = update.expires_at {
-            if expires_at.is_some_and(|at| at <= now) {
-                return Err(GrantError::ExpiryInPast.into());
-            }
-            grant.expires_at = expires_at;
-        }
-        if let Some(models) = update.models {
-            for model in &models {
-                crate::pricing::validate_model_name(model)?;
-            }
-            grant.models = models;
-        }
-        if let Some(note) = update.note {
-            grant.note = note;
-        }
-        let l = &mut grant.limits;
-        for (slot_value, new) in [
-            (&mut l.max_requests, update.max_requests),
-            (&mut l.max_tokens, update.max_tokens),
-            (&mut l.rpm, update.rpm),
-            (&mut l.tpm, update.tpm),
-            (&mut l.concurrency, update.concurrency),
-        ] {
-            if let Some(new) = new {
-                *slot_value = (new > 0).then_some(new);
-            }
-        }
-        if let Some(fit) = update.fit {
-            grant.limits.fit = fit;
-        }
+        let grant = apply_update(slot.grant(), update, now)?;
         self.store.write(WriteOp::PutGrant(grant.clone())).await?;
         {
             let mut live = slot.lock();
@@ -631,12 +621,25 @@ impl State {
 
     /// Mints a new key for a grant; the old key stops working at once. Spend and limits stay.
     pub async fn rotate_grant(&self, name: &str) -> Result<(GrantView, Secret), StateError> {
+        self.rotate_grant_with(name, None).await
+    }
+
+    /// As [`rotate_grant`](Self::rotate_grant), replacing the grant's provider key in the same
+    /// write when one is given.
+    pub async fn rotate_grant_with(
+        &self,
+        name: &str,
+        provider_key: Option<crate::backstop::ProviderKey>,
+    ) -> Result<(GrantView, Secret), StateError> {
         let _admin = self.admin.lock().await;
         let slot = self.active_slot(name)?;
         let key = secret::generate_virtual_key()?;
         let mut grant = slot.grant();
         let old_hash = grant.key_hash;
         grant.key_hash = KeyHash::of(key.expose());
+        if let Some(key) = provider_key {
+            grant.provider_key = Some(Box::new(key));
+        }
         self.store.write(WriteOp::PutGrant(grant.clone())).await?;
         {
             let mut registry = self.write();
@@ -936,6 +939,11 @@ impl State {
         slot.lock().grant.check_alive(now)
     }
 
+    /// Refuses a billable API outside the grant's scope.
+    pub fn check_api(&self, slot: &GrantSlot, api: crate::providers::MeteredApi) -> Result<(), Refusal> {
+        slot.lock().grant.check_api(Api::of(api))
+    }
+
     /// The grant's own answer before any pricing: alive, and the model allowed.
     pub fn precheck(&self, slot: &GrantSlot, model: &str, now: i64) -> Result<(), Refusal> {
         let live = slot.lock();
@@ -1038,6 +1046,57 @@ pub struct GrantUpdate {
     pub tpm: Option<u64>,
     pub concurrency: Option<u64>,
     pub fit: Option<bool>,
+    /// `Some(empty)` removes the scope.
+    pub apis: Option<Vec<Api>>,
+    /// A new provider key (replacing the old one on the provider's side is the caller's part).
+    pub provider_key: Option<crate::backstop::ProviderKey>,
+}
+
+/// A grant with `update` applied, checked.
+fn apply_update(mut grant: Grant, update: GrantUpdate, now: i64) -> Result<Grant, StateError> {
+    if let Some(cap) = update.cap {
+        grant.cap = cap;
+    }
+    if let Some(period) = update.period {
+        grant.period = period;
+    }
+    if let Some(expires_at) = update.expires_at {
+        if expires_at.is_some_and(|at| at <= now) {
+            return Err(GrantError::ExpiryInPast.into());
+        }
+        grant.expires_at = expires_at;
+    }
+    if let Some(models) = update.models {
+        for model in &models {
+            crate::pricing::validate_model_name(model)?;
+        }
+        grant.models = models;
+    }
+    if let Some(note) = update.note {
+        grant.note = note;
+    }
+    let l = &mut grant.limits;
+    for (slot_value, new) in [
+        (&mut l.max_requests, update.max_requests),
+        (&mut l.max_tokens, update.max_tokens),
+        (&mut l.rpm, update.rpm),
+        (&mut l.tpm, update.tpm),
+        (&mut l.concurrency, update.concurrency),
+    ] {
+        if let Some(new) = new {
+            *slot_value = (new > 0).then_some(new);
+        }
+    }
+    if let Some(fit) = update.fit {
+        grant.limits.fit = fit;
+    }
+    if let Some(apis) = update.apis {
+        grant.apis = apis;
+    }
+    if let Some(key) = update.provider_key {
+        grant.provider_key = Some(Box::new(key));
+    }
+    Ok(grant)
 }
 
 /// What a new grant is made of, as the control API hands it over (validated by `create_grant`).
@@ -1052,6 +1111,23 @@ pub struct GrantSpec {
     pub note: String,
     pub created_by: String,
     pub limits: Limits,
+    pub apis: Vec<Api>,
+    /// The provider's own capped key for the grant, made before the grant is.
+    pub provider_key: Option<crate::backstop::ProviderKey>,
+    /// The agent gets `provider_key` itself (no proxy).
+    pub direct: bool,
+}
+
+/// A provider key's text, checked: one token, and not a capit key.
+fn provider_key_text(secret: &Secret) -> Result<String, StateError> {
+    let text = secret.expose().trim().to_string();
+    if text.is_empty() || text.len() > 4096 || text.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(StateError::Invalid("the key is empty or has spaces or control characters".into()));
+    }
+    if secret::looks_like_virtual_key(&text) {
+        return Err(StateError::Invalid("that is a capit virtual key, not the provider's own key".into()));
+    }
+    Ok(text)
 }
 
 impl GrantSlot {
@@ -1159,6 +1235,9 @@ mod tests {
             note: String::new(),
             created_by: "t".into(),
             limits: Limits::default(),
+            apis: vec![],
+            provider_key: None,
+            direct: false,
         }
     }
 

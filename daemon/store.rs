@@ -25,6 +25,8 @@ use crate::providers::Provider;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const MASTER_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("master_keys");
+/// Provider name → the key that manages the provider's keys (OpenRouter's management key).
+const MANAGEMENT_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("management_keys");
 const PROVIDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("providers");
 const GRANTS: TableDefinition<u64, &[u8]> = TableDefinition::new("grants");
 const PRICES: TableDefinition<&str, &[u8]> = TableDefinition::new("prices");
@@ -42,6 +44,9 @@ const RESERVATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("reservat
 
 const SCHEMA_VERSION: &[u8] = b"1";
 const NEXT_SEQ: &str = "next_ledger_seq";
+/// A random id of this database, made once, that tells this capit's provider keys from another
+/// installation's on the same provider account.
+const INSTALLATION_ID: &str = "installation_id";
 
 /// At most this many jobs share one commit, so one batch cannot grow without bound.
 const MAX_BATCH: usize = 8192;
@@ -93,6 +98,8 @@ pub struct StoredReservation {
 /// Everything the daemon holds in memory, read once at start.
 pub struct Snapshot {
     pub keys: Vec<(String, StoredKey)>,
+    pub management_keys: Vec<(String, StoredKey)>,
+    pub installation_id: String,
     pub providers: Vec<Provider>,
     pub grants: Vec<Grant>,
     pub prices: Vec<(String, Price)>,
@@ -107,6 +114,13 @@ pub enum WriteOp {
         key: StoredKey,
     },
     DeleteKey {
+        provider: String,
+    },
+    PutManagementKey {
+        provider: String,
+        key: StoredKey,
+    },
+    DeleteManagementKey {
         provider: String,
     },
     PutProvider(Provider),
@@ -269,7 +283,13 @@ fn init_schema(db: &Database) -> Result<(), StoreError> {
             Some(v) if v == SCHEMA_VERSION => {}
             Some(v) => return Err(StoreError::Schema(String::from_utf8_lossy(&v).into_owned())),
         }
+        if meta.get(INSTALLATION_ID)?.is_none() {
+            let id = crate::secret::random_token("", 8, b"0123456789abcdefghijklmnopqrstuvwxyz")
+                .map_err(|e| StoreError::Corrupt { what: "installation id".into(), detail: e.to_string() })?;
+            meta.insert(INSTALLATION_ID, id.expose().as_bytes())?;
+        }
         txn.open_table(MASTER_KEYS)?;
+        txn.open_table(MANAGEMENT_KEYS)?;
         txn.open_table(PROVIDERS)?;
         txn.open_table(GRANTS)?;
         txn.open_table(PRICES)?;
@@ -288,6 +308,15 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         let (name, value) = item?;
         keys.push((name.value().to_string(), decode("master key", value.value())?));
     }
+    let mut management_keys = Vec::new();
+    for item in txn.open_table(MANAGEMENT_KEYS)?.iter()? {
+        let (name, value) = item?;
+        management_keys.push((name.value().to_string(), decode("management key", value.value())?));
+    }
+    let installation_id = match txn.open_table(META)?.get(INSTALLATION_ID)? {
+        Some(v) => String::from_utf8_lossy(v.value()).into_owned(),
+        None => return Err(StoreError::Corrupt { what: "installation id".into(), detail: "missing".into() }),
+    };
     let mut providers = Vec::new();
     for item in txn.open_table(PROVIDERS)?.iter()? {
         providers.push(decode("provider", item?.1.value())?);
@@ -306,7 +335,7 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         let (id, value) = item?;
         reservations.push((id.value(), decode("reservation", value.value())?));
     }
-    Ok(Snapshot { keys, providers, grants, prices, reservations })
+    Ok(Snapshot { keys, management_keys, installation_id, providers, grants, prices, reservations })
 }
 
 fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -358,6 +387,7 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Resul
         };
         let seq_before = next_seq;
         let mut master_keys = txn.open_table(MASTER_KEYS)?;
+        let mut management_keys = txn.open_table(MANAGEMENT_KEYS)?;
         let mut providers = txn.open_table(PROVIDERS)?;
         let mut grants = txn.open_table(GRANTS)?;
         let mut prices = txn.open_table(PRICES)?;
@@ -371,6 +401,12 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Resul
                 }
                 WriteOp::DeleteKey { provider } => {
                     master_keys.remove(provider.as_str())?;
+                }
+                WriteOp::PutManagementKey { provider, key } => {
+                    management_keys.insert(provider.as_str(), encode(key).as_slice())?;
+                }
+                WriteOp::DeleteManagementKey { provider } => {
+                    management_keys.remove(provider.as_str())?;
                 }
                 WriteOp::PutProvider(p) => {
                     providers.insert(p.name.as_str(), encode(p).as_slice())?;

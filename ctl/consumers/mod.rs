@@ -122,13 +122,27 @@ pub fn editor(name: &str) -> Option<&'static dyn Consumer> {
     all().iter().flat_map(|c| std::iter::once(*c).chain(c.companions().iter().copied())).find(|c| c.name() == name)
 }
 
-/// Agents capit knows but cannot serve, with the reason given instead of a half-working install.
+/// Agents capit knows but cannot serve through the proxy, with the reason given instead of a
+/// half-working install.
 pub fn unsupported(name: &str) -> Option<&'static str> {
     match name {
-        "cursor" => {
-            Some("cursor sends its requests from Cursor's own servers, which cannot reach a proxy on 127.0.0.1; capit cannot cap it")
-        }
-        "windsurf" => Some("windsurf has no custom base URL for its models; capit cannot cap it"),
+        "cursor" => Some(
+            "cursor sends its requests from Cursor's own servers, which cannot reach a proxy on 127.0.0.1; give it a key OpenRouter caps itself instead: capitctl grant cursor AMOUNT --direct",
+        ),
+        "windsurf" => Some(
+            "windsurf takes only vendors' own keys for its own model list (no custom base URL, so neither capit's proxy nor an OpenRouter key); capit cannot cap it",
+        ),
+        _ => None,
+    }
+}
+
+/// For agents that take a direct (OpenRouter) key only through their own settings screen, which
+/// keeps it where capit cannot edit safely: how to enter it there.
+pub fn direct_instructions(name: &str) -> Option<&'static str> {
+    match name {
+        "cursor" => Some(
+            "In Cursor: Settings > Models > API Keys: paste the key as the OpenAI API Key, turn on \"Override OpenAI Base URL\" and set it to the base URL above, then add the OpenRouter models you want by name (e.g. anthropic/claude-sonnet-4.5). Cursor keeps these in its own database, which capit does not edit; revoking the grant deletes the key on OpenRouter.",
+        ),
         _ => None,
     }
 }

@@ -52,6 +52,7 @@ pub fn provider(p: &Provider, has_key: bool) -> pb::Provider {
         base_url: p.base_url.clone(),
         price_zero: p.price_zero,
         has_key,
+        has_management_key: false,
     }
 }
 
@@ -85,7 +86,32 @@ pub fn grant(view: &GrantView) -> pb::Grant {
                 written_sha256: i.written_sha256.clone(),
             })
             .collect(),
+        direct: g.direct,
+        apis: g.apis.iter().map(|a| a.as_str().to_string()).collect(),
+        provider_key: g.provider_key.as_deref().map(provider_key),
     }
+}
+
+/// A grant's provider key, without its secret (a fingerprint at most).
+pub fn provider_key(k: &crate::backstop::ProviderKey) -> pb::ProviderKey {
+    pb::ProviderKey {
+        hash: k.hash.clone(),
+        name: k.name.clone(),
+        fingerprint: k.secret.fingerprint(),
+        limit: decimal_string(k.limit),
+        limit_reset: crate::backstop::limit_reset(k.reset).unwrap_or_default().to_string(),
+        expires_at: k.expires_at.unwrap_or(0),
+        created_at: k.created_at_ms.div_euclid(1000),
+        usage: String::new(),
+        usage_total: String::new(),
+        usage_at: 0,
+        pending_deletions: k.retired.len() as u32,
+    }
+}
+
+/// Parses a scope list from the wire.
+pub fn apis_from(names: &[String]) -> Result<Vec<crate::grants::Api>, Status> {
+    crate::grants::parse_apis(names).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
 pub fn price(model: &str, p: &Price, source: PriceSource) -> pb::Price {

@@ -1,6 +1,7 @@
 //! The control API: a tonic service on a Unix socket that only the daemon's own user can reach.
 //! The only module that knows the protobuf types; it converts them to domain values at once.
 
+mod access;
 mod convert;
 
 use std::collections::BTreeMap;
@@ -8,6 +9,7 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use crate::backstop::service::{Backstop, BackstopError};
 use crate::grants::{Period, parse_cap};
 use crate::ledger::Totals;
 use crate::proto::v1 as pb;
@@ -20,11 +22,30 @@ pub use crate::proto::v1::control_server::ControlServer;
 
 pub struct ControlService {
     state: Arc<State>,
+    backstop: Arc<Backstop>,
+}
+
+/// A failure of a change that involves the provider's keys, as a status.
+fn backstop_status(error: BackstopError) -> Status {
+    match error {
+        BackstopError::State(e) => status_from(e),
+        BackstopError::Provider(e) => Status::unavailable(e.to_string()),
+        BackstopError::Invalid(message) => Status::failed_precondition(message),
+    }
 }
 
 impl ControlService {
-    pub fn new(state: Arc<State>) -> ControlService {
-        ControlService { state }
+    pub fn new(backstop: Arc<Backstop>) -> ControlService {
+        ControlService { state: backstop.state().clone(), backstop }
+    }
+
+    /// The base URL a grant's key is used with: the proxy's, or for a direct grant the
+    /// provider's own.
+    fn grant_base_url(&self, grant: &crate::grants::Grant) -> String {
+        match self.state.provider(&grant.provider) {
+            Some(p) if grant.direct => format!("{}{}", p.base_url, p.kind.client_base_suffix()),
+            _ => self.base_url(&grant.provider),
+        }
     }
 
     fn base_url(&self, provider: &str) -> String {
@@ -40,6 +61,7 @@ impl ControlService {
 impl Control for ControlService {
     async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
         let (active, total, keys, providers) = self.state.counts();
+        let report = self.backstop.report();
         self.state.store().write(crate::store::WriteOp::Barrier).await.map_err(|e| status_from(e.into()))?;
         let store = self.state.store().clone();
         let ledger_entries = tokio::task::spawn_blocking(move || store.ledger_len())
@@ -56,33 +78,74 @@ impl Control for ControlService {
             keys: keys as u32,
             providers: providers as u32,
             ledger_entries,
+            drift: report
+                .drift
+                .iter()
+                .map(|row| pb::KeyDrift {
+                    grant: row.grant.clone(),
+                    provider: row.provider.clone(),
+                    provider_usage: convert::decimal_string(row.drift.provider),
+                    ledger: convert::decimal_string(row.drift.ledger),
+                    difference: convert::decimal_string(row.drift.difference),
+                    drifted: row.drift.drifted,
+                    since: row.since_ms.div_euclid(1000),
+                })
+                .collect(),
+            keys_checked_at: report.checked_at.unwrap_or(0),
+            key_check_errors: report.errors,
+            access_requests: self.state.access().count_pending(self.state.clock().now_seconds()) as u32,
         }))
     }
 
     async fn add_key(&self, request: Request<pb::AddKeyRequest>) -> Result<Response<pb::AddKeyResponse>, Status> {
         let req = request.into_inner();
         let secret = Secret::new(req.secret);
+        if req.management {
+            let (fingerprint, added_at, backstopped, not_backstopped) =
+                self.backstop.add_management_key(&req.provider, secret).await.map_err(backstop_status)?;
+            return Ok(Response::new(pb::AddKeyResponse {
+                key: Some(pb::KeyInfo { provider: req.provider, fingerprint, added_at, management: true }),
+                backstopped: backstopped as u32,
+                not_backstopped,
+            }));
+        }
         let (fingerprint, added_at) = self.state.add_key(&req.provider, secret).await.map_err(status_from)?;
-        Ok(Response::new(pb::AddKeyResponse { key: Some(pb::KeyInfo { provider: req.provider, fingerprint, added_at }) }))
+        Ok(Response::new(pb::AddKeyResponse {
+            key: Some(pb::KeyInfo { provider: req.provider, fingerprint, added_at, management: false }),
+            ..Default::default()
+        }))
     }
 
     async fn list_keys(&self, _: Request<pb::ListKeysRequest>) -> Result<Response<pb::ListKeysResponse>, Status> {
-        let keys = self
-            .state
-            .list_keys()
-            .into_iter()
-            .map(|(provider, fingerprint, added_at)| pb::KeyInfo { provider, fingerprint, added_at })
+        let master = self.state.list_keys().into_iter().map(|k| (k, false));
+        let management = self.state.list_management_keys().into_iter().map(|k| (k, true));
+        let keys = master
+            .chain(management)
+            .map(|((provider, fingerprint, added_at), management)| pb::KeyInfo { provider, fingerprint, added_at, management })
             .collect();
         Ok(Response::new(pb::ListKeysResponse { keys }))
     }
 
     async fn remove_key(&self, request: Request<pb::RemoveKeyRequest>) -> Result<Response<pb::RemoveKeyResponse>, Status> {
-        self.state.remove_key(&request.into_inner().provider).await.map_err(status_from)?;
+        let req = request.into_inner();
+        if req.management {
+            self.state.remove_management_key(&req.provider).await.map_err(status_from)?;
+        } else {
+            self.state.remove_key(&req.provider).await.map_err(status_from)?;
+        }
         Ok(Response::new(pb::RemoveKeyResponse {}))
     }
 
     async fn list_providers(&self, _: Request<pb::ListProvidersRequest>) -> Result<Response<pb::ListProvidersResponse>, Status> {
-        let providers = self.state.list_providers().iter().map(|(p, has_key)| convert::provider(p, *has_key)).collect();
+        let providers = self
+            .state
+            .list_providers()
+            .iter()
+            .map(|(p, has_key)| pb::Provider {
+                has_management_key: self.state.management_key(&p.name).is_some(),
+                ..convert::provider(p, *has_key)
+            })
+            .collect();
         Ok(Response::new(pb::ListProvidersResponse { providers }))
     }
 
@@ -135,20 +198,38 @@ impl Control for ControlService {
             note: req.note,
             created_by: req.created_by,
             limits: convert::limits_from(req.limits.as_ref()),
+            apis: convert::apis_from(&req.apis)?,
+            provider_key: None,
+            direct: req.direct,
         };
-        let (view, key) = self.state.create_grant(spec).await.map_err(status_from)?;
-        let base_url = self.base_url(&view.grant.provider);
+        let (view, key) = self.backstop.create_grant(spec).await.map_err(backstop_status)?;
+        let base_url = self.grant_base_url(&view.grant);
         Ok(Response::new(pb::CreateGrantResponse { grant: Some(convert::grant(&view)), key: key.expose().to_string(), base_url }))
     }
 
     async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> Result<Response<pb::ListGrantsResponse>, Status> {
-        let grants = self.state.list_grants(request.into_inner().include_revoked).iter().map(convert::grant).collect();
+        let mut grants = Vec::new();
+        for view in self.state.list_grants(request.into_inner().include_revoked) {
+            let (view, observed) = if view.grant.direct && view.grant.revoked_at.is_none() {
+                self.backstop.direct_view(view).await
+            } else {
+                let observed = self.backstop.observed(view.grant.id);
+                (view, observed)
+            };
+            let mut grant = convert::grant(&view);
+            if let (Some(key), Some(seen)) = (grant.provider_key.as_mut(), observed) {
+                key.usage = convert::decimal_string(seen.usage.in_window(view.grant.period));
+                key.usage_total = convert::decimal_string(seen.usage.usage);
+                key.usage_at = seen.at;
+            }
+            grants.push(grant);
+        }
         Ok(Response::new(pb::ListGrantsResponse { grants }))
     }
 
     async fn revoke_grant(&self, request: Request<pb::RevokeGrantRequest>) -> Result<Response<pb::RevokeGrantResponse>, Status> {
-        let view = self.state.revoke_grant(&request.into_inner().name).await.map_err(status_from)?;
-        Ok(Response::new(pb::RevokeGrantResponse { grant: Some(convert::grant(&view)) }))
+        let (view, note) = self.backstop.revoke_grant(&request.into_inner().name).await.map_err(backstop_status)?;
+        Ok(Response::new(pb::RevokeGrantResponse { grant: Some(convert::grant(&view)), note: note.unwrap_or_default() }))
     }
 
     async fn update_grant(&self, request: Request<pb::UpdateGrantRequest>) -> Result<Response<pb::UpdateGrantResponse>, Status> {
@@ -171,14 +252,20 @@ impl Control for ControlService {
             tpm: req.tpm,
             concurrency: req.concurrency,
             fit: req.fit,
+            apis: if req.set_apis { Some(convert::apis_from(&req.apis)?) } else { None },
+            provider_key: None,
         };
-        let view = self.state.update_grant(&req.name, update).await.map_err(status_from)?;
-        Ok(Response::new(pb::UpdateGrantResponse { grant: Some(convert::grant(&view)) }))
+        let (view, new_key) = self.backstop.update_grant(&req.name, update).await.map_err(backstop_status)?;
+        let (key, base_url) = match new_key {
+            Some(key) => (key.expose().to_string(), self.grant_base_url(&view.grant)),
+            None => (String::new(), String::new()),
+        };
+        Ok(Response::new(pb::UpdateGrantResponse { grant: Some(convert::grant(&view)), key, base_url }))
     }
 
     async fn rotate_grant(&self, request: Request<pb::RotateGrantRequest>) -> Result<Response<pb::RotateGrantResponse>, Status> {
-        let (view, key) = self.state.rotate_grant(&request.into_inner().name).await.map_err(status_from)?;
-        let base_url = self.base_url(&view.grant.provider);
+        let (view, key) = self.backstop.rotate_grant(&request.into_inner().name).await.map_err(backstop_status)?;
+        let base_url = self.grant_base_url(&view.grant);
         Ok(Response::new(pb::RotateGrantResponse { grant: Some(convert::grant(&view)), key: key.expose().to_string(), base_url }))
     }
 
@@ -233,6 +320,31 @@ impl Control for ControlService {
             response.refused = view.refusals.into_iter().collect();
         }
         Ok(Response::new(response))
+    }
+
+    async fn list_remote_keys(&self, request: Request<pb::ListRemoteKeysRequest>) -> Result<Response<pb::ListRemoteKeysResponse>, Status> {
+        access::list_remote_keys(self, request.into_inner()).await
+    }
+
+    async fn list_access_requests(
+        &self,
+        _: Request<pb::ListAccessRequestsRequest>,
+    ) -> Result<Response<pb::ListAccessRequestsResponse>, Status> {
+        Ok(Response::new(access::list_requests(self)))
+    }
+
+    async fn approve_access_request(
+        &self,
+        request: Request<pb::ApproveAccessRequestRequest>,
+    ) -> Result<Response<pb::ApproveAccessRequestResponse>, Status> {
+        access::approve(self, request.into_inner()).await
+    }
+
+    async fn deny_access_request(
+        &self,
+        request: Request<pb::DenyAccessRequestRequest>,
+    ) -> Result<Response<pb::DenyAccessRequestResponse>, Status> {
+        access::deny(self, request.into_inner())
     }
 }
 

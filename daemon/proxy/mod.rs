@@ -9,7 +9,9 @@ mod body;
 mod count;
 mod errors;
 mod openrouter;
+pub mod outbound;
 mod request;
+mod requests;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
@@ -186,6 +188,10 @@ impl Proxy {
     }
 
     async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, (ErrorFormat, ProxyError)> {
+        if req.uri().path().starts_with("/capit/") {
+            // capit's own endpoints (access requests), answered here and never forwarded.
+            return Ok(requests::handle(&self.state, req).await);
+        }
         let target = self.target(req.uri()).map_err(|e| (ErrorFormat::OpenAi, e))?;
         let format = target.provider.kind.error_format();
         tracing::Span::current().record("provider", target.provider.name.as_str());
@@ -219,13 +225,16 @@ impl Proxy {
                 format!("capit: {} /{}/{} is not an API capit meters, so it is refused", req.method(), target.provider.name, target.rest),
             )
         })?;
-        let upstream = self.state.upstream(&target.provider.name).map_err(state_error)?;
+        let upstream = self.state.upstream_for(slot, &target.provider.name).map_err(state_error)?;
         match endpoint {
             Endpoint::Free => {
                 self.state.admit_free(slot, self.state.clock().now_seconds()).map_err(refusal_error)?;
                 self.forward_free(req, &target, &upstream).await
             }
-            Endpoint::Metered(api) => self.forward_metered(req, target, upstream, slot.clone(), api).await,
+            Endpoint::Metered(api) => {
+                self.state.check_api(slot, api).map_err(refusal_error)?;
+                self.forward_metered(req, target, upstream, slot.clone(), api).await
+            }
             Endpoint::Local => Ok(local_ack()),
         }
     }
@@ -559,7 +568,7 @@ fn local_ack() -> Response<ProxyBody> {
     response
 }
 
-fn error_chain(error: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
     let mut text = error.to_string();
     let mut source = error.source();
     while let Some(e) = source {
@@ -594,6 +603,7 @@ fn refusal_error(refusal: crate::grants::Refusal) -> ProxyError {
         Refusal::Revoked { .. } => (StatusCode::UNAUTHORIZED, "capit_grant_revoked"),
         Refusal::Expired { .. } => (StatusCode::UNAUTHORIZED, "capit_grant_expired"),
         Refusal::ModelNotAllowed { .. } => (StatusCode::FORBIDDEN, "capit_model_not_allowed"),
+        Refusal::ApiNotAllowed { .. } => (StatusCode::FORBIDDEN, "capit_api_not_allowed"),
         Refusal::Exhausted { .. } | Refusal::WouldExceed { .. } | Refusal::RequestsUsed { .. } | Refusal::TokensUsed { .. } => {
             (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota")
         }

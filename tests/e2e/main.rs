@@ -3,6 +3,8 @@
 
 mod support;
 
+mod access;
+mod backstop;
 mod budget;
 mod cli;
 mod consumers;

@@ -6,6 +6,7 @@
 
 pub mod daemon;
 pub mod http;
+pub mod openrouter;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};

@@ -163,6 +163,7 @@ struct Inner {
     finished_streams: AtomicUsize,
     /// Held streams wait for a permit; `release` opens the gate for good.
     release: tokio::sync::Semaphore,
+    openrouter: super::openrouter::OpenRouter,
 }
 
 pub struct Fake {
@@ -213,6 +214,7 @@ impl Fake {
             billed_requests: AtomicUsize::new(0),
             finished_streams: AtomicUsize::new(0),
             release: tokio::sync::Semaphore::new(0),
+            openrouter: Default::default(),
         });
         let is_tls = tls.is_some();
         let (addr_tx, addr_rx) = std::sync::mpsc::channel();
@@ -269,6 +271,11 @@ impl Fake {
     /// writes them: decimal text, USD per token).
     pub fn list_model(&self, id: &str, prompt_per_token: &str, completion_per_token: &str) {
         self.inner.listed_models.lock().unwrap().push((id.to_string(), prompt_per_token.to_string(), completion_per_token.to_string()));
+    }
+
+    /// OpenRouter's key management, served by this fake (see `openrouter`).
+    pub fn openrouter(&self) -> &super::openrouter::OpenRouter {
+        &self.inner.openrouter
     }
 
     /// Lets every stream held after its first event go on, now and from now on.
@@ -362,6 +369,9 @@ async fn answer(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     };
     inner.received.lock().unwrap().push(received);
     let script = inner.script.lock().unwrap().clone();
+    if let Some((status, value)) = inner.openrouter.serve(&parts, &body, &script) {
+        return json_response(status, value);
+    }
     if !script.head_delay.is_zero() {
         tokio::time::sleep(script.head_delay).await;
     }

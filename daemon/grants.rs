@@ -215,6 +215,9 @@ pub struct InstallRecord {
     pub path: String,
     pub original: Option<String>,
     pub written_sha256: String,
+    /// The file's permission bits before capitctl made it 0600, when that changed them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode_before: Option<u32>,
 }
 
 /// A grant's limits besides money. `max_requests` and `max_tokens` count over the grant's

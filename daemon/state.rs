@@ -23,7 +23,7 @@ use rust_decimal::Decimal;
 use crate::admission::{Decision, Demand, Hold, Room};
 use crate::grants::{Api, Grant, GrantError, GrantId, GrantState, Limits, Period, Refusal, Window};
 use crate::ledger::{LedgerEntry, Totals};
-use crate::pricing::{Price, PriceError, PriceSource, PriceTable};
+use crate::pricing::{Price, PriceChange, PriceError, PriceSource, PriceTable, Provenance};
 use crate::providers::{self, Provider, ProviderError, ProviderKind};
 use crate::secret::{self, KeyHash, Secret};
 use crate::store::{Snapshot, Store, StoreError, StoredKey, StoredReservation, WriteOp};
@@ -247,6 +247,16 @@ enum Attempt {
     Refused(Refusal),
 }
 
+/// What an import or update of prices did.
+#[derive(Debug)]
+pub struct PriceUpdate {
+    pub imported: usize,
+    /// Entries of other modes or without token prices.
+    pub skipped: usize,
+    /// Every model whose effective price moved, by name.
+    pub changes: Vec<PriceChange>,
+}
+
 /// A grant as listings show it.
 #[derive(Clone, Debug)]
 pub struct GrantView {
@@ -324,7 +334,9 @@ impl State {
             .into_iter()
             .map(|(name, k)| (name, MasterKey { secret: Arc::new(Secret::new(k.secret)), added_at: k.added_at }))
             .collect();
-        let prices = PriceTable::with_overrides(snapshot.prices.into_iter().collect());
+        let mut prices = PriceTable::with_overrides(snapshot.prices.into_iter().collect())
+            .with_override_origins(snapshot.price_origins.into_iter().collect());
+        prices.replace_list(snapshot.price_list.into_iter().collect(), snapshot.price_list_origin);
         let now = clock.now_seconds();
         let mut registry = Registry {
             providers,
@@ -472,8 +484,15 @@ impl State {
 
     // ---- prices ----
 
-    pub fn list_prices(&self) -> Vec<(String, Price, PriceSource)> {
-        self.read().prices.entries().into_iter().map(|(m, p, s)| (m.to_string(), p.clone(), s)).collect()
+    /// Every priced model with the layer its price comes from and, above the built-in rows,
+    /// where and when it was set.
+    pub fn list_prices(&self) -> Vec<(String, Price, PriceSource, Option<Provenance>)> {
+        self.read().prices.entries().into_iter().map(|r| (r.model.to_string(), r.price.clone(), r.source, r.origin.cloned())).collect()
+    }
+
+    /// Where the fetched price list came from, if there is one.
+    pub fn price_list_origin(&self) -> Option<Provenance> {
+        self.read().prices.list_origin().cloned()
     }
 
     pub fn price(&self, model: &str) -> Option<(String, Price)> {
@@ -483,23 +502,48 @@ impl State {
     pub async fn set_price(&self, model: &str, price: Price) -> Result<Price, StateError> {
         crate::pricing::validate_model_name(model)?;
         price.validate()?;
+        let origin = Provenance { source: "price set".into(), at: self.clock.now_seconds() };
         let _admin = self.admin.lock().await;
-        self.store.write(WriteOp::PutPrice { model: model.to_string(), price: price.clone() }).await?;
-        self.write().prices.set_override(model.to_string(), price.clone());
+        self.store.write(WriteOp::PutPrice { model: model.to_string(), price: price.clone(), origin: origin.clone() }).await?;
+        self.write().prices.set_override(model.to_string(), price.clone(), origin);
         Ok(price)
     }
 
-    /// Imports a LiteLLM price file as overrides: every row or none.
-    pub async fn import_prices(&self, litellm_json: &str) -> Result<(usize, usize), StateError> {
+    /// Imports a LiteLLM price file as the user's own prices: every row or none.
+    pub async fn import_prices(&self, litellm_json: &str, source: &str) -> Result<PriceUpdate, StateError> {
         let (prices, skipped) = crate::pricing::litellm::parse(litellm_json)?;
+        let origin = Provenance { source: format!("import {source}"), at: self.clock.now_seconds() };
         let _admin = self.admin.lock().await;
-        self.store.write(WriteOp::PutPrices(prices.clone())).await?;
-        let imported = prices.len();
-        let mut registry = self.write();
-        for (model, price) in prices {
-            registry.prices.set_override(model, price);
+        let (before, mut after) = {
+            let registry = self.read();
+            (registry.prices.clone(), registry.prices.clone())
+        };
+        for (model, price) in &prices {
+            after.set_override(model.clone(), price.clone(), origin.clone());
         }
-        Ok((imported, skipped))
+        let changes = before.changes(&after);
+        let imported = prices.len();
+        self.store.write(WriteOp::PutPrices { prices, origin }).await?;
+        self.write().prices = after;
+        Ok(PriceUpdate { imported, skipped, changes })
+    }
+
+    /// Puts a fetched LiteLLM price list in place of the previous one: every row or none. The
+    /// user's own prices stay on top of it.
+    pub async fn update_prices(&self, litellm_json: &str, source: &str) -> Result<PriceUpdate, StateError> {
+        let (prices, skipped) = crate::pricing::litellm::parse(litellm_json)?;
+        let origin = Provenance { source: source.to_string(), at: self.clock.now_seconds() };
+        let _admin = self.admin.lock().await;
+        let (before, mut after) = {
+            let registry = self.read();
+            (registry.prices.clone(), registry.prices.clone())
+        };
+        after.replace_list(prices.iter().cloned().collect(), Some(origin.clone()));
+        let changes = before.changes(&after);
+        let imported = prices.len();
+        self.store.write(WriteOp::ReplacePriceList { prices, origin }).await?;
+        self.write().prices = after;
+        Ok(PriceUpdate { imported, skipped, changes })
     }
 
     // ---- grants ----
@@ -508,6 +552,16 @@ impl State {
     /// callers that must do something first (make the provider's key) only for a valid grant.
     /// Returns the id the grant will get and its models, cleaned.
     pub fn check_new_grant(&self, spec: &GrantSpec) -> Result<(GrantId, Vec<String>), StateError> {
+        self.check_grant(spec, false)
+    }
+
+    /// Checks a grant meant to replace the active one of its name, without making it.
+    pub fn check_replacement(&self, spec: &GrantSpec) -> Result<(), StateError> {
+        self.check_grant(spec, true).map(|_| ())
+    }
+
+    /// As `check_new_grant`; with `replace`, an active grant of the same name is no obstacle.
+    fn check_grant(&self, spec: &GrantSpec, replace: bool) -> Result<(GrantId, Vec<String>), StateError> {
         crate::grants::validate_name(&spec.name)?;
         let now = self.clock.now_seconds();
         if spec.expires_at.is_some_and(|at| at <= now) {
@@ -524,7 +578,7 @@ impl State {
         if !registry.providers.contains_key(&spec.provider) {
             return Err(StateError::UnknownProvider(spec.provider.clone()));
         }
-        if registry.by_name.contains_key(&spec.name) {
+        if registry.by_name.contains_key(&spec.name) && !replace {
             return Err(StateError::GrantExists(spec.name.clone()));
         }
         Ok((GrantId(registry.next_grant_id), models))
@@ -532,10 +586,22 @@ impl State {
 
     /// Mints a grant and its virtual key; the key is returned once and only its hash is kept.
     pub async fn create_grant(&self, spec: GrantSpec) -> Result<(GrantView, Secret), StateError> {
+        self.mint(spec, false).await.map(|(view, key, _)| (view, key))
+    }
+
+    /// Like `create_grant`, but an active grant of the same name is revoked in the same write,
+    /// once the new one has passed every check: a bad cap, period or model changes nothing.
+    /// Returns the grant replaced, if there was one.
+    pub async fn replace_grant(&self, spec: GrantSpec) -> Result<(GrantView, Secret, Option<GrantView>), StateError> {
+        self.mint(spec, true).await
+    }
+
+    async fn mint(&self, spec: GrantSpec, replace: bool) -> Result<(GrantView, Secret, Option<GrantView>), StateError> {
         let now = self.clock.now_seconds();
         let _admin = self.admin.lock().await;
-        let (id, models) = self.check_new_grant(&spec)?;
+        let (id, models) = self.check_grant(&spec, replace)?;
         let key = secret::generate_virtual_key()?;
+        let old = if replace { self.active_slot(&spec.name).ok() } else { None };
         let grant = Grant {
             id,
             name: spec.name,
@@ -555,7 +621,11 @@ impl State {
             provider_key: spec.provider_key.map(Box::new),
             direct: spec.direct,
         };
-        self.store.write(WriteOp::PutGrant(grant.clone())).await?;
+        let revoked = old.as_ref().map(|slot| Grant { revoked_at: Some(now), ..slot.grant() });
+        match &revoked {
+            Some(revoked) => self.store.write(WriteOp::PutGrants(vec![revoked.clone(), grant.clone()])).await?,
+            None => self.store.write(WriteOp::PutGrant(grant.clone())).await?,
+        }
         let window = local_window(grant.period, now);
         let view = GrantView {
             state: grant.state(now, Decimal::ZERO),
@@ -566,12 +636,19 @@ impl State {
             refusals: BTreeMap::new(),
         };
         let mut registry = self.write();
+        if let (Some(slot), Some(revoked)) = (&old, revoked) {
+            registry.by_hash.remove(&revoked.key_hash);
+            registry.by_name.remove(&revoked.name);
+            slot.lock().grant = revoked;
+        }
         registry.next_grant_id = id.0 + 1;
         registry.by_hash.insert(grant.key_hash, id);
         registry.by_name.insert(grant.name.clone(), id);
         let slot = GrantSlot::new(grant, window, Decimal::ZERO, Counts::default(), BTreeMap::new());
         registry.grants.insert(id, Arc::new(slot));
-        Ok((view, key))
+        drop(registry);
+        let replaced = old.map(|slot| self.grant_view(&slot));
+        Ok((view, key, replaced))
     }
 
     pub fn list_grants(&self, include_revoked: bool) -> Vec<GrantView> {
@@ -1357,6 +1434,47 @@ mod tests {
         let reopened = State::new(store, snapshot, dir.clone()).unwrap();
         assert_eq!(reopened.grant_view(&reopened.find_grant("g").unwrap()).spent, model_spent);
         reopened.store().close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[test]
+    fn a_grant_is_replaced_only_by_one_that_passes_every_check_and_prices_persist() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let clock = Clock::default();
+        let (state, dir) = temp_state(clock.clone());
+        let (_, old_key) = runtime.block_on(state.create_grant(grant_spec(Period::Month, None))).unwrap();
+        let past = GrantSpec { expires_at: Some(clock.now_seconds() - 1), ..grant_spec(Period::Month, None) };
+        assert!(runtime.block_on(state.replace_grant(past)).is_err());
+        let bad_model = GrantSpec { models: vec!["a model".into()], ..grant_spec(Period::Month, None) };
+        assert!(runtime.block_on(state.replace_grant(bad_model)).is_err());
+        assert!(state.authenticate(Some(old_key.expose()), "openai").is_ok(), "a refused replacement changes nothing");
+        assert!(matches!(runtime.block_on(state.create_grant(grant_spec(Period::Month, None))), Err(StateError::GrantExists(_))));
+        let (new, new_key, replaced) = runtime.block_on(state.replace_grant(grant_spec(Period::Week, None))).unwrap();
+        assert_eq!(replaced.unwrap().state, GrantState::Revoked);
+        assert!(state.authenticate(Some(old_key.expose()), "openai").is_err());
+        assert!(state.authenticate(Some(new_key.expose()), "openai").is_ok());
+
+        let list = r#"{"listed-model": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06, "mode": "chat"}}"#;
+        let done = runtime.block_on(state.update_prices(list, "http://prices.example/list.json")).unwrap();
+        assert_eq!((done.imported, done.changes.len()), (1, 1));
+        runtime.block_on(state.set_price("gpt-5", state.price("gpt-5").unwrap().1)).unwrap();
+        state.store().close();
+        drop(state);
+        let (store, snapshot) = Store::open(&dir.join("capit.redb")).unwrap();
+        let state = State::with_clock(store, snapshot, dir.clone(), clock).unwrap();
+        let names: Vec<(String, GrantState)> = state.list_grants(true).into_iter().map(|v| (v.grant.name, v.state)).collect();
+        assert_eq!(names, [("g".to_string(), GrantState::Revoked), ("g".to_string(), GrantState::Active)]);
+        assert_eq!(state.find_grant("g").unwrap().id, new.grant.id);
+        let rows = state.list_prices();
+        let row = |m: &str| rows.iter().find(|r| r.0 == m).cloned().unwrap();
+        assert_eq!(
+            (row("listed-model").2, row("listed-model").3.unwrap().source),
+            (PriceSource::List, "http://prices.example/list.json".to_string())
+        );
+        assert_eq!((row("gpt-5").2, row("gpt-5").3.unwrap().source), (PriceSource::Override, "price set".to_string()));
+        assert_eq!(state.price_list_origin().unwrap().source, "http://prices.example/list.json");
+        state.store().close();
+        drop(state);
         let _ = std::fs::remove_dir_all(dir);
     }
 }

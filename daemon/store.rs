@@ -20,7 +20,7 @@ use tokio::sync::oneshot;
 
 use crate::grants::{Grant, GrantId};
 use crate::ledger::{LedgerEntry, Totals};
-use crate::pricing::Price;
+use crate::pricing::{Price, Provenance};
 use crate::providers::Provider;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -30,6 +30,12 @@ const MANAGEMENT_KEYS: TableDefinition<&str, &[u8]> = TableDefinition::new("mana
 const PROVIDERS: TableDefinition<&str, &[u8]> = TableDefinition::new("providers");
 const GRANTS: TableDefinition<u64, &[u8]> = TableDefinition::new("grants");
 const PRICES: TableDefinition<&str, &[u8]> = TableDefinition::new("prices");
+/// Model → where its row in PRICES came from (`price set`, `price import FILE`) and when.
+const PRICE_ORIGINS: TableDefinition<&str, &[u8]> = TableDefinition::new("price_origins");
+/// The fetched price list (`capitctl price update`), replaced whole each time; its origin is
+/// kept in META under `PRICE_LIST_ORIGIN`.
+const PRICE_LIST: TableDefinition<&str, &[u8]> = TableDefinition::new("price_list");
+const PRICE_LIST_ORIGIN: &str = "price_list_origin";
 /// (grant id, ledger sequence number) → entry. Sequence numbers are global and never reused.
 const LEDGER: TableDefinition<(u64, u64), &[u8]> = TableDefinition::new("ledger");
 /// (grant id, window start in Unix seconds; 0 for a total cap) → running totals.
@@ -103,6 +109,9 @@ pub struct Snapshot {
     pub providers: Vec<Provider>,
     pub grants: Vec<Grant>,
     pub prices: Vec<(String, Price)>,
+    pub price_origins: Vec<(String, Provenance)>,
+    pub price_list: Vec<(String, Price)>,
+    pub price_list_origin: Option<Provenance>,
     /// Holds left by requests that were in flight when the daemon last stopped uncleanly.
     pub reservations: Vec<(u64, StoredReservation)>,
 }
@@ -125,12 +134,23 @@ pub enum WriteOp {
     },
     PutProvider(Provider),
     PutGrant(Grant),
+    /// Several grants in one transaction (a grant replaced by its successor).
+    PutGrants(Vec<Grant>),
     PutPrice {
         model: String,
         price: Price,
+        origin: Provenance,
     },
     /// Many prices in one transaction (an import is all or nothing).
-    PutPrices(Vec<(String, Price)>),
+    PutPrices {
+        prices: Vec<(String, Price)>,
+        origin: Provenance,
+    },
+    /// The fetched price list, in place of the previous one, in one transaction.
+    ReplacePriceList {
+        prices: Vec<(String, Price)>,
+        origin: Provenance,
+    },
     /// Appends an entry and adds it to the totals of the window starting at `window_start`,
     /// removing the request's hold in the same transaction.
     AppendEntry {
@@ -293,6 +313,8 @@ fn init_schema(db: &Database) -> Result<(), StoreError> {
         txn.open_table(PROVIDERS)?;
         txn.open_table(GRANTS)?;
         txn.open_table(PRICES)?;
+        txn.open_table(PRICE_ORIGINS)?;
+        txn.open_table(PRICE_LIST)?;
         txn.open_table(LEDGER)?;
         txn.open_table(TOTALS)?;
         txn.open_table(RESERVATIONS)?;
@@ -330,12 +352,37 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         let (model, value) = item?;
         prices.push((model.value().to_string(), decode("price", value.value())?));
     }
+    let mut price_origins = Vec::new();
+    for item in txn.open_table(PRICE_ORIGINS)?.iter()? {
+        let (model, value) = item?;
+        price_origins.push((model.value().to_string(), decode("price origin", value.value())?));
+    }
+    let mut price_list = Vec::new();
+    for item in txn.open_table(PRICE_LIST)?.iter()? {
+        let (model, value) = item?;
+        price_list.push((model.value().to_string(), decode("listed price", value.value())?));
+    }
+    let price_list_origin = match txn.open_table(META)?.get(PRICE_LIST_ORIGIN)? {
+        Some(v) => Some(decode("price list origin", v.value())?),
+        None => None,
+    };
     let mut reservations = Vec::new();
     for item in txn.open_table(RESERVATIONS)?.iter()? {
         let (id, value) = item?;
         reservations.push((id.value(), decode("reservation", value.value())?));
     }
-    Ok(Snapshot { keys, management_keys, installation_id, providers, grants, prices, reservations })
+    Ok(Snapshot {
+        keys,
+        management_keys,
+        installation_id,
+        providers,
+        grants,
+        prices,
+        price_origins,
+        price_list,
+        price_list_origin,
+        reservations,
+    })
 }
 
 fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -391,6 +438,8 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Resul
         let mut providers = txn.open_table(PROVIDERS)?;
         let mut grants = txn.open_table(GRANTS)?;
         let mut prices = txn.open_table(PRICES)?;
+        let mut price_origins = txn.open_table(PRICE_ORIGINS)?;
+        let mut price_list = txn.open_table(PRICE_LIST)?;
         let mut ledger = txn.open_table(LEDGER)?;
         let mut totals = txn.open_table(TOTALS)?;
         let mut reservations = txn.open_table(RESERVATIONS)?;
@@ -414,13 +463,27 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Resul
                 WriteOp::PutGrant(g) => {
                     grants.insert(g.id.0, encode(g).as_slice())?;
                 }
-                WriteOp::PutPrice { model, price } => {
-                    prices.insert(model.as_str(), encode(price).as_slice())?;
+                WriteOp::PutGrants(all) => {
+                    for g in all {
+                        grants.insert(g.id.0, encode(g).as_slice())?;
+                    }
                 }
-                WriteOp::PutPrices(all) => {
+                WriteOp::PutPrice { model, price, origin } => {
+                    prices.insert(model.as_str(), encode(price).as_slice())?;
+                    price_origins.insert(model.as_str(), encode(origin).as_slice())?;
+                }
+                WriteOp::PutPrices { prices: all, origin } => {
                     for (model, price) in all {
                         prices.insert(model.as_str(), encode(price).as_slice())?;
+                        price_origins.insert(model.as_str(), encode(origin).as_slice())?;
                     }
+                }
+                WriteOp::ReplacePriceList { prices: all, origin } => {
+                    price_list.retain(|_, _| false)?;
+                    for (model, price) in all {
+                        price_list.insert(model.as_str(), encode(price).as_slice())?;
+                    }
+                    meta.insert(PRICE_LIST_ORIGIN, encode(origin).as_slice())?;
                 }
                 WriteOp::PutReservation { id, reservation } => {
                     reservations.insert(*id, encode(reservation).as_slice())?;

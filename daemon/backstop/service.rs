@@ -254,6 +254,27 @@ impl Backstop {
         }
     }
 
+    /// Makes a grant in place of the active one of the same name (granting an agent again), once
+    /// the new one has passed every check, so that a typo changes nothing. Without a provider key
+    /// on either side, the old grant is revoked in the same write that makes the new one; with
+    /// one, the steps on the provider's side come after the checks: the old grant is revoked
+    /// (its key deleted), then the new one made. Returns the new grant, its key, and the old one.
+    pub async fn replace_grant(&self, spec: GrantSpec) -> Result<(GrantView, Secret, Option<GrantView>), BackstopError> {
+        let provider = self.provider(&spec.provider)?;
+        let old = self.state.find_grant(&spec.name).map(|s| s.grant()).filter(|g| g.revoked_at.is_none());
+        let backstopped = provider.kind == ProviderKind::OpenRouter && self.state.management_key(&provider.name).is_some();
+        if !backstopped && !spec.direct && old.as_ref().is_none_or(|g| g.provider_key.is_none()) {
+            return Ok(self.state.replace_grant(spec).await?);
+        }
+        self.state.check_replacement(&spec)?;
+        let replaced = match &old {
+            Some(g) => Some(self.revoke_grant(&g.name).await?.0),
+            None => None,
+        };
+        let (view, key) = self.create_grant(spec).await?;
+        Ok((view, key, replaced))
+    }
+
     /// Changes a grant; its provider key follows: a new cap or period is set on the provider's
     /// side, a new expiry means a new key (OpenRouter cannot change a key's expiry). Returns the
     /// grant and, for a direct grant whose key was replaced, the new key.

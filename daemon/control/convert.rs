@@ -6,7 +6,7 @@ use tonic::Status;
 
 use crate::grants::money;
 use crate::ledger::Totals;
-use crate::pricing::{LongContext, Price, PriceSource, TierPrices};
+use crate::pricing::{LongContext, Price, PriceChange, PriceSource, Provenance, TierPrices};
 use crate::proto::v1 as pb;
 use crate::providers::Provider;
 use crate::state::{GrantView, StateError};
@@ -84,6 +84,7 @@ pub fn grant(view: &GrantView) -> pb::Grant {
                 path: i.path.clone(),
                 original: i.original.clone(),
                 written_sha256: i.written_sha256.clone(),
+                mode_before: i.mode_before,
             })
             .collect(),
         direct: g.direct,
@@ -114,8 +115,10 @@ pub fn apis_from(names: &[String]) -> Result<Vec<crate::grants::Api>, Status> {
     crate::grants::parse_apis(names).map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-pub fn price(model: &str, p: &Price, source: PriceSource) -> pb::Price {
+/// A listed price; `origin` is where a price above the built-in table came from, and when.
+pub fn price(model: &str, p: &Price, source: PriceSource, origin: Option<&Provenance>) -> pb::Price {
     let long = p.long_context.as_ref();
+    let date = |at: i64| chrono::DateTime::from_timestamp(at, 0).map(|t| t.format("%Y-%m-%d").to_string()).unwrap_or_default();
     pb::Price {
         model: model.to_string(),
         input: decimal_string(p.base.input),
@@ -126,15 +129,36 @@ pub fn price(model: &str, p: &Price, source: PriceSource) -> pb::Price {
         max_output_tokens: p.max_output_tokens.unwrap_or(0),
         source: match source {
             PriceSource::Builtin => "builtin",
+            PriceSource::List => "list",
             PriceSource::Override => "override",
         }
         .to_string(),
-        checked: p.checked.clone().unwrap_or_default(),
+        checked: match origin {
+            Some(o) => date(o.at),
+            None => p.checked.clone().unwrap_or_default(),
+        },
+        origin: match (source, origin) {
+            (PriceSource::Builtin, _) => "built-in table".to_string(),
+            (_, Some(o)) => o.source.clone(),
+            (_, None) => "price set or import".to_string(),
+        },
         long_context_threshold: long.map_or(0, |l| l.threshold),
         long_input: long.map(|l| decimal_string(l.prices.input)).unwrap_or_default(),
         long_cached_input: long.and_then(|l| l.prices.cached_input).map(decimal_string).unwrap_or_default(),
         long_output: long.map(|l| decimal_string(l.prices.output)).unwrap_or_default(),
     }
+}
+
+/// A model whose price moved, with the before and after prices as listed.
+pub fn price_change(c: &PriceChange) -> pb::PriceChange {
+    // Only the rates matter here: where each side came from is in `price ls`.
+    let rates = |p: &Price| pb::Price {
+        source: String::new(),
+        origin: String::new(),
+        checked: String::new(),
+        ..price(&c.model, p, PriceSource::Builtin, None)
+    };
+    pb::PriceChange { model: c.model.clone(), before: c.before.as_ref().map(rates), after: c.after.as_ref().map(rates) }
 }
 
 /// A price from `price set`: input and output are required, the rest optional.

@@ -163,7 +163,7 @@ impl Control for ControlService {
     }
 
     async fn list_prices(&self, _: Request<pb::ListPricesRequest>) -> Result<Response<pb::ListPricesResponse>, Status> {
-        let prices = self.state.list_prices().iter().map(|(m, p, s)| convert::price(m, p, *s)).collect();
+        let prices = self.state.list_prices().iter().map(|(m, p, s, o)| convert::price(m, p, *s, o.as_ref())).collect();
         Ok(Response::new(pb::ListPricesResponse { prices }))
     }
 
@@ -171,12 +171,30 @@ impl Control for ControlService {
         let wire = request.into_inner().price.ok_or_else(|| Status::invalid_argument("a price is required"))?;
         let price = convert::price_from(&wire)?;
         let price = self.state.set_price(&wire.model, price).await.map_err(status_from)?;
-        Ok(Response::new(pb::SetPriceResponse { price: Some(convert::price(&wire.model, &price, crate::pricing::PriceSource::Override)) }))
+        let origin = self.state.list_prices().into_iter().find(|row| row.0 == wire.model).and_then(|row| row.3);
+        Ok(Response::new(pb::SetPriceResponse {
+            price: Some(convert::price(&wire.model, &price, crate::pricing::PriceSource::Override, origin.as_ref())),
+        }))
     }
 
     async fn import_prices(&self, request: Request<pb::ImportPricesRequest>) -> Result<Response<pb::ImportPricesResponse>, Status> {
-        let (imported, skipped) = self.state.import_prices(&request.into_inner().litellm_json).await.map_err(status_from)?;
-        Ok(Response::new(pb::ImportPricesResponse { imported: imported as u32, skipped: skipped as u32 }))
+        let req = request.into_inner();
+        let done = self.state.import_prices(&req.litellm_json, &req.source).await.map_err(status_from)?;
+        Ok(Response::new(pb::ImportPricesResponse {
+            imported: done.imported as u32,
+            skipped: done.skipped as u32,
+            changes: done.changes.iter().map(convert::price_change).collect(),
+        }))
+    }
+
+    async fn update_prices(&self, request: Request<pb::UpdatePricesRequest>) -> Result<Response<pb::UpdatePricesResponse>, Status> {
+        let req = request.into_inner();
+        let done = self.state.update_prices(&req.litellm_json, &req.source).await.map_err(status_from)?;
+        Ok(Response::new(pb::UpdatePricesResponse {
+            imported: done.imported as u32,
+            skipped: done.skipped as u32,
+            changes: done.changes.iter().map(convert::price_change).collect(),
+        }))
     }
 
     async fn create_grant(&self, request: Request<pb::CreateGrantRequest>) -> Result<Response<pb::CreateGrantResponse>, Status> {
@@ -202,9 +220,18 @@ impl Control for ControlService {
             provider_key: None,
             direct: req.direct,
         };
-        let (view, key) = self.backstop.create_grant(spec).await.map_err(backstop_status)?;
+        let (view, key, replaced) = if req.replace {
+            self.backstop.replace_grant(spec).await.map_err(backstop_status)?
+        } else {
+            self.backstop.create_grant(spec).await.map(|(view, key)| (view, key, None)).map_err(backstop_status)?
+        };
         let base_url = self.grant_base_url(&view.grant);
-        Ok(Response::new(pb::CreateGrantResponse { grant: Some(convert::grant(&view)), key: key.expose().to_string(), base_url }))
+        Ok(Response::new(pb::CreateGrantResponse {
+            grant: Some(convert::grant(&view)),
+            key: key.expose().to_string(),
+            base_url,
+            replaced: replaced.as_ref().map(convert::grant),
+        }))
     }
 
     async fn list_grants(&self, request: Request<pb::ListGrantsRequest>) -> Result<Response<pb::ListGrantsResponse>, Status> {
@@ -274,7 +301,13 @@ impl Control for ControlService {
         let installs = req
             .installs
             .into_iter()
-            .map(|i| crate::grants::InstallRecord { agent: i.agent, path: i.path, original: i.original, written_sha256: i.written_sha256 })
+            .map(|i| crate::grants::InstallRecord {
+                agent: i.agent,
+                path: i.path,
+                original: i.original,
+                written_sha256: i.written_sha256,
+                mode_before: i.mode_before,
+            })
             .collect();
         self.state.record_install(&req.name, installs).await.map_err(status_from)?;
         Ok(Response::new(pb::RecordInstallResponse {}))

@@ -1,13 +1,14 @@
 //! Prices and the one cost formula: tokens × USD-per-million-token prices, in exact decimals.
 //!
 //! Invariant: money is `rust_decimal::Decimal` from the price text to the ledger; no float
-//! ever touches it. Prices come from a table compiled into the binary (`prices.json`), which
-//! per-model overrides (`capitctl price set`) shadow.
+//! ever touches it. Prices come from a table compiled into the binary (`prices.json`), a
+//! fetched price list and the user's own prices, layered in `table`.
 
 pub mod litellm;
 pub mod openrouter;
+mod table;
 
-use std::collections::BTreeMap;
+pub use table::{PriceChange, PriceRow, PriceSource, PriceTable, Provenance};
 
 use rust_decimal::Decimal;
 use serde::{Deserialize, Serialize};
@@ -227,98 +228,11 @@ pub fn bound(price: &Price, input: &InputTokens, output_tokens: u64) -> Decimal 
     input_bound(price, input).checked_add(output).unwrap_or(Decimal::MAX).normalize()
 }
 
-/// Built-in prices and user overrides, looked up by the model a response names.
-#[derive(Clone, Debug, Default)]
-pub struct PriceTable {
-    builtin: BTreeMap<String, Price>,
-    overrides: BTreeMap<String, Price>,
-}
-
-#[derive(Deserialize)]
-struct BuiltinFile {
-    models: BTreeMap<String, Price>,
-}
-
-/// Where a listed price comes from.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PriceSource {
-    Builtin,
-    Override,
-}
-
-impl PriceTable {
-    /// The table compiled into this binary, with the given overrides on top.
-    pub fn with_overrides(overrides: BTreeMap<String, Price>) -> PriceTable {
-        let file: BuiltinFile =
-            serde_json::from_str(include_str!("../prices.json")).expect("the built-in price table is valid; a unit test parses it");
-        PriceTable { builtin: file.models, overrides }
-    }
-
-    pub fn set_override(&mut self, model: String, price: Price) {
-        self.overrides.insert(model, price);
-    }
-
-    /// Finds the price of `model`, trying the name as given, then without a provider prefix
-    /// (`openai/…`, `models/…`) and without a dated-snapshot suffix
-    /// (`gpt-5-mini-2025-08-07` → `gpt-5-mini`, `claude-sonnet-4-5-20250929` → `claude-sonnet-4-5`).
-    /// Returns the table's name for the model and its price.
-    pub fn lookup(&self, model: &str) -> Option<(&str, &Price)> {
-        for candidate in candidates(model) {
-            for table in [&self.overrides, &self.builtin] {
-                if let Some((name, price)) = table.get_key_value(candidate.as_str()) {
-                    return Some((name.as_str(), price));
-                }
-            }
-        }
-        None
-    }
-
-    /// Every priced model, overrides shadowing built-in rows, sorted by name.
-    pub fn entries(&self) -> Vec<(&str, &Price, PriceSource)> {
-        let mut rows: BTreeMap<&str, (&Price, PriceSource)> = BTreeMap::new();
-        for (name, price) in &self.builtin {
-            rows.insert(name, (price, PriceSource::Builtin));
-        }
-        for (name, price) in &self.overrides {
-            rows.insert(name, (price, PriceSource::Override));
-        }
-        rows.into_iter().map(|(name, (price, source))| (name, price, source)).collect()
-    }
-}
-
 pub fn validate_model_name(model: &str) -> Result<(), PriceError> {
     if model.is_empty() || model.len() > 200 || model.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(PriceError::BadModel);
     }
     Ok(())
-}
-
-/// The names to try for a model, most specific first.
-fn candidates(model: &str) -> Vec<String> {
-    let mut out = vec![model.to_string()];
-    let unprefixed = model.rsplit_once('/').map_or(model, |(_, m)| m);
-    if unprefixed != model {
-        out.push(unprefixed.to_string());
-    }
-    if let Some(undated) = strip_date_suffix(unprefixed) {
-        out.push(undated.to_string());
-    }
-    out
-}
-
-/// `name-2025-08-07` or `name-20250807` → `name`.
-fn strip_date_suffix(model: &str) -> Option<&str> {
-    let is_digits = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_digit());
-    if let Some((head, tail)) = model.rsplit_once('-')
-        && is_digits(tail, 8)
-    {
-        return Some(head);
-    }
-    let parts: Vec<&str> = model.rsplitn(4, '-').collect();
-    if parts.len() == 4 && is_digits(parts[0], 2) && is_digits(parts[1], 2) && is_digits(parts[2], 4) {
-        return Some(parts[3]);
-    }
-    None
 }
 
 #[cfg(test)]
@@ -330,14 +244,15 @@ mod tests {
     }
 
     fn table() -> PriceTable {
-        PriceTable::with_overrides(BTreeMap::new())
+        PriceTable::with_overrides(std::collections::BTreeMap::new())
     }
 
     #[test]
     fn builtin_table_parses_and_every_price_is_valid() {
         let t = table();
         assert!(t.entries().len() > 20);
-        for (name, price, _) in t.entries() {
+        for row in t.entries() {
+            let (name, price) = (row.model, row.price);
             price.validate().unwrap_or_else(|e| panic!("{name}: {e}"));
             assert!(price.checked.is_some(), "{name} has no checked date");
             assert!(price.max_output_tokens.is_some(), "{name} has no max output");
@@ -361,7 +276,7 @@ mod tests {
         let mut t = table();
         let mut p = t.lookup("gpt-5").unwrap().1.clone();
         p.base.input = d("9");
-        t.set_override("gpt-5".into(), p);
+        t.set_override("gpt-5".into(), p, Provenance { source: "price set".into(), at: 0 });
         assert_eq!(t.lookup("gpt-5-2025-08-07").unwrap().1.base.input, d("9"));
     }
 

@@ -388,7 +388,7 @@ impl Proxy {
             StatusCode::BAD_REQUEST,
             "capit_unknown_price",
             format!(
-                "capit: no price is known for model {model:?}{source}, so it cannot be metered; set one with: capitctl price set {model} --input USD_PER_MTOK --output USD_PER_MTOK"
+                "capit: no price is known for model {model:?}{source}, so it cannot be metered; fetch current prices with `capitctl price update`, set one with `capitctl price set {model} --input USD_PER_MTOK --output USD_PER_MTOK`, or load a price file with `capitctl price import FILE`"
             ),
         ))
     }

@@ -135,7 +135,11 @@ fn unknown_prices_paths_and_providers_are_refused() {
 
     let reply = rt.block_on(post_json(&chat_url(&daemon), &key, r#"{"model":"mystery-model-9","messages":[]}"#));
     assert_eq!(reply.status, 400);
-    assert!(reply.error_message().contains("mystery-model-9"), "{}", reply.text());
+    let message = reply.error_message();
+    assert!(message.contains("mystery-model-9"), "{}", reply.text());
+    for way in ["capitctl price update", "capitctl price set mystery-model-9", "capitctl price import"] {
+        assert!(message.contains(way), "the refusal names {way}: {message}");
+    }
 
     let reply = rt.block_on(http::send(Method::POST, &daemon.url("/openai/v1/images/generations"), &headers, "{}"));
     assert_eq!(reply.status, 403);

@@ -141,9 +141,16 @@ pub enum PriceCommand {
         #[arg(long)]
         max_output_tokens: Option<u64>,
     },
-    /// Import a LiteLLM model_prices_and_context_window.json as overrides (all or nothing).
+    /// Import a LiteLLM model_prices_and_context_window.json as your own prices (all or nothing).
     Import {
         file: std::path::PathBuf,
+    },
+    /// Fetch the current price list (LiteLLM's by default) and put it in place of the last one,
+    /// all or nothing; your own prices stay on top of it.
+    Update {
+        /// A URL serving a file in LiteLLM's model_prices_and_context_window.json format.
+        #[arg(long, default_value = crate::fetch::LITELLM_PRICES)]
+        from: String,
     },
 }
 

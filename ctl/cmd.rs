@@ -11,7 +11,8 @@ use capit::proto::v1 as pb;
 use capit::proto::v1::control_client::ControlClient;
 
 use crate::cli::{Cli, Command, GrantArgs, KeyCommand, LimitArgs, PriceCommand, ProviderCommand, SetArgs, UsageArgs};
-use crate::consumers::{self, AgentEnv, Consumer, Target, files};
+use crate::consumers::{self, AgentEnv, Target, files};
+use crate::install::{self, Installer};
 use crate::output::{self, dollars, time_human, time_json};
 use crate::when;
 
@@ -190,8 +191,42 @@ fn price_json(p: &pb::Price) -> Value {
         "max_output_tokens": if p.max_output_tokens > 0 { json!(p.max_output_tokens) } else { Value::Null },
         "long_context_threshold": if p.long_context_threshold > 0 { json!(p.long_context_threshold) } else { Value::Null },
         "long_input": opt(&p.long_input), "long_output": opt(&p.long_output),
-        "source": p.source, "checked": opt(&p.checked),
+        "source": p.source, "origin": opt(&p.origin), "checked": opt(&p.checked),
     })
+}
+
+/// `$in in / $out out` for a change line, `-` for no price.
+fn rates(p: Option<&pb::Price>) -> String {
+    match p {
+        Some(p) => format!("${} in / ${} out", p.input, p.output),
+        None => "no price".to_string(),
+    }
+}
+
+/// Prints what an import or update changed: every model whose price moved or went, and how many
+/// were priced for the first time (all of them with `--json`).
+fn print_changes(json: bool, imported: u32, skipped: u32, changes: &[pb::PriceChange], what: &str) {
+    let added: Vec<&pb::PriceChange> = changes.iter().filter(|c| c.before.is_none()).collect();
+    let moved: Vec<&pb::PriceChange> = changes.iter().filter(|c| c.before.is_some()).collect();
+    if json {
+        let change = |c: &&pb::PriceChange| json!({"model": c.model, "before": c.before.as_ref().map(price_json), "after": c.after.as_ref().map(price_json)});
+        output::json(&json!({
+            "imported": imported, "skipped": skipped, "source": what,
+            "added": added.iter().map(|c| c.model.clone()).collect::<Vec<_>>(),
+            "changed": moved.iter().filter(|c| c.after.is_some()).map(change).collect::<Vec<_>>(),
+            "removed": moved.iter().filter(|c| c.after.is_none()).map(change).collect::<Vec<_>>(),
+        }));
+        return;
+    }
+    println!(
+        "{imported} prices from {what} ({skipped} entries skipped: other modes or no token prices): {} models newly priced, {} changed, {} no longer priced",
+        added.len(),
+        moved.iter().filter(|c| c.after.is_some()).count(),
+        moved.iter().filter(|c| c.after.is_none()).count()
+    );
+    for c in moved {
+        println!("  {}: {} -> {}", c.model, rates(c.before.as_ref()), rates(c.after.as_ref()));
+    }
 }
 
 async fn price(client: &mut Client, cmd: PriceCommand, json: bool) -> anyhow::Result<()> {
@@ -202,35 +237,41 @@ async fn price(client: &mut Client, cmd: PriceCommand, json: bool) -> anyhow::Re
                 output::json(&Value::Array(prices.iter().map(price_json).collect()));
             } else {
                 let dash = |s: &str| if s.is_empty() { "-".to_string() } else { s.to_string() };
-                let mut rows = vec![["MODEL", "INPUT", "CACHED", "CACHE WRITE", "OUTPUT", "SOURCE", "CHECKED"].map(String::from).to_vec()];
+                let mut rows = vec![["MODEL", "INPUT", "CACHED", "CACHE WRITE", "OUTPUT", "SOURCE", "SINCE"].map(String::from).to_vec()];
                 for p in &prices {
+                    let source = match p.source.as_str() {
+                        "builtin" => "built-in".to_string(),
+                        "list" => "price list".to_string(),
+                        _ => p.origin.clone(),
+                    };
                     rows.push(vec![
                         p.model.clone(),
                         p.input.clone(),
                         dash(&p.cached_input),
                         dash(&p.cache_write_5m),
                         p.output.clone(),
-                        p.source.clone(),
+                        source,
                         dash(&p.checked),
                     ]);
                 }
                 output::table(&rows);
-                println!("(USD per million tokens)");
+                println!("(USD per million tokens; SINCE: when the price was checked, fetched or set)");
+                if let Some(listed) = prices.iter().find(|p| p.source == "list") {
+                    println!("price list: {}, fetched {}", listed.origin, listed.checked);
+                }
             }
         }
         PriceCommand::Import { file } => {
             let text = std::fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
-            let r = client.import_prices(pb::ImportPricesRequest { litellm_json: text }).await.map_err(rpc)?.into_inner();
-            if json {
-                output::json(&json!({"imported": r.imported, "skipped": r.skipped}));
-            } else {
-                println!(
-                    "imported prices for {} models from {} ({} entries skipped: other modes or no token prices)",
-                    r.imported,
-                    file.display(),
-                    r.skipped
-                );
-            }
+            let source = std::path::absolute(&file).unwrap_or(file.clone()).display().to_string();
+            let r = client.import_prices(pb::ImportPricesRequest { litellm_json: text, source }).await.map_err(rpc)?.into_inner();
+            print_changes(json, r.imported, r.skipped, &r.changes, &file.display().to_string());
+        }
+        PriceCommand::Update { from } => {
+            let text = crate::fetch::text(&from).await?;
+            let r =
+                client.update_prices(pb::UpdatePricesRequest { litellm_json: text, source: from.clone() }).await.map_err(rpc)?.into_inner();
+            print_changes(json, r.imported, r.skipped, &r.changes, &from);
         }
         PriceCommand::Set { model, input, output: out, cached_input, cache_write, cache_write_1h, max_output_tokens } => {
             let price = pb::Price {
@@ -277,81 +318,6 @@ pub(crate) fn local_user() -> String {
     std::env::var("USER").or_else(|_| std::env::var("LOGNAME")).unwrap_or_else(|_| format!("uid {}", unsafe { libc::getuid() }))
 }
 
-/// Where a grant's key goes: an agent's own configuration, or a dotenv file.
-enum Installer {
-    Agent(&'static dyn Consumer),
-    EnvFile,
-}
-
-impl Installer {
-    fn name(&self) -> &'static str {
-        match self {
-            Installer::Agent(c) => c.name(),
-            Installer::EnvFile => "env",
-        }
-    }
-
-    fn install(&self, path: &std::path::Path, existing: Option<&str>, kind: &str, target: &Target) -> Result<String, consumers::EditError> {
-        match self {
-            Installer::Agent(c) => c.install(path, existing, target),
-            Installer::EnvFile => {
-                let (url, key) = consumers::dotenv::variables(kind);
-                Ok(consumers::dotenv::set(existing.unwrap_or(""), &[(url, target.base_url), (key, target.key)]))
-            }
-        }
-    }
-
-    fn uninstall(&self, path: &std::path::Path, current: &str, original: Option<&str>, kind: &str) -> Result<String, consumers::EditError> {
-        match self {
-            Installer::Agent(c) => c.uninstall(path, current, original),
-            Installer::EnvFile => {
-                let (url, key) = consumers::dotenv::variables(kind);
-                Ok(consumers::dotenv::unset(current, &[url, key], original))
-            }
-        }
-    }
-}
-
-/// A line-by-line view of a change, for `--dry-run`: the lines that go and the lines that come,
-/// between the unchanged start and end.
-fn diff(path: &str, old: &str, new: &str) -> String {
-    let (a, b): (Vec<&str>, Vec<&str>) = (old.lines().collect(), new.lines().collect());
-    let head = a.iter().zip(&b).take_while(|(x, y)| x == y).count();
-    let tail = a[head..].iter().rev().zip(b[head..].iter().rev()).take_while(|(x, y)| x == y).count();
-    let mut out = format!("--- {path}\n+++ {path} (with capit)\n@@ line {} @@\n", head + 1);
-    for line in &a[head..a.len() - tail] {
-        out.push_str(&format!("-{line}\n"));
-    }
-    for line in &b[head..b.len() - tail] {
-        out.push_str(&format!("+{line}\n"));
-    }
-    out
-}
-
-/// Undoes an install: a file still exactly as capit wrote it gets its original bytes back (or
-/// goes, if there was none); a file edited since loses only capit's keys. Returns what it did.
-fn restore(install: &pb::InstallRecord, kind: &str, env: &AgentEnv) -> anyhow::Result<String> {
-    let path = std::path::PathBuf::from(&install.path);
-    let shown = consumers::display_path(&path, env);
-    let installer = match consumers::editor(&install.agent) {
-        Some(c) => Installer::Agent(c),
-        None => Installer::EnvFile,
-    };
-    let Some(current) = files::read(&path).with_context(|| format!("reading {shown}"))? else {
-        return Ok(format!("{shown} is gone; nothing to restore"));
-    };
-    if files::fingerprint(&current) == install.written_sha256 {
-        match &install.original {
-            Some(original) => files::write_atomic(&path, original).with_context(|| format!("restoring {shown}"))?,
-            None => std::fs::remove_file(&path).with_context(|| format!("removing {shown}"))?,
-        }
-        return Ok(format!("restored {shown}"));
-    }
-    let text = installer.uninstall(&path, &current, install.original.as_deref(), kind)?;
-    files::write_atomic(&path, &text).with_context(|| format!("writing {shown}"))?;
-    Ok(format!("took capit's settings out of {shown} (it was edited since the install)"))
-}
-
 /// The one line every direct grant is given with.
 const DIRECT_CAVEAT: &str =
     "direct: the agent calls OpenRouter itself, so only OpenRouter's limit on this key caps it; capit neither sees nor meters its requests";
@@ -365,18 +331,15 @@ async fn reinstall(client: &mut Client, g: &pb::Grant, key: &str, base_url: &str
     let providers = client.list_providers(pb::ListProvidersRequest {}).await.map_err(rpc)?.into_inner().providers;
     let kind = providers.iter().find(|p| p.name == g.provider).map(|p| p.kind.clone()).unwrap_or_default();
     let env = AgentEnv::from_process();
-    let target = Target { base_url, key };
+    let target = Target { base_url, key, kind: &kind };
     let mut records = Vec::new();
     let mut shown = Vec::new();
     for install in &g.installs {
         let path = std::path::PathBuf::from(&install.path);
-        let installer = match consumers::editor(&install.agent) {
-            Some(c) => Installer::Agent(c),
-            None => Installer::EnvFile,
-        };
+        let installer = Installer::of_record(install);
         let current = files::read(&path).with_context(|| format!("reading {}", install.path))?;
-        let text = installer.install(&path, current.as_deref(), &kind, &target)?;
-        files::write_atomic(&path, &text).with_context(|| format!("writing {}", install.path))?;
+        let text = installer.install(&path, current.as_deref(), &target)?;
+        files::write_atomic(&path, &text, installer.holds_key()).with_context(|| format!("writing {}", install.path))?;
         records.push(pb::InstallRecord { written_sha256: files::fingerprint(&text), ..install.clone() });
         shown.push(consumers::display_path(&path, &env));
     }
@@ -408,35 +371,26 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         let names: Vec<&str> = providers.iter().map(|p| p.name.as_str()).collect();
         bail!("unknown provider {provider:?}; known: {}", names.join(", "));
     };
-    let installer = match (&args.env_file, consumer) {
-        (Some(_), _) => Some(Installer::EnvFile),
+    // Every file (the agent's and its companions) is read and its edit checked before any grant
+    // exists: a broken file, or one whose settings would go around the cap, stops here untouched.
+    let installers: Vec<(Installer, std::path::PathBuf)> = match (&args.env_file, consumer) {
+        (Some(file), _) => vec![(Installer::EnvFile, std::path::absolute(file)?)],
         (None, Some(c)) => {
             c.check(&env).map_err(|reason| anyhow!("{reason}"))?;
             if !c.accepts(&info.kind) {
                 bail!("{} cannot use provider {provider:?} ({}); give --no-install or --env-file to get the key", c.name(), info.kind);
             }
-            Some(Installer::Agent(c))
+            let mut list = Vec::new();
+            for installer in Installer::for_agent(c) {
+                let Installer::Agent(agent) = &installer else { continue };
+                let path = agent.config_path(&env).context("cannot find the agent's configuration: HOME is not set")?;
+                list.push((installer, path));
+            }
+            list
         }
-        (None, None) => None,
+        (None, None) => Vec::new(),
     };
-    // Every file (the agent's and its companions) is read and checked before any grant exists:
-    // a broken file stops here, untouched.
-    let installers: Vec<Installer> = match installer {
-        Some(Installer::Agent(c)) => std::iter::once(c).chain(c.companions().iter().copied()).map(Installer::Agent).collect(),
-        Some(Installer::EnvFile) => vec![Installer::EnvFile],
-        None => Vec::new(),
-    };
-    let mut plan = Vec::new();
-    for installer in &installers {
-        let path = match (installer, &args.env_file) {
-            (Installer::EnvFile, Some(file)) => std::path::absolute(file)?,
-            (Installer::Agent(c), _) => c.config_path(&env).context("cannot find the agent's configuration: HOME is not set")?,
-            (Installer::EnvFile, None) => unreachable!("an env installer exists only with --env-file"),
-        };
-        let existing = files::read(&path).with_context(|| format!("reading {}", path.display()))?;
-        installer.install(&path, existing.as_deref(), &info.kind, &Target { base_url: "http://127.0.0.1/", key: "sk-capit-check" })?;
-        plan.push((installer, path));
-    }
+    let plan = install::plan(installers, &info.kind)?;
     if args.dry_run {
         if plan.is_empty() {
             bail!("--dry-run shows an install; {} has none (give a known agent or --env-file)", args.agent);
@@ -445,11 +399,16 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         let suffix = if info.kind == "anthropic" || info.kind == "gemini" { "" } else { "/v1" };
         let base_url =
             if args.direct { format!("{}{suffix}", info.base_url) } else { format!("http://{}/{}{suffix}", status.listen_addr, info.name) };
-        for (installer, path) in &plan {
-            let existing = files::read(path)?;
-            let new =
-                installer.install(path, existing.as_deref(), &info.kind, &Target { base_url: &base_url, key: "sk-capit-<new key>" })?;
-            print!("{}", diff(&consumers::display_path(path, &env), existing.as_deref().unwrap_or(""), &new));
+        let target = Target { base_url: &base_url, key: "sk-capit-<new key>", kind: &info.kind };
+        for step in &plan {
+            let existing = files::read(&step.path)?;
+            let new = step.installer.install(&step.path, existing.as_deref(), &target)?;
+            if existing.as_deref().unwrap_or("") != new {
+                print!("{}", install::diff(&consumers::display_path(&step.path, &env), existing.as_deref().unwrap_or(""), &new));
+            }
+        }
+        for note in plan.iter().flat_map(|s| &s.notes) {
+            println!("{note}");
         }
         return Ok(());
     }
@@ -460,22 +419,10 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
             .with_context(|| format!("no master key is stored for {provider}; add one with: capitctl key add {provider}"))?;
         client.add_key(pb::AddKeyRequest { provider: provider.clone(), secret, management: false }).await.map_err(rpc)?;
     }
-    if !plan.is_empty() {
-        // Granting an agent again replaces its grant: the old key dies and its install is undone.
-        let existing = client.list_grants(pb::ListGrantsRequest { include_revoked: false }).await.map_err(rpc)?.into_inner().grants;
-        if existing.iter().any(|g| g.name == args.agent) {
-            let old = client
-                .revoke_grant(pb::RevokeGrantRequest { name: args.agent.clone() })
-                .await
-                .map_err(rpc)?
-                .into_inner()
-                .grant
-                .unwrap_or_default();
-            for install in &old.installs {
-                restore(install, &info.kind, &env)?;
-            }
-        }
-    }
+    // Granting an agent again replaces its grant, but only once the daemon has accepted the new
+    // one: the old key dies in the same write that makes the new one, and its files are then
+    // rewritten with the new key (a bad cap, period or model changes nothing).
+    let replace = !plan.is_empty();
     let request = pb::CreateGrantRequest {
         name: args.agent.clone(),
         provider: provider.clone(),
@@ -488,65 +435,66 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         limits: Some(limits_pb(&args.limits)),
         direct: args.direct,
         apis: args.apis.clone(),
+        replace,
     };
     let created = client.create_grant(request).await.map_err(rpc)?.into_inner();
-    let g = created.grant.unwrap_or_default();
-    let mut installed_into = None;
-    if let Some((_, first)) = plan.first() {
-        let shown = consumers::display_path(first, &env);
-        let target = Target { base_url: &created.base_url, key: &created.key };
-        let mut records: Vec<pb::InstallRecord> = Vec::new();
-        let mut result: anyhow::Result<()> = Ok(());
-        for (installer, path) in &plan {
-            let step = (|| -> anyhow::Result<pb::InstallRecord> {
-                let existing = files::read(path).with_context(|| format!("reading {}", path.display()))?;
-                let text = installer.install(path, existing.as_deref(), &info.kind, &target)?;
-                files::write_atomic(path, &text).with_context(|| format!("writing {}", consumers::display_path(path, &env)))?;
-                Ok(pb::InstallRecord {
-                    agent: installer.name().to_string(),
-                    path: path.display().to_string(),
-                    original: existing,
-                    written_sha256: files::fingerprint(&text),
-                })
-            })();
-            match step {
-                Ok(record) => records.push(record),
-                Err(e) => {
-                    result = Err(e);
-                    break;
-                }
+    let g = created.grant.clone().unwrap_or_default();
+    let replaced = created.replaced.as_ref().map(|r| r.installs.clone()).unwrap_or_default();
+    let mut written = Vec::new();
+    if !plan.is_empty() {
+        let target = Target { base_url: &created.base_url, key: &created.key, kind: &info.kind };
+        let applied = install::apply(&plan, &target, &replaced, &env);
+        let result = match applied {
+            Ok((records, done)) => {
+                written = done;
+                client
+                    .record_install(pb::RecordInstallRequest { name: g.name.clone(), installs: records.clone() })
+                    .await
+                    .map_err(rpc)
+                    .map_err(|e| {
+                        for record in &records {
+                            let _ = install::restore(record, &info.kind, &env);
+                        }
+                        e
+                    })
             }
-        }
-        if result.is_ok()
-            && let Err(e) = client.record_install(pb::RecordInstallRequest { name: g.name.clone(), installs: records.clone() }).await
-        {
-            result = Err(rpc(e));
-        }
+            Err(e) => Err(e),
+        };
         if let Err(e) = result {
-            // Nothing half-done: every file written goes back, and the grant goes again.
-            for record in &records {
-                let _ = restore(record, &info.kind, &env);
-            }
+            // Nothing half-done: the files are back as they were, and the new grant goes again.
             let _ = client.revoke_grant(pb::RevokeGrantRequest { name: g.name.clone() }).await;
-            return Err(e.context(format!("installing into {shown}; no grant was made")));
+            let first = consumers::display_path(&plan[0].path, &env);
+            let what =
+                if created.replaced.is_some() { "the grant it replaced was revoked and its files restored" } else { "no grant was made" };
+            return Err(e.context(format!("installing into {first}; {what}")));
         }
-        installed_into = Some(shown);
     }
+    let notes: Vec<&String> = plan.iter().flat_map(|s| &s.notes).collect();
     let exports = export_lines(&info.kind, &created.base_url, &created.key);
     let per = if g.period == "total" { " in total".to_string() } else { format!("/{}", g.period) };
     if json {
+        let installed: Vec<Value> = written
+            .iter()
+            .map(|w| json!({"path": w.shown, "mode": w.mode.map(|m| format!("{m:04o}")), "mode_before": w.mode_before.map(|m| format!("{m:04o}"))}))
+            .collect();
         output::json(&json!({
             "name": g.name, "provider": g.provider, "key": created.key, "base_url": created.base_url,
             "cap": g.cap, "period": g.period, "expires_at": time_json(g.expires_at),
             "models": g.models, "state": g.state, "created_by": g.created_by, "note": g.note,
-            "resets_at": time_json(g.resets_at), "exports": exports, "installed_into": installed_into,
+            "resets_at": time_json(g.resets_at), "exports": exports,
+            "installed_into": written.first().map(|w| w.shown.clone()), "installed": installed, "notes": notes,
+            "replaced": created.replaced.is_some(),
             "direct": g.direct, "apis": g.apis, "note_direct": g.direct.then_some(DIRECT_CAVEAT), "setup": manual,
         }));
         return Ok(());
     }
     let mode = if g.direct { " direct" } else { "" };
-    if let Some(shown) = installed_into {
-        println!("${}{per}{mode} {} grant \"{}\" installed into {shown}", g.cap, g.provider, g.name);
+    if !plan.is_empty() {
+        let into = if written.is_empty() { "its configuration, already up to date".to_string() } else { install::describe(&written) };
+        println!("${}{per}{mode} {} grant \"{}\" installed into {into}", g.cap, g.provider, g.name);
+        for note in notes {
+            println!("{note}");
+        }
         if g.direct {
             println!("{DIRECT_CAVEAT}");
         }
@@ -582,7 +530,7 @@ async fn uninstall(client: &mut Client, agent: &str, json: bool) -> anyhow::Resu
     let env = AgentEnv::from_process();
     let mut done = Vec::new();
     for install in &grant.installs {
-        done.push(restore(install, &kind, &env)?);
+        done.push(install::restore(install, &kind, &env)?);
     }
     let restored = done.join("; ");
     client.record_install(pb::RecordInstallRequest { name: agent.to_string(), installs: Vec::new() }).await.map_err(rpc)?;
@@ -897,7 +845,7 @@ async fn revoke(client: &mut Client, name: &str, json: bool) -> anyhow::Result<(
         let env = AgentEnv::from_process();
         let mut done = Vec::new();
         for install in &g.installs {
-            done.push(restore(install, &kind, &env).context("the key is revoked, but its install could not be undone")?);
+            done.push(install::restore(install, &kind, &env).context("the key is revoked, but its install could not be undone")?);
         }
         Some(done.join("; "))
     };

@@ -4,6 +4,8 @@
 mod cli;
 mod cmd;
 mod consumers;
+mod fetch;
+mod install;
 mod output;
 mod remote;
 mod requests;

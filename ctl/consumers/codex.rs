@@ -4,6 +4,10 @@
 //! top-level `model_provider = "capit"`. A custom id is needed: Codex ignores overrides of its
 //! built-in `openai` provider.
 //!
+//! A top-level `profile` selects a profile whose own `model_provider` would win over the
+//! top-level one, so that profile's `model_provider` is pointed at `capit` too (put back on
+//! revoke).
+//!
 //! TOML is edited with toml_edit, which keeps comments, blank lines and key order byte for byte
 //! outside the keys capit touches.
 
@@ -20,6 +24,13 @@ fn parse(path: &Path, text: &str) -> Result<DocumentMut, EditError> {
         let line = e.span().map(|span| text[..span.start.min(text.len())].matches('\n').count() + 1);
         EditError { path: path.to_path_buf(), line, message: format!("not valid TOML: {}", e.message()) }
     })
+}
+
+/// The active profile (top-level `profile`) when it names a provider other than capit's.
+fn foreign_profile(doc: &DocumentMut) -> Option<(String, String)> {
+    let name = doc.get("profile")?.as_str()?;
+    let provider = doc.get("profiles")?.get(name)?.get("model_provider")?.as_str()?;
+    (provider != "capit").then(|| (name.to_string(), provider.to_string()))
 }
 
 impl Consumer for Codex {
@@ -46,8 +57,23 @@ impl Consumer for Codex {
         }
     }
 
+    fn notes(&self, existing: Option<&str>, _target: &Target) -> Vec<String> {
+        let Ok(doc) = existing.unwrap_or("").parse::<DocumentMut>() else { return Vec::new() };
+        let mut notes = Vec::new();
+        if let Some(old) = doc.get("model_provider").and_then(Item::as_str).filter(|p| *p != "capit") {
+            notes.push(format!("codex's model_provider {old} is now capit (put back on revoke)"));
+        }
+        if let Some((profile, old)) = foreign_profile(&doc) {
+            notes.push(format!("codex's profile {profile} uses model_provider capit instead of {old} (put back on revoke)"));
+        }
+        notes
+    }
+
     fn install(&self, path: &Path, existing: Option<&str>, target: &Target) -> Result<String, EditError> {
         let mut doc = parse(path, existing.unwrap_or(""))?;
+        if let Some((profile, _)) = foreign_profile(&doc) {
+            doc["profiles"][profile.as_str()]["model_provider"] = value("capit");
+        }
         doc["model_provider"] = value("capit");
         let providers = doc.entry("model_providers").or_insert_with(|| {
             let mut table = Table::new();
@@ -69,6 +95,11 @@ impl Consumer for Codex {
     fn uninstall(&self, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError> {
         let mut doc = parse(path, current)?;
         let before = parse(path, original.unwrap_or("")).unwrap_or_default();
+        if let Some((profile, old)) = foreign_profile(&before)
+            && let Some(table) = doc.get_mut("profiles").and_then(|p| p.get_mut(profile.as_str())).and_then(Item::as_table_like_mut)
+        {
+            table.insert("model_provider", value(old));
+        }
         match before.get("model_provider") {
             Some(item) => doc["model_provider"] = item.clone(),
             None => {
@@ -103,7 +134,7 @@ mod tests {
     #[test]
     fn install_adds_a_provider_and_uninstall_gives_the_bytes_back() {
         let path = Path::new("config.toml");
-        let target = Target { base_url: "http://127.0.0.1:8787/openai/v1", key: "sk-capit-x" };
+        let target = Target { base_url: "http://127.0.0.1:8787/openai/v1", key: "sk-capit-x", kind: "openai" };
         let installed = Codex.install(path, Some(EXISTING), &target).unwrap();
         let doc: DocumentMut = installed.parse().unwrap();
         assert_eq!(doc["model_provider"].as_str(), Some("capit"));
@@ -118,8 +149,24 @@ mod tests {
     }
 
     #[test]
+    fn the_active_profiles_provider_points_at_capit_too() {
+        let path = Path::new("config.toml");
+        let target = Target { base_url: "http://127.0.0.1:8787/openai/v1", key: "sk-capit-x", kind: "openai" };
+        let original = "profile = \"local\"\nmodel_provider = \"openai\"\n\n[profiles.local]\nmodel = \"gpt-5.5\"\nmodel_provider = \"ollama\" # my box\n";
+        let installed = Codex.install(path, Some(original), &target).unwrap();
+        let doc: DocumentMut = installed.parse().unwrap();
+        assert_eq!(doc["profiles"]["local"]["model_provider"].as_str(), Some("capit"));
+        assert_eq!(doc["model_provider"].as_str(), Some("capit"));
+        assert_eq!(Codex.notes(Some(original), &target).len(), 2);
+        let back = Codex.uninstall(path, &installed, Some(original)).unwrap();
+        let doc: DocumentMut = back.parse().unwrap();
+        assert_eq!((doc["profiles"]["local"]["model_provider"].as_str(), doc["model_provider"].as_str()), (Some("ollama"), Some("openai")));
+    }
+
+    #[test]
     fn a_broken_file_is_an_error_naming_its_line() {
-        let err = Codex.install(Path::new("c.toml"), Some("a = 1\nb = [\n"), &Target { base_url: "u", key: "k" }).unwrap_err();
+        let err =
+            Codex.install(Path::new("c.toml"), Some("a = 1\nb = [\n"), &Target { base_url: "u", key: "k", kind: "openai" }).unwrap_err();
         assert!(err.line.is_some() && err.to_string().starts_with("c.toml:"), "{err}");
     }
 }

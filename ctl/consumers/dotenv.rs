@@ -4,7 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use super::lines::{self, Syntax};
-use super::{AgentEnv, Consumer, EditError, Target};
+use super::{AgentEnv, Consumer, EditError, Target, jsonc};
 
 /// The variables that point an SDK of a provider's kind at the proxy.
 pub fn variables(provider_kind: &str) -> (&'static str, &'static str) {
@@ -31,7 +31,8 @@ pub fn unset(current: &str, keys: &[&str], original: Option<&str>) -> String {
 /// (checked with Gemini CLI 0.61: "Invalid auth method selected").
 pub struct GeminiCli;
 
-/// The `~/.gemini/settings.json` half of the Gemini CLI install.
+/// The `~/.gemini/settings.json` half of the Gemini CLI install. Gemini CLI allows comments in
+/// it, so it is edited as JSONC (see `jsonc`), comments kept.
 pub struct GeminiSettings;
 
 const AUTH_TYPE: &[&str] = &["security", "auth", "selectedType"];
@@ -53,12 +54,21 @@ impl Consumer for GeminiSettings {
         env.home.as_ref().map(|h| h.join(".gemini").join("settings.json"))
     }
 
+    fn holds_key(&self) -> bool {
+        false
+    }
+
     fn install(&self, path: &Path, existing: Option<&str>, _target: &Target) -> Result<String, EditError> {
-        super::json::set(path, existing, &[(AUTH_TYPE, "gemini-api-key")])
+        let root = jsonc::parse(path, existing.unwrap_or(""), "JSON")?;
+        jsonc::set_path(path, &root, AUTH_TYPE, jsonc_parser::cst::CstInputValue::String("gemini-api-key".into()))?;
+        Ok(root.to_string())
     }
 
     fn uninstall(&self, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError> {
-        super::json::restore(path, current, original, &[AUTH_TYPE])
+        let root = jsonc::parse(path, current, "JSON")?;
+        let before = jsonc::plain(path, original);
+        jsonc::restore_path(&root, AUTH_TYPE, &before);
+        Ok(root.to_string())
     }
 }
 

@@ -57,6 +57,10 @@ impl Consumer for Goose {
         &[&GooseSecrets]
     }
 
+    fn holds_key(&self) -> bool {
+        false
+    }
+
     fn check(&self, env: &AgentEnv) -> Result<(), String> {
         let Some(dir) = goose_dir(env) else { return Ok(()) };
         let secrets_file = dir.join("secrets.yaml").exists();

@@ -67,6 +67,15 @@ fn line_for(key: &str, value: &str, syntax: Syntax) -> String {
     }
 }
 
+/// The text's lines, each without its `\n` but with any `\r` it had, so that a file with mixed
+/// line endings keeps them.
+fn split(text: &str) -> Vec<String> {
+    if text.is_empty() {
+        return Vec::new();
+    }
+    text.strip_suffix('\n').unwrap_or(text).split('\n').map(str::to_string).collect()
+}
+
 fn join(lines: Vec<String>, trailing_newline: bool) -> String {
     if lines.is_empty() {
         return String::new();
@@ -80,7 +89,7 @@ fn join(lines: Vec<String>, trailing_newline: bool) -> String {
 
 /// Sets `pairs` in `text`: replaced where a line names the key, else appended.
 pub fn set(text: &str, pairs: &[(&str, &str)], syntax: Syntax) -> String {
-    let mut lines: Vec<String> = text.lines().map(str::to_string).collect();
+    let mut lines = split(text);
     for (key, value) in pairs {
         match lines.iter().position(|l| key_of(l, syntax) == Some(key)) {
             Some(i) => {
@@ -95,8 +104,8 @@ pub fn set(text: &str, pairs: &[(&str, &str)], syntax: Syntax) -> String {
 
 /// Takes `keys` out of `current` again: each gets its lines from `original` back, or goes.
 pub fn unset(current: &str, keys: &[&str], original: Option<&str>, syntax: Syntax) -> String {
-    let old: Vec<String> = original.unwrap_or("").lines().map(str::to_string).collect();
-    let mut lines: Vec<String> = current.lines().map(str::to_string).collect();
+    let old = split(original.unwrap_or(""));
+    let mut lines = split(current);
     for key in keys {
         let Some(i) = lines.iter().position(|l| key_of(l, syntax) == Some(key)) else { continue };
         let end = span(&lines, i, syntax);
@@ -122,6 +131,14 @@ mod tests {
         assert_eq!(installed, "# keys\nGEMINI_API_KEY=sk-capit-y\nGOOGLE_CLOUD_PROJECT=p1\nGOOGLE_GEMINI_BASE_URL=http://x/gemini\n");
         assert_eq!(unset(&installed, &["GOOGLE_GEMINI_BASE_URL", "GEMINI_API_KEY"], Some(original), Syntax::Dotenv), original);
         assert_eq!(unset(&set("", &[("A", "1")], Syntax::Dotenv), &["A"], None, Syntax::Dotenv), "");
+    }
+
+    #[test]
+    fn mixed_line_endings_are_kept_where_capit_does_not_write() {
+        let original = "A=1\r\nB=2\nC=3\r\n";
+        let installed = set(original, &[("B", "x"), ("D", "y")], Syntax::Dotenv);
+        assert_eq!(installed, "A=1\r\nB=x\nC=3\r\nD=y\n");
+        assert_eq!(unset(&installed, &["B", "D"], Some(original), Syntax::Dotenv), original);
     }
 
     #[test]

@@ -6,6 +6,11 @@
 //! them) and the key order. What an install replaced is recovered from the file's original
 //! text, which the daemon keeps with the grant: on revoke, a file still exactly as capit wrote
 //! it gets its original bytes back; one the user has edited since loses only capit's keys.
+//!
+//! An install also leaves the agent using the capped provider: where the file selects a model
+//! of another provider (which would go around the proxy), the consumer points it at the capped
+//! one and says so (`notes`), or refuses with the reason. Files with CRLF line endings are
+//! edited as LF and given CRLF back (`install`, `uninstall` below), so they stay byte-exact.
 
 mod aider;
 mod claude;
@@ -15,6 +20,7 @@ pub mod dotenv;
 pub mod files;
 mod goose;
 mod json;
+mod jsonc;
 mod lines;
 mod openclaw;
 mod opencode;
@@ -25,6 +31,9 @@ use std::path::{Path, PathBuf};
 pub struct Target<'a> {
     pub base_url: &'a str,
     pub key: &'a str,
+    /// The grant's provider kind (`openai`, `anthropic`, `openrouter`, ...), which decides the
+    /// model an agent is pointed at when its own choice would go around the proxy.
+    pub kind: &'a str,
 }
 
 /// A file that does not parse in its own format.
@@ -45,6 +54,10 @@ pub struct AgentEnv {
     pub openclaw_config_path: Option<PathBuf>,
     pub openclaw_state_dir: Option<PathBuf>,
     pub openclaw_profile: Option<String>,
+    pub xdg_config_home: Option<PathBuf>,
+    pub opencode_config: Option<PathBuf>,
+    pub opencode_config_dir: Option<PathBuf>,
+    pub continue_global_dir: Option<PathBuf>,
 }
 
 impl AgentEnv {
@@ -57,6 +70,10 @@ impl AgentEnv {
             openclaw_config_path: var("OPENCLAW_CONFIG_PATH"),
             openclaw_state_dir: var("OPENCLAW_STATE_DIR"),
             openclaw_profile: var("OPENCLAW_PROFILE").map(|p| p.to_string_lossy().into_owned()),
+            xdg_config_home: var("XDG_CONFIG_HOME").filter(|p| p.is_absolute()),
+            opencode_config: var("OPENCODE_CONFIG"),
+            opencode_config_dir: var("OPENCODE_CONFIG_DIR"),
+            continue_global_dir: var("CONTINUE_GLOBAL_DIR"),
         }
     }
 }
@@ -75,6 +92,17 @@ pub trait Consumer: Sync {
     /// The file's text with capit's settings taken out again: each key capit set gets the value
     /// it had in `original` (the file before the install), or goes.
     fn uninstall(&self, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError>;
+
+    /// What else the install changes in the agent's behaviour, for the grant's output: a model
+    /// of another provider replaced by the capped one (put back on revoke).
+    fn notes(&self, _existing: Option<&str>, _target: &Target) -> Vec<String> {
+        Vec::new()
+    }
+
+    /// Whether the file holds the key (and so is written 0600).
+    fn holds_key(&self) -> bool {
+        true
+    }
 
     /// Whether the agent can use a provider of this kind (`--provider` overrides the default
     /// where the agent speaks that provider's API).
@@ -147,10 +175,68 @@ pub fn direct_instructions(name: &str) -> Option<&'static str> {
     }
 }
 
+/// Whether every line of a text ends in CRLF (a file edited on Windows).
+fn crlf(text: &str) -> bool {
+    text.contains("\r\n") && text.matches('\n').count() == text.matches("\r\n").count()
+}
+
+fn lf(text: &str) -> String {
+    text.replace("\r\n", "\n")
+}
+
+/// `consumer.install`, with a CRLF file edited as LF and given its CRLF back.
+pub fn install(consumer: &dyn Consumer, path: &Path, existing: Option<&str>, target: &Target) -> Result<String, EditError> {
+    match existing {
+        Some(text) if crlf(text) => Ok(consumer.install(path, Some(&lf(text)), target)?.replace('\n', "\r\n")),
+        _ => consumer.install(path, existing, target),
+    }
+}
+
+/// `consumer.notes`, on the text as `install` sees it.
+pub fn notes(consumer: &dyn Consumer, existing: Option<&str>, target: &Target) -> Vec<String> {
+    consumer.notes(existing.map(lf).as_deref(), target)
+}
+
+/// `consumer.uninstall`, with a CRLF file edited as LF and given its CRLF back.
+pub fn uninstall(consumer: &dyn Consumer, path: &Path, current: &str, original: Option<&str>) -> Result<String, EditError> {
+    let original = original.map(lf);
+    if crlf(current) {
+        Ok(consumer.uninstall(path, &lf(current), original.as_deref())?.replace('\n', "\r\n"))
+    } else {
+        consumer.uninstall(path, current, original.as_deref())
+    }
+}
+
 /// `~/…` for paths under the home directory, for the one-line messages.
 pub fn display_path(path: &Path, env: &AgentEnv) -> String {
     match env.home.as_ref().and_then(|home| path.strip_prefix(home).ok()) {
         Some(rest) => format!("~/{}", rest.display()),
         None => path.display().to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn crlf_files_are_edited_as_lf_and_keep_their_crlf() {
+        let path = Path::new(".env");
+        let gemini = find("gemini").unwrap();
+        let target = Target { base_url: "http://127.0.0.1:8787/gemini", key: "sk-capit-k", kind: "gemini" };
+        let original = "# keys\r\nGOOGLE_CLOUD_PROJECT=p\r\n";
+        let installed = install(gemini, path, Some(original), &target).unwrap();
+        assert_eq!(
+            installed,
+            "# keys\r\nGOOGLE_CLOUD_PROJECT=p\r\nGOOGLE_GEMINI_BASE_URL=http://127.0.0.1:8787/gemini\r\nGEMINI_API_KEY=sk-capit-k\r\n"
+        );
+        assert_eq!(uninstall(gemini, path, &installed, Some(original)).unwrap(), original, "byte for byte, CRLF and all");
+        let mixed = "A=1\r\nB=2\n";
+        assert!(!crlf(mixed) && !crlf("A=1\n") && crlf("A=1\r\n"));
+        let claude = find("claude").unwrap();
+        let json = "{\r\n  \"model\": \"opus\"\r\n}\r\n";
+        let installed = install(claude, Path::new("settings.json"), Some(json), &target).unwrap();
+        assert!(installed.contains("\"model\": \"opus\",\r\n") && !installed.replace("\r\n", "").contains('\n'), "{installed:?}");
+        assert_eq!(uninstall(claude, Path::new("settings.json"), &installed, Some(json)).unwrap(), json);
     }
 }

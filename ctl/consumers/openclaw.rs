@@ -10,10 +10,10 @@
 
 use std::path::{Path, PathBuf};
 
-use jsonc_parser::ParseOptions;
-use jsonc_parser::cst::{CstInputValue, CstObject, CstRootNode};
+use jsonc_parser::cst::{CstInputValue, CstRootNode};
 use serde_json::Value;
 
+use super::jsonc::{self, drop_if_empty, input, restore_prop, set};
 use super::{AgentEnv, Consumer, EditError, Target};
 
 pub struct OpenClaw;
@@ -21,75 +21,46 @@ pub struct OpenClaw;
 const PROVIDER: &str = "capit";
 const MODEL: &str = "claude-sonnet-4-5";
 
-fn options() -> ParseOptions {
-    ParseOptions {
-        allow_comments: true,
-        allow_loose_object_property_names: true,
-        allow_trailing_commas: true,
-        allow_missing_commas: false,
-        allow_single_quoted_strings: true,
-        allow_hexadecimal_numbers: true,
-        allow_unary_plus_numbers: true,
-        ..ParseOptions::default()
-    }
-}
-
 fn parse(path: &Path, text: &str) -> Result<CstRootNode, EditError> {
-    let text = if text.trim().is_empty() { "{}\n" } else { text };
-    CstRootNode::parse(text, &options()).map_err(|e| EditError {
-        path: path.to_path_buf(),
-        line: Some(e.line_display()),
-        message: format!("not valid JSON5: {}", e.kind()),
-    })
+    jsonc::parse(path, text, "JSON5")
 }
 
 fn plain(path: &Path, text: Option<&str>) -> Value {
-    text.and_then(|t| parse(path, t).ok()).and_then(|root| root.value()).and_then(|v| v.to_serde_value()).unwrap_or(Value::Null)
+    jsonc::plain(path, text)
 }
 
-fn input(value: &Value) -> CstInputValue {
-    match value {
-        Value::Null => CstInputValue::Null,
-        Value::Bool(b) => CstInputValue::Bool(*b),
-        Value::Number(n) => CstInputValue::Number(n.to_string()),
-        Value::String(s) => CstInputValue::String(s.clone()),
-        Value::Array(items) => CstInputValue::Array(items.iter().map(input).collect()),
-        Value::Object(map) => CstInputValue::Object(map.iter().map(|(k, v)| (k.clone(), input(v))).collect()),
-    }
+/// A model reference capit's provider serves.
+fn capped(model: &str) -> bool {
+    model.starts_with(&format!("{PROVIDER}/"))
 }
 
-fn set(object: &CstObject, name: &str, value: CstInputValue) {
-    match object.get(name) {
-        Some(prop) => prop.set_value(value),
-        None => {
-            object.append(name, value);
-        }
-    }
+/// Fallback models that are not capit's: openclaw would fail over to them, around the cap,
+/// exactly when the cap refuses a request.
+fn foreign_fallbacks(config: &Value) -> Vec<String> {
+    config
+        .pointer("/agents/defaults/model/fallbacks")
+        .and_then(Value::as_array)
+        .map(|list| list.iter().filter_map(Value::as_str).filter(|m| !capped(m)).map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
-/// Sets `name` in `object` to its value in `before` (a plain JSON view of the original), or
-/// removes it.
-fn restore_prop(object: &CstObject, name: &str, before: Option<&Value>) {
-    match before {
-        Some(value) => set(object, name, input(value)),
-        None => {
-            if let Some(prop) = object.get(name) {
-                prop.remove();
-            }
-        }
-    }
+/// An explicit utility model of another provider (titles, recaps), which capit turns off so the
+/// primary model does that work.
+fn foreign_utility(config: &Value) -> Option<String> {
+    config.pointer("/agents/defaults/utilityModel").and_then(Value::as_str).filter(|m| !m.is_empty() && !capped(m)).map(str::to_string)
 }
 
-/// Removes `name` when it holds an empty object and `before` had no such key.
-fn drop_if_empty(object: &CstObject, name: &str, before: Option<&Value>) {
-    if before.is_some() {
-        return;
-    }
-    if let Some(prop) = object.get(name)
-        && prop.value().and_then(|v| v.to_serde_value()).is_some_and(|v| v.as_object().is_some_and(|m| m.is_empty()))
-    {
-        prop.remove();
-    }
+/// Agents of their own (`agents.entries`) whose model is another provider's: refused, since
+/// capit would have to rewrite each agent's setup.
+fn foreign_agents(config: &Value) -> Vec<(String, String)> {
+    let Some(entries) = config.pointer("/agents/entries").and_then(Value::as_object) else { return Vec::new() };
+    entries
+        .iter()
+        .filter_map(|(name, agent)| {
+            let model = agent.get("model").and_then(|m| m.as_str().or_else(|| m.get("primary").and_then(Value::as_str)))?;
+            (!capped(model)).then(|| (name.clone(), model.to_string()))
+        })
+        .collect()
 }
 
 impl Consumer for OpenClaw {
@@ -132,8 +103,40 @@ impl Consumer for OpenClaw {
         Ok(())
     }
 
+    fn notes(&self, existing: Option<&str>, _target: &Target) -> Vec<String> {
+        let config = plain(Path::new("openclaw.json"), existing);
+        let mut notes = Vec::new();
+        if let Some(primary) =
+            config.pointer("/agents/defaults/model/primary").or(config.pointer("/agents/defaults/model")).and_then(Value::as_str)
+            && !capped(primary)
+        {
+            notes.push(format!("openclaw's default model {primary} is now {PROVIDER}/{MODEL} (put back on revoke)"));
+        }
+        let fallbacks = foreign_fallbacks(&config);
+        if !fallbacks.is_empty() {
+            notes.push(format!(
+                "openclaw's fallback models ({}) are off while the grant is installed: they would go around the cap",
+                fallbacks.join(", ")
+            ));
+        }
+        if let Some(utility) = foreign_utility(&config) {
+            notes.push(format!("openclaw's utility model {utility} is off while the grant is installed (the capped model does its work)"));
+        }
+        notes
+    }
+
     fn install(&self, path: &Path, existing: Option<&str>, target: &Target) -> Result<String, EditError> {
         let root = parse(path, existing.unwrap_or(""))?;
+        let before = plain(path, existing);
+        if let Some((agent, model)) = foreign_agents(&before).into_iter().next() {
+            return Err(EditError {
+                path: path.to_path_buf(),
+                line: None,
+                message: format!(
+                    "agent \"{agent}\" uses model {model}, which the grant does not cap; point it at {PROVIDER}/{MODEL} or remove its model first"
+                ),
+            });
+        }
         let config = root.object_value_or_set();
         let models = config.object_value_or_set("models");
         if models.get("mode").is_none() {
@@ -147,8 +150,15 @@ impl Consumer for OpenClaw {
             "models": [{"id": MODEL, "name": "Claude Sonnet 4.5 via capit"}],
         });
         set(&providers, PROVIDER, input(&provider));
-        let model = config.object_value_or_set("agents").object_value_or_set("defaults").object_value_or_set("model");
+        let defaults = config.object_value_or_set("agents").object_value_or_set("defaults");
+        let model = defaults.object_value_or_set("model");
         set(&model, "primary", CstInputValue::String(format!("{PROVIDER}/{MODEL}")));
+        if !foreign_fallbacks(&before).is_empty() {
+            set(&model, "fallbacks", CstInputValue::Array(Vec::new()));
+        }
+        if foreign_utility(&before).is_some() {
+            set(&defaults, "utilityModel", CstInputValue::String(String::new()));
+        }
         Ok(root.to_string())
     }
 
@@ -165,10 +175,22 @@ impl Consumer for OpenClaw {
         }
         drop_if_empty(&config, "models", before.pointer("/models"));
         if let Some(defaults) = config.object_value("agents").and_then(|a| a.object_value("defaults")) {
-            if let Some(model) = defaults.object_value("model") {
-                restore_prop(&model, "primary", before.pointer("/agents/defaults/model/primary"));
+            let old_model = before.pointer("/agents/defaults/model");
+            match (defaults.object_value("model"), old_model) {
+                // The string form (`model: "ollama/qwen3"`) comes back whole.
+                (_, Some(old)) if !old.is_object() => restore_prop(&defaults, "model", Some(old)),
+                (Some(model), _) => {
+                    restore_prop(&model, "primary", before.pointer("/agents/defaults/model/primary"));
+                    if !foreign_fallbacks(&before).is_empty() {
+                        restore_prop(&model, "fallbacks", before.pointer("/agents/defaults/model/fallbacks"));
+                    }
+                }
+                (None, _) => {}
             }
-            drop_if_empty(&defaults, "model", before.pointer("/agents/defaults/model"));
+            if foreign_utility(&before).is_some() {
+                restore_prop(&defaults, "utilityModel", before.pointer("/agents/defaults/utilityModel"));
+            }
+            drop_if_empty(&defaults, "model", old_model);
         }
         if let Some(agents) = config.object_value("agents") {
             drop_if_empty(&agents, "defaults", before.pointer("/agents/defaults"));
@@ -199,7 +221,7 @@ mod tests {
     #[test]
     fn a_provider_is_added_and_taken_out_keeping_comments() {
         let path = Path::new("openclaw.json");
-        let target = Target { base_url: "http://127.0.0.1:8787/anthropic", key: "sk-capit-k" };
+        let target = Target { base_url: "http://127.0.0.1:8787/anthropic", key: "sk-capit-k", kind: "anthropic" };
         let installed = OpenClaw.install(path, Some(ORIGINAL), &target).unwrap();
         assert!(installed.contains("// my openclaw") && installed.contains("// local only"), "{installed}");
         let v = plain(path, Some(&installed));
@@ -215,8 +237,40 @@ mod tests {
     }
 
     #[test]
+    fn fallbacks_and_utility_models_of_other_providers_are_off_while_installed() {
+        let path = Path::new("openclaw.json");
+        let target = Target { base_url: "http://127.0.0.1:8787/anthropic", key: "sk-capit-k", kind: "anthropic" };
+        let original = "{\n  // mine\n  agents: {\n    defaults: {\n      model: { primary: 'openai/gpt-5.5', fallbacks: ['minimax/MiniMax-M2.7'] },\n      utilityModel: 'openai/gpt-5.4-mini',\n    },\n  },\n}\n";
+        let installed = OpenClaw.install(path, Some(original), &target).unwrap();
+        let v = plain(path, Some(&installed));
+        assert_eq!(v.pointer("/agents/defaults/model/primary").and_then(Value::as_str), Some("capit/claude-sonnet-4-5"));
+        assert_eq!(v.pointer("/agents/defaults/model/fallbacks"), Some(&serde_json::json!([])));
+        assert_eq!(v.pointer("/agents/defaults/utilityModel").and_then(Value::as_str), Some(""));
+        let notes = OpenClaw.notes(Some(original), &target);
+        assert!(notes.len() == 3 && notes[0].contains("openai/gpt-5.5") && notes[1].contains("MiniMax"), "{notes:?}");
+        let removed = OpenClaw.uninstall(path, &installed, Some(original)).unwrap();
+        assert_eq!(plain(path, Some(&removed)), plain(path, Some(original)));
+
+        // The string form of the default model comes back as a string.
+        let short = "{ agents: { defaults: { model: 'ollama/qwen3' } } }\n";
+        let installed = OpenClaw.install(path, Some(short), &target).unwrap();
+        assert_eq!(
+            plain(path, Some(&installed)).pointer("/agents/defaults/model/primary").and_then(Value::as_str),
+            Some("capit/claude-sonnet-4-5")
+        );
+        assert_eq!(plain(path, Some(&OpenClaw.uninstall(path, &installed, Some(short)).unwrap())), plain(path, Some(short)));
+
+        // An agent of its own on another provider is refused, with the reason.
+        let own = "{ agents: { entries: { research: { model: 'openai/gpt-5.5' } } } }";
+        let err = OpenClaw.install(path, Some(own), &target).unwrap_err();
+        assert!(err.to_string().contains("agent \"research\" uses model openai/gpt-5.5"), "{err}");
+    }
+
+    #[test]
     fn a_broken_file_names_its_line() {
-        let err = OpenClaw.install(Path::new("o.json"), Some("{\n  a: 1,\n  b: [\n}"), &Target { base_url: "u", key: "k" }).unwrap_err();
+        let err = OpenClaw
+            .install(Path::new("o.json"), Some("{\n  a: 1,\n  b: [\n}"), &Target { base_url: "u", key: "k", kind: "anthropic" })
+            .unwrap_err();
         assert!(err.line.is_some() && err.to_string().starts_with("o.json:"), "{err}");
     }
 }

@@ -451,11 +451,10 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
                     .record_install(pb::RecordInstallRequest { name: g.name.clone(), installs: records.clone() })
                     .await
                     .map_err(rpc)
-                    .map_err(|e| {
+                    .inspect_err(|_| {
                         for record in &records {
                             let _ = install::restore(record, &info.kind, &env);
                         }
-                        e
                     })
             }
             Err(e) => Err(e),

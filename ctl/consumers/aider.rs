@@ -47,8 +47,10 @@ fn default_model(kind: &str) -> Option<&'static str> {
     }
 }
 
-/// Each model option the install sets: (key, the value it had, the value it gets).
-fn model_changes(path: &Path, text: &str, kind: &str) -> Result<Vec<(&'static str, Option<String>, String)>, EditError> {
+/// A model option the install sets: its key, the value it had, the value it gets.
+type ModelChange = (&'static str, Option<String>, String);
+
+fn model_changes(path: &Path, text: &str, kind: &str) -> Result<Vec<ModelChange>, EditError> {
     let doc = lines::yaml_mapping(path, text)?;
     let value = |key: &str| doc.as_ref().and_then(|d| d[key].as_str().map(str::to_string));
     let main = value("model");

@@ -4,9 +4,10 @@
 //! top-level `model_provider = "capit"`. A custom id is needed: Codex ignores overrides of its
 //! built-in `openai` provider.
 //!
-//! A top-level `profile` selects a profile whose own `model_provider` would win over the
-//! top-level one, so that profile's `model_provider` is pointed at `capit` too (put back on
-//! revoke).
+//! A top-level `profile` (Codex before 0.169; 0.169 refuses it and reads profiles from
+//! `<name>.config.toml` only with `--profile`) selects a profile whose own `model_provider`
+//! would win over the top-level one, so that profile's `model_provider` is pointed at `capit`
+//! too (put back on revoke).
 //!
 //! TOML is edited with toml_edit, which keeps comments, blank lines and key order byte for byte
 //! outside the keys capit touches.

@@ -206,7 +206,8 @@ mod tests {
     fn every_model_the_agents_send_by_default_is_priced() {
         // Claude Code 2.1.197 (and its `sonnet` alias), Codex CLI 0.169.0 (and the snapshot its
         // replies name), opencode 1.18.33 (main and title calls), Gemini CLI 0.61's router,
-        // aider's OpenAI default, Continue's and openclaw's capit model.
+        // aider's OpenAI default, Continue's and openclaw's capit model; Gemini CLI 0.61's flash and pro
+        // routes.
         let t = table();
         for (sent, row) in [
             ("claude-opus-4-8", "claude-opus-4-8"),
@@ -217,6 +218,9 @@ mod tests {
             ("claude-haiku-4-5-20251001", "claude-haiku-4-5"),
             ("gemini-3.5-flash-lite", "gemini-3.5-flash-lite"),
             ("gemini-3.5-flash", "gemini-3.5-flash"),
+            ("gemini-3.8-flash", "gemini-3.8-flash"),
+            ("gemini-3.1-pro-preview", "gemini-3.1-pro-preview"),
+            ("gemini-3.1-pro-preview-customtools", "gemini-3.1-pro-preview-customtools"),
             ("gpt-4o", "gpt-4o"),
             ("claude-sonnet-4-5-20250929", "claude-sonnet-4-5"),
         ] {

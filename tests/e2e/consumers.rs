@@ -57,8 +57,11 @@ fn claude_code_settings_get_the_key_and_come_back_byte_for_byte() {
     std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o640)).unwrap();
 
     let line = ok(daemon.ctl_home(home.path(), &["grant", "claude", "5.00"]));
-    assert_eq!(Daemon::mode(&file), 0o640, "the file keeps its mode");
-    assert_eq!(line.trim(), r#"$5.00/month anthropic grant "claude" installed into ~/.claude/settings.json"#);
+    assert_eq!(Daemon::mode(&file), 0o600, "a file that holds a key is readable by its owner only");
+    assert_eq!(
+        line.trim(),
+        r#"$5.00/month anthropic grant "claude" installed into ~/.claude/settings.json (now mode 0600, was 0640: it holds the key)"#
+    );
     let settings: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
     let base = settings["env"]["ANTHROPIC_BASE_URL"].as_str().unwrap().to_string();
     let token = settings["env"]["ANTHROPIC_AUTH_TOKEN"].as_str().unwrap().to_string();
@@ -83,9 +86,9 @@ fn claude_code_settings_get_the_key_and_come_back_byte_for_byte() {
     assert_eq!(daemon.spent("claude"), fake.bill());
 
     let out = ok(daemon.ctl_home(home.path(), &["revoke", "claude"]));
-    assert!(out.contains("restored ~/.claude/settings.json"), "{out}");
+    assert!(out.contains("restored ~/.claude/settings.json (mode 0640 again)"), "{out}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), CLAUDE_SETTINGS, "byte-identical after revoke");
-    assert_eq!(Daemon::mode(&file), 0o640);
+    assert_eq!(Daemon::mode(&file), 0o640, "and its old mode");
     assert_eq!(entries(&dir), ["settings.json"]);
 }
 
@@ -100,7 +103,10 @@ fn codex_gets_its_own_provider_and_the_config_comes_back_byte_for_byte() {
     let file = dir.join("config.toml");
     std::fs::write(&file, CODEX_CONFIG).unwrap();
     let line = ok(daemon.ctl_home(home.path(), &["grant", "codex", "3"]));
-    assert_eq!(line.trim(), r#"$3.00/month openai grant "codex" installed into ~/.codex/config.toml"#);
+    assert_eq!(
+        line.trim(),
+        r#"$3.00/month openai grant "codex" installed into ~/.codex/config.toml (now mode 0600, was 0644: it holds the key)"#
+    );
     let text = std::fs::read_to_string(&file).unwrap();
     let config: toml_edit::DocumentMut = text.parse().expect("still valid TOML");
     assert_eq!(config["model_provider"].as_str(), Some("capit"));
@@ -134,7 +140,12 @@ fn gemini_cli_env_file_and_a_dotenv_for_any_script() {
     let settings = dir.join("settings.json");
     let settings_before = "{\n  \"ui\": {\"theme\": \"GitHub\"},\n  \"security\": {\"auth\": {\"selectedType\": \"oauth-personal\"}}\n}\n";
     std::fs::write(&settings, settings_before).unwrap();
-    ok(daemon.ctl_home(home.path(), &["grant", "gemini", "2"]));
+    let line = ok(daemon.ctl_home(home.path(), &["grant", "gemini", "2"]));
+    assert!(
+        line.trim().ends_with("installed into ~/.gemini/.env (now mode 0600, was 0644: it holds the key) and ~/.gemini/settings.json"),
+        "every file it changed: {line}"
+    );
+    assert_eq!(Daemon::mode(&settings), 0o644, "settings.json holds no key and keeps its mode");
     let text = std::fs::read_to_string(&file).unwrap();
     assert!(text.starts_with(original), "{text}");
     let chosen: Value = serde_json::from_str(&std::fs::read_to_string(&settings).unwrap()).unwrap();
@@ -315,8 +326,9 @@ fn continue_gets_one_model_item_and_the_file_comes_back_byte_for_byte() {
     ok(daemon.ctl_home(home.path(), &["grant", "continue", "3"]));
     let text = std::fs::read_to_string(&file).unwrap();
     let doc = &yaml_rust2::YamlLoader::load_from_str(&text).expect("still valid YAML")[0];
-    let item = &doc["models"][1];
-    assert_eq!(doc["models"][0]["name"].as_str(), Some("local"));
+    let item = &doc["models"][0];
+    assert_eq!(item["name"].as_str(), Some("capit"), "first, so that cn and the IDE use it");
+    assert_eq!(doc["models"][1]["name"].as_str(), Some("local"));
     assert!(text.contains("# models I use"));
     // Continue posts to new URL("messages", apiBase + "/") with x-api-key.
     let url = format!("{}/messages", item["apiBase"].as_str().unwrap());
@@ -368,12 +380,10 @@ fn openclaw_json5_keeps_its_comments_and_a_per_agent_override_is_refused() {
 }
 
 /// Runs an agent's real CLI as a user whose HOME is `home` would, for at most 90 s; returns
-/// its stdout and stderr. `None` when the CLI is not installed (fails under
-/// CAPIT_REQUIRE_AGENTS).
+/// its stdout and stderr. `None` when the CLI is not installed (fails when
+/// CAPIT_REQUIRE_AGENTS requires it; see `agents`).
 pub(crate) fn run_agent(program: &str, args: &[&str], home: &Path, env: &[(&str, &str)], unset: &[&str]) -> Option<(String, String)> {
-    if std::process::Command::new(program).arg("--version").output().is_err() {
-        assert!(std::env::var_os("CAPIT_REQUIRE_AGENTS").is_none(), "CAPIT_REQUIRE_AGENTS is set but {program} is not installed");
-        eprintln!("skipped: {program} is not installed (see .ci/run for the npm package)");
+    if !crate::agents::installed(program) {
         return None;
     }
     let work = home.join("work");
@@ -406,82 +416,97 @@ pub(crate) fn calls(fake: &Fake) -> Vec<String> {
     fake.received().iter().map(|r| format!("{} {}?{}", r.method, r.path, r.query.clone().unwrap_or_default())).collect()
 }
 
-/// The real Codex CLI, when it is installed (`npm install -g @openai/codex`), run against the
-/// configuration `grant codex` wrote: it must reach the fake through the proxy and be metered.
 #[test]
-fn the_real_codex_cli_runs_through_an_installed_grant() {
-    let (daemon, fake, home) = setup("openai");
-    fake.set_price("gpt-5", "1.25", "0.125", "10.00");
-    let dir = home.path().join(".codex");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(dir.join("config.toml"), "model = \"gpt-5\"\n").unwrap();
-    ok(daemon.ctl_home(home.path(), &["grant", "codex", "3"]));
-    let unset = ["CODEX_HOME", "OPENAI_API_KEY", "OPENAI_BASE_URL"];
-    let Some((stdout, stderr)) = run_agent("codex", &["exec", "--skip-git-repo-check", "say hello"], home.path(), &[], &unset) else {
-        return;
-    };
-    let calls = calls(&fake);
-    assert!(calls.iter().any(|c| c.starts_with("POST /v1/responses")), "codex called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
-    assert!(fake.received().iter().all(|r| r.header("authorization").as_deref() == Some(&format!("Bearer {MASTER}")[..])));
-    assert!(stdout.contains("Hello from the fake") || stderr.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}");
-    assert_eq!(daemon.spent("codex"), fake.bill());
-}
-
-/// The real Claude Code, when it is installed (`npm install -g @anthropic-ai/claude-code`), in
-/// print mode with the settings `grant claude` wrote.
-#[test]
-fn the_real_claude_code_runs_through_an_installed_grant() {
+fn granting_again_checks_the_new_grant_before_it_touches_the_old_one() {
     let (daemon, fake, home) = setup("anthropic");
-    // List prices, written here independently of the daemon's table, for any model it may call.
-    for (model, input, cached, output) in [
-        ("claude-haiku-4-5", "1", "0.1", "5"),
-        ("claude-sonnet-4-5", "3", "0.3", "15"),
-        ("claude-sonnet-5", "3", "0.3", "15"),
-        ("claude-opus-4-7", "5", "0.5", "25"),
-        ("claude-opus-5", "5", "0.5", "25"),
+    fake.set_price("claude-haiku-4-5", "1", "0.1", "5");
+    let dir = home.path().join(".claude");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("settings.json");
+    std::fs::write(&file, CLAUDE_SETTINGS).unwrap();
+    ok(daemon.ctl_home(home.path(), &["grant", "claude", "5"]));
+    let installed = std::fs::read_to_string(&file).unwrap();
+    let key: Value = serde_json::from_str(&installed).unwrap();
+    let key = key["env"]["ANTHROPIC_AUTH_TOKEN"].as_str().unwrap().to_string();
+    for bad in [
+        &["grant", "claude", "lots"][..],
+        &["grant", "claude", "5", "--period", "fortnight"],
+        &["grant", "claude", "5", "--models", "a model"],
     ] {
-        fake.set_price(model, input, cached, output);
+        let out = daemon.ctl_home(home.path(), bad);
+        assert!(!out.status.success(), "{bad:?}");
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), installed, "{bad:?}: the installed file is untouched");
     }
-    ok(daemon.ctl_home(home.path(), &["grant", "claude", "3"]));
-    let unset = ["CLAUDE_CONFIG_DIR", "ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "ANTHROPIC_AUTH_TOKEN"];
-    let Some((stdout, stderr)) = run_agent("claude", &["-p", "say hello", "--model", "claude-haiku-4-5"], home.path(), &[], &unset) else {
-        return;
-    };
-    let calls = calls(&fake);
-    assert!(calls.iter().any(|c| c.starts_with("POST /v1/messages")), "claude called {calls:?}\nstdout: {stdout}\nstderr: {stderr}");
-    assert!(stdout.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}\ncalls: {calls:?}");
-    assert_eq!(daemon.spent("claude"), fake.bill());
+    let grants = daemon.ctl_json(&["ls", "--all"]);
+    assert_eq!(grants.as_array().unwrap().len(), 1, "no grant was revoked or made: {grants}");
+    let auth = format!("Bearer {key}");
+    let body = r#"{"model":"claude-haiku-4-5","max_tokens":10,"messages":[{"role":"user","content":"hi"}]}"#;
+    let reply = runtime().block_on(http::send(Method::POST, &daemon.url("/anthropic/v1/messages"), &[("authorization", &auth)], body));
+    assert_eq!(reply.status, 200, "the old key still works: {}", reply.text());
+    // A good one replaces it; the revoke still gives back the file from before the first grant.
+    ok(daemon.ctl_home(home.path(), &["grant", "claude", "7"]));
+    ok(daemon.ctl_home(home.path(), &["revoke", "claude"]));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), CLAUDE_SETTINGS);
+    assert_eq!(Daemon::mode(&file), 0o644, "the mode from before the first grant");
 }
 
-/// The real Gemini CLI, when it is installed (`npm install -g @google/gemini-cli`), with the
-/// `~/.gemini/.env` that `grant gemini` wrote.
 #[test]
-fn the_real_gemini_cli_runs_through_an_installed_grant() {
-    let (daemon, fake, home) = setup("gemini");
-    // List prices, written here independently of the daemon's table, for any model it may call.
-    for (model, input, cached, output) in [
-        ("gemini-2.5-pro", "1.25", "0.125", "10"),
-        ("gemini-2.5-flash", "0.30", "0.03", "2.50"),
-        ("gemini-2.5-flash-lite", "0.10", "0.01", "0.40"),
-        ("gemini-3.5-flash", "1.50", "0.15", "9"),
-        ("gemini-3.1-pro-preview", "2", "0.2", "12"),
-    ] {
-        fake.set_price(model, input, cached, output);
-    }
-    ok(daemon.ctl_home(home.path(), &["grant", "gemini", "3"]));
-    // Headless runs need a trusted folder; trust is the user's own setting, not capit's.
-    let env = [("GEMINI_CLI_TRUST_WORKSPACE", "true")];
-    let unset = ["GEMINI_API_KEY", "GOOGLE_API_KEY", "GOOGLE_GEMINI_BASE_URL"];
-    let Some((stdout, stderr)) = run_agent("gemini", &["-p", "say hello", "-m", "gemini-2.5-flash"], home.path(), &env, &unset) else {
-        return;
-    };
-    let calls = calls(&fake);
+fn a_symlinked_crlf_file_stays_a_link_keeps_its_line_endings_and_gets_its_mode_back() {
+    let (daemon, fake, home) = setup("openai");
+    fake.set_price("gpt-4o", "2.50", "1.25", "10");
+    let dotfiles = home.path().join("dotfiles");
+    std::fs::create_dir_all(&dotfiles).unwrap();
+    let target = dotfiles.join("aider.yml");
+    let original = "# managed by my dotfiles\r\nmodel: gpt-4o\r\nauto-commits: false\r\n";
+    std::fs::write(&target, original).unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let link = home.path().join(".aider.conf.yml");
+    std::os::unix::fs::symlink("dotfiles/aider.yml", &link).unwrap();
+    let line = ok(daemon.ctl_home(home.path(), &["grant", "aider", "2"]));
+    assert!(line.contains("installed into ~/.aider.conf.yml (now mode 0600, was 0644: it holds the key)"), "{line}");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink(), "still a link");
+    let text = std::fs::read_to_string(&target).unwrap();
+    assert!(text.starts_with(original) && text.ends_with("\r\n") && !text.replace("\r\n", "").contains('\n'), "CRLF throughout: {text:?}");
+    assert_eq!(Daemon::mode(&target), 0o600);
+    ok(daemon.ctl_home(home.path(), &["revoke", "aider"]));
+    assert_eq!(std::fs::read_to_string(&target).unwrap(), original, "byte for byte");
+    assert!(std::fs::symlink_metadata(&link).unwrap().file_type().is_symlink());
+    assert_eq!(Daemon::mode(&target), 0o644);
+    assert_eq!(entries(&dotfiles), ["aider.yml"]);
+}
+
+#[test]
+fn opencode_jsonc_under_xdg_config_home_is_edited_in_place_and_its_model_pointed_at_the_grant() {
+    let (daemon, _fake, home) = setup("anthropic");
+    let xdg = home.path().join("xdg");
+    let dir = xdg.join("opencode");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("opencode.jsonc");
+    let original = "{\n  \"$schema\": \"https://opencode.ai/config.json\",\n  // my models\n  \"model\": \"openai/gpt-5\",\n  \"theme\": \"tokyonight\",\n}\n";
+    std::fs::write(&file, original).unwrap();
+    let env = [("XDG_CONFIG_HOME", xdg.to_str().unwrap())];
+    let out = daemon.ctl_home_env(home.path(), &env, &["grant", "opencode", "3"]);
+    let text = ok(out);
+    let mut lines = text.lines();
+    assert!(lines.next().unwrap().contains("installed into ~/xdg/opencode/opencode.jsonc"), "{text}");
+    assert_eq!(lines.next(), Some("opencode's model openai/gpt-5 is now anthropic/claude-sonnet-4-6 (put back on revoke)"), "{text}");
+    let installed = std::fs::read_to_string(&file).unwrap();
+    assert!(installed.contains("// my models") && installed.contains("\"anthropic/claude-sonnet-4-6\""), "{installed}");
+    assert!(!home.path().join(".config").exists(), "nothing written where opencode does not look");
+    ok(daemon.ctl_home_env(home.path(), &env, &["revoke", "opencode"]));
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), original);
+
+    // An agent of its own on another provider would go around the cap: refused, nothing made.
+    std::fs::write(&file, r#"{"agent": {"plan": {"model": "openai/gpt-5"}}}"#).unwrap();
+    let out = daemon.ctl_home_env(home.path(), &env, &["grant", "opencode", "3"]);
+    assert!(!out.status.success());
     assert!(
-        calls.iter().any(|c| c.contains(":streamGenerateContent") || c.contains(":generateContent")),
-        "gemini called {calls:?}\nstdout: {stdout}\nstderr: {stderr}"
+        String::from_utf8_lossy(&out.stderr).contains("agent \"plan\" uses model openai/gpt-5"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
     );
-    assert!(stdout.contains("Hello from the fake"), "stdout: {stdout}\nstderr: {stderr}\ncalls: {calls:?}");
-    assert_eq!(daemon.spent("gemini"), fake.bill());
+    assert_eq!(daemon.ctl_json(&["ls"]).as_array().unwrap().len(), 0);
 }
 
 #[test]

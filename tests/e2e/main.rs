@@ -4,6 +4,7 @@
 mod support;
 
 mod access;
+mod agents;
 mod backstop;
 mod budget;
 mod cli;
@@ -12,6 +13,7 @@ mod durability;
 mod lifecycle;
 mod limits;
 mod metering;
+mod prices;
 mod providers;
 mod refusals;
 mod sdk;

@@ -12,6 +12,20 @@ use serde_json::Value;
 use super::{TempDir, wait_for};
 
 pub const CAPITD: &str = env!("CARGO_BIN_EXE_capitd");
+
+/// The variables that move an agent's configuration, unset unless a test sets them.
+pub const AGENT_DIR_VARIABLES: [&str; 10] = [
+    "CLAUDE_CONFIG_DIR",
+    "CODEX_HOME",
+    "XDG_CONFIG_HOME",
+    "OPENCODE_CONFIG",
+    "OPENCODE_CONFIG_DIR",
+    "OPENCODE_CONFIG_CONTENT",
+    "CONTINUE_GLOBAL_DIR",
+    "OPENCLAW_CONFIG_PATH",
+    "OPENCLAW_STATE_DIR",
+    "OPENCLAW_PROFILE",
+];
 pub const CAPITCTL: &str = env!("CARGO_BIN_EXE_capitctl");
 
 pub struct Daemon {
@@ -158,13 +172,20 @@ impl Daemon {
 
     /// Runs capitctl as if HOME were `home` (and the agents' own directory variables unset).
     pub fn ctl_home(&self, home: &Path, args: &[&str]) -> Output {
-        self.ctl_command(args)
-            .env("HOME", home)
-            .env_remove("CLAUDE_CONFIG_DIR")
-            .env_remove("CODEX_HOME")
-            .stdin(Stdio::null())
-            .output()
-            .expect("running capitctl")
+        self.ctl_home_env(home, &[], args)
+    }
+
+    /// Runs capitctl as if HOME were `home`, with only the agents' directory variables in `env`.
+    pub fn ctl_home_env(&self, home: &Path, env: &[(&str, &str)], args: &[&str]) -> Output {
+        let mut command = self.ctl_command(args);
+        command.env("HOME", home);
+        for name in AGENT_DIR_VARIABLES {
+            command.env_remove(name);
+        }
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        command.stdin(Stdio::null()).output().expect("running capitctl")
     }
 
     /// Runs capitctl with no stdin.

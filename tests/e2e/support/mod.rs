@@ -5,6 +5,7 @@
 #![allow(dead_code)]
 
 pub mod daemon;
+pub mod files;
 pub mod http;
 pub mod openrouter;
 pub mod upstream;

@@ -648,9 +648,33 @@ fn anthropic(inner: Arc<Inner>, script: Script, body: &Bytes) -> Response<Body> 
 
 /// Gemini: a JSON reply, or a stream of replies with running `usageMetadata` totals, as SSE
 /// (`alt=sse`) or as one JSON array sent element by element.
+/// The smallest value that satisfies a Gemini response schema (OpenAPI subset or JSON Schema):
+/// what a request for `responseMimeType: application/json` gets, as the real API answers
+/// structured-output requests (Gemini CLI's model router sends one before every prompt).
+fn schema_instance(schema: &Value) -> Value {
+    if let Some(first) = schema["enum"].as_array().and_then(|e| e.first()) {
+        return first.clone();
+    }
+    match schema["type"].as_str().map(str::to_ascii_lowercase).as_deref() {
+        Some("object") => {
+            let properties = schema["properties"].as_object().cloned().unwrap_or_default();
+            Value::Object(properties.iter().map(|(k, v)| (k.clone(), schema_instance(v))).collect())
+        }
+        Some("array") => json!([]),
+        Some("integer") | Some("number") => json!(schema["minimum"].as_i64().unwrap_or(1)),
+        Some("boolean") => json!(false),
+        _ => json!("Hello from the fake"),
+    }
+}
+
 fn gemini_generate(inner: Arc<Inner>, script: Script, model: &str, body: &Bytes, stream: bool, sse_mode: bool) -> Response<Body> {
-    let max_output = parse_request(body).and_then(|r| r["generationConfig"]["maxOutputTokens"].as_u64());
-    let script = within_limit(script, max_output);
+    let config = parse_request(body).map(|r| r["generationConfig"].clone()).unwrap_or(Value::Null);
+    let script = within_limit(script, config["maxOutputTokens"].as_u64());
+    let schema = config.get("responseJsonSchema").or(config.get("responseSchema")).filter(|s| !s.is_null());
+    let script = match (config["responseMimeType"].as_str(), schema) {
+        (Some("application/json"), Some(schema)) => Script { text: schema_instance(schema).to_string(), ..script },
+        _ => script,
+    };
     if script.status != 200 {
         return json_response(
             script.status,

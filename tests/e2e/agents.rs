@@ -159,9 +159,9 @@ pub(crate) fn installed(program: &str) -> bool {
     runs
 }
 
-/// Runs the agent as a user whose HOME is `home` would, in `home/work`, for at most two minutes;
-/// returns its stdout and stderr.
-fn run(agent: &Agent, home: &Path) -> (String, String) {
+/// Runs the agent as a user whose HOME is `home` would, in `home/work`, for at most two minutes,
+/// with `env` on top (the agents' own directory variables); returns its stdout and stderr.
+fn run(agent: &Agent, home: &Path, env: &[(&str, String)]) -> (String, String) {
     let work = home.join("work");
     std::fs::create_dir_all(&work).unwrap();
     let mut command = std::process::Command::new(agent.program);
@@ -170,6 +170,9 @@ fn run(agent: &Agent, home: &Path) -> (String, String) {
         command.env_remove(name);
     }
     for (name, value) in agent.env {
+        command.env(name, value);
+    }
+    for (name, value) in env {
         command.env(name, value);
     }
     let mut child = command
@@ -199,6 +202,12 @@ fn master_header(provider: &str) -> (&'static str, String) {
 /// Installs a grant for `agent` over `existing` files (paths under HOME), runs the agent, and
 /// checks the run and the revoke. Returns the models the fake was asked for.
 fn check(agent: &Agent, existing: &[(&str, &str)]) -> Option<Vec<String>> {
+    check_in(agent, existing, &[])
+}
+
+/// As `check`, with directory variables (`{home}` stands for HOME) set for capitctl and the
+/// agent alike.
+fn check_in(agent: &Agent, existing: &[(&str, &str)], env: &[(&str, &str)]) -> Option<Vec<String>> {
     if !installed(agent.program) {
         return None;
     }
@@ -209,12 +218,14 @@ fn check(agent: &Agent, existing: &[(&str, &str)]) -> Option<Vec<String>> {
     let daemon = Daemon::start();
     daemon.setup_provider(agent.provider, &fake.base_url(), MASTER);
     let home = TempDir::new();
+    let env: Vec<(&str, String)> = env.iter().map(|(k, v)| (*k, v.replace("{home}", home.path().to_str().unwrap()))).collect();
+    let ctl_env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, v.as_str())).collect();
     for (path, text) in existing {
         let file = home.path().join(path);
         std::fs::create_dir_all(file.parent().unwrap()).unwrap();
         std::fs::write(&file, text).unwrap();
     }
-    let out = daemon.ctl_home(home.path(), &["grant", agent.grant, "20", "--json"]);
+    let out = daemon.ctl_home_env(home.path(), &ctl_env, &["grant", agent.grant, "20", "--json"]);
     assert!(out.status.success(), "grant {}: {}", agent.grant, String::from_utf8_lossy(&out.stderr));
     let doc: Value = serde_json::from_slice(&out.stdout).unwrap();
     let files: Vec<PathBuf> = doc["installed"]
@@ -226,7 +237,7 @@ fn check(agent: &Agent, existing: &[(&str, &str)]) -> Option<Vec<String>> {
     assert!(!files.is_empty(), "{doc}");
     let before = |file: &Path| existing.iter().find(|(p, _)| home.path().join(p) == file).map(|(_, t)| t.to_string());
 
-    let (stdout, stderr) = run(agent, home.path());
+    let (stdout, stderr) = run(agent, home.path(), &env);
     let received = fake.received();
     if std::env::var_os("CAPIT_SHOW_BODIES").is_some() {
         for r in &received {
@@ -259,7 +270,7 @@ fn check(agent: &Agent, existing: &[(&str, &str)]) -> Option<Vec<String>> {
         })
         .collect();
 
-    let out = daemon.ctl_home(home.path(), &["revoke", agent.grant]);
+    let out = daemon.ctl_home_env(home.path(), &ctl_env, &["revoke", agent.grant]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for file in &files {
         assert_eq!(std::fs::read_to_string(file).ok(), before(file), "{} comes back byte for byte after {}", file.display(), agent.program);
@@ -344,6 +355,17 @@ fn opencode_with_no_configuration() {
 fn opencode_with_jsonc_and_another_providers_model() {
     let config = "{\n  \"$schema\": \"https://opencode.ai/config.json\",\n  // picked in the TUI\n  \"model\": \"openai/gpt-5\",\n  \"theme\": \"tokyonight\",\n  \"provider\": {\n    \"openai\": {\"options\": {\"timeout\": 60000,},},\n  },\n}\n";
     if let Some(models) = check(&OPENCODE, &[(".config/opencode/opencode.jsonc", config)]) {
+        assert!(models.iter().all(|m| m.starts_with("claude-")), "{models:?}");
+    }
+}
+
+#[test]
+fn opencode_under_xdg_config_home() {
+    // opencode reads $XDG_CONFIG_HOME/opencode; a file under ~/.config would be ignored, and
+    // opencode would fall back to its own hosted provider.
+    let config = "{\n  // mine\n  \"model\": \"anthropic/claude-sonnet-4-6\",\n}\n";
+    let env = [("XDG_CONFIG_HOME", "{home}/xdg")];
+    if let Some(models) = check_in(&OPENCODE, &[("xdg/opencode/opencode.jsonc", config)], &env) {
         assert!(models.iter().all(|m| m.starts_with("claude-")), "{models:?}");
     }
 }

@@ -37,6 +37,7 @@ fn main() {
             apis: vec![],
             provider_key: None,
             direct: false,
+            alerts: None,
         };
         state.create_grant(spec).await.unwrap();
         let slot = state.find_grant("bench").unwrap();

@@ -47,6 +47,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     private_dir(&config.home)?;
     let (store, snapshot) = Store::open(&config.home.join("capit.redb"))?;
     let state = Arc::new(State::new(store.clone(), snapshot, config.home.clone())?.with_access(config.access.clone()));
+    state.events().set_alert_actions(config.alerts.clone());
 
     // Built before binding anything, so that a bad --upstream-ca stops the start cleanly.
     let client = crate::proxy::upstream_client(config.proxy.upstream_ca.as_deref()).map_err(AppError::UpstreamTls)?;
@@ -63,14 +64,20 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let proxy = tokio::spawn(crate::proxy::serve(proxy_listener, state.clone(), client, config.proxy.clone(), stop.clone()));
     let control = tokio::spawn(serve_control(control_listener, backstop.clone(), stop.clone()));
     let key_checks = tokio::spawn(backstop.clone().run(config.key_check_interval, stop.clone()));
+    let notify_socket = config.notify_socket.as_deref().map(Path::as_os_str);
+    let status = format!("STATUS=proxy on http://{proxy_addr}, control socket {}", config.socket.display());
+    crate::readiness::tell(notify_socket, &format!("READY=1\n{status}"));
 
     shutdown.await;
+    crate::readiness::tell(notify_socket, "STOPPING=1");
     stop.cancel();
     match proxy.await {
         Ok(Err(e)) => tracing::error!(error = %e, "proxy stopped with an error"),
         Err(e) => tracing::error!(error = %e, "proxy task failed"),
         Ok(Ok(())) => {}
     }
+    // Watch streams end once the last settlements are published, so the control service can stop.
+    state.events().close();
     let control_result = control.await;
     let _ = key_checks.await;
     drop(backstop);

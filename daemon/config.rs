@@ -53,10 +53,14 @@ pub struct Cli {
     /// Access requests waiting for an answer at once; more are refused (429).
     #[arg(long, default_value_t = 16)]
     pub max_pending_requests: u64,
-    /// Program run as `PROGRAM capit MESSAGE` when an access request arrives, or "none"
-    /// (default: notify-send on Linux, osascript on macOS, where present).
+    /// Program run as `PROGRAM capit MESSAGE` when an access request arrives or a spend alert
+    /// fires, or "none" (default: notify-send on Linux, osascript on macOS, where present).
     #[arg(long)]
     pub notify_command: Option<PathBuf>,
+    /// Command run (with `sh -c`) when a grant's spend reaches an alert threshold; it gets
+    /// CAPIT_GRANT, CAPIT_PERCENT, CAPIT_SPENT, CAPIT_CAP, CAPIT_PERIOD and CAPIT_PROVIDER.
+    #[arg(long, env = "CAPIT_ON_ALERT", value_name = "CMD")]
+    pub on_alert: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -67,6 +71,9 @@ pub struct Config {
     pub proxy: ProxyConfig,
     pub key_check_interval: Duration,
     pub access: crate::access::AccessConfig,
+    pub alerts: crate::events::AlertActions,
+    /// systemd's notification socket, when run as a `Type=notify` service.
+    pub notify_socket: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -86,6 +93,7 @@ impl Config {
         let listen: SocketAddr = cli.listen.trim().parse().map_err(|_| ConfigError::BadListen(cli.listen.clone()))?;
         crate::proxy::check_listen_addr(listen).map_err(ConfigError::NotLoopback)?;
         let env = PathEnv { capit_home: cli.home.or(env.capit_home), capit_socket: cli.socket.or(env.capit_socket), ..env };
+        let on_alert = cli.on_alert.filter(|cmd| !cmd.trim().is_empty());
         let home = env.data_dir().ok_or(ConfigError::NoHome)?;
         let socket = env.socket_path().ok_or(ConfigError::NoHome)?;
         let range = |name, value: u64, min, max| {
@@ -119,7 +127,13 @@ impl Config {
                 wait: crate::state::WaitPolicy { timeout: Duration::from_secs(queue_timeout), depth: queue_depth as usize },
             },
             key_check_interval: Duration::from_secs(key_check_interval),
-            access: crate::access::AccessConfig { ttl_seconds: request_ttl as i64, max_pending: max_pending as usize, notify },
+            access: crate::access::AccessConfig {
+                ttl_seconds: request_ttl as i64,
+                max_pending: max_pending as usize,
+                notify: notify.clone(),
+            },
+            alerts: crate::events::AlertActions { hook: on_alert, notifier: notify },
+            notify_socket: env.notify_socket,
         })
     }
 }

@@ -142,6 +142,9 @@ pub struct Grant {
     /// neither sees nor meters its requests, and only the provider's limit caps it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub direct: bool,
+    /// Percentages of the cap at which an alert fires (once per period each), ascending.
+    #[serde(default = "default_alerts")]
+    pub alerts: Vec<u32>,
 }
 
 /// A billable API, as a grant's scope names it (`--apis chat,embeddings`).
@@ -205,6 +208,24 @@ pub fn parse_apis(names: &[String]) -> Result<Vec<Api>, GrantError> {
 /// `chat, embeddings`, for messages.
 pub fn api_list(apis: &[Api]) -> String {
     apis.iter().map(|a| a.as_str()).collect::<Vec<_>>().join(", ")
+}
+
+/// The alert thresholds of a grant made without `--alert`, and of grants stored before alerts.
+pub const DEFAULT_ALERTS: [u32; 2] = [80, 100];
+
+fn default_alerts() -> Vec<u32> {
+    DEFAULT_ALERTS.to_vec()
+}
+
+/// Checks alert thresholds (1 to 1000 percent) and returns them ascending, without repeats.
+pub fn validate_alerts(percents: &[u32]) -> Result<Vec<u32>, GrantError> {
+    if let Some(bad) = percents.iter().find(|p| !(1..=1000).contains(*p)) {
+        return Err(GrantError::BadAlert(*bad));
+    }
+    let mut sorted = percents.to_vec();
+    sorted.sort_unstable();
+    sorted.dedup();
+    Ok(sorted)
 }
 
 /// An agent's configuration file changed for a grant: its text before, and a hash of the text
@@ -487,6 +508,8 @@ pub enum GrantError {
     ExpiryInPast,
     #[error("unknown API {0:?}; use chat, responses, embeddings, messages or generate")]
     BadApi(String),
+    #[error("alert threshold {0}% must be between 1 and 1000 percent of the cap")]
+    BadAlert(u32),
 }
 
 pub fn validate_name(name: &str) -> Result<(), GrantError> {
@@ -575,6 +598,7 @@ mod tests {
             apis: Vec::new(),
             provider_key: None,
             direct: false,
+            alerts: DEFAULT_ALERTS.to_vec(),
         }
     }
 

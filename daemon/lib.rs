@@ -13,14 +13,18 @@
 //! - [`backstop`]: provider-side caps (OpenRouter keys with a limit, one per grant), kept in step
 //!   with the grants; [`access`]: access requests from local programs, answered by the owner;
 //!   [`when`]: times as people write them; [`notify`]: desktop notifications.
+//! - [`events`]: the per-request log line, live events for watchers, spend alerts. [`audit`]:
+//!   the durable record of control-plane changes. [`readiness`]: systemd's `READY=1`.
 //! - [`proxy`]: the only module that knows hyper. [`control`]: the only one that knows protobuf.
 
 pub mod access;
 pub mod admission;
 pub mod app;
+pub mod audit;
 pub mod backstop;
 pub mod config;
 pub mod control;
+pub mod events;
 pub mod grants;
 pub mod ledger;
 pub mod notify;
@@ -28,6 +32,7 @@ pub mod paths;
 pub mod pricing;
 pub mod providers;
 pub mod proxy;
+pub mod readiness;
 pub mod request_fields;
 pub mod secret;
 pub mod shutdown;

@@ -8,7 +8,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = capit::config::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAPIT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    // No colour codes where stderr is not a terminal (journald, launchd's log file, a pipe).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    tracing_subscriber::fmt().with_env_filter(filter).with_ansi(ansi).with_writer(std::io::stderr).init();
     let config = match capit::config::Config::load(cli, capit::paths::PathEnv::from_process()) {
         Ok(config) => config,
         Err(e) => {

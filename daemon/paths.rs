@@ -11,6 +11,8 @@ pub struct PathEnv {
     pub home: Option<PathBuf>,
     pub xdg_data_home: Option<PathBuf>,
     pub xdg_runtime_dir: Option<PathBuf>,
+    /// `$NOTIFY_SOCKET`: where systemd listens for readiness (a `Type=notify` unit).
+    pub notify_socket: Option<PathBuf>,
 }
 
 impl PathEnv {
@@ -23,6 +25,7 @@ impl PathEnv {
             home: var("HOME"),
             xdg_data_home: var("XDG_DATA_HOME"),
             xdg_runtime_dir: var("XDG_RUNTIME_DIR"),
+            notify_socket: var("NOTIFY_SOCKET"),
         }
     }
 

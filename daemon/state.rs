@@ -52,6 +52,8 @@ pub enum StateError {
     Store(#[from] StoreError),
     #[error("generating a key: {0}")]
     Random(#[from] secret::RandomError),
+    #[error("audit log: {0}")]
+    Audit(#[from] crate::audit::AuditError),
 }
 
 /// The daemon's time: the system clock plus an offset that is zero in the daemon and that
@@ -178,6 +180,8 @@ pub struct Reservation {
     /// The hold's id in the store and what was written there, once it was (holds of $0 are not).
     durable: Option<(u64, StoredReservation)>,
     store: Store,
+    /// When the request was admitted, for the latency its settlement reports.
+    admitted_at: Instant,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -298,6 +302,8 @@ pub struct State {
     access: crate::access::AccessRequests,
     /// This database's random id (see `backstop::key_name`).
     installation_id: String,
+    events: crate::events::Events,
+    audit: Arc<crate::audit::AuditLog>,
 }
 
 /// What the proxy needs to forward a request for one provider.
@@ -362,7 +368,8 @@ impl State {
             let slot = GrantSlot::new(grant, window, spent, counts, lifetime.refused);
             registry.grants.insert(slot.id, Arc::new(slot));
         }
-        Ok(State {
+        let audit = Arc::new(crate::audit::AuditLog::open(&home.join(crate::audit::FILE_NAME))?);
+        let state = State {
             store,
             registry: RwLock::new(registry),
             admin: tokio::sync::Mutex::new(()),
@@ -373,7 +380,39 @@ impl State {
             clock,
             access: crate::access::AccessRequests::new(crate::access::AccessConfig::default()),
             installation_id: snapshot.installation_id,
-        })
+            events: crate::events::Events::new(),
+            audit,
+        };
+        // Thresholds the spend has already passed this period do not fire again after a restart.
+        for slot in state.read().grants.values() {
+            state.events.seed(&slot.standing());
+        }
+        Ok(state)
+    }
+
+    /// The live event hub: watchers subscribe to it; settlements and refusals publish to it.
+    pub fn events(&self) -> &crate::events::Events {
+        &self.events
+    }
+
+    /// Appends a control-plane change to the audit log, durably, before the caller reports it
+    /// done. Every control handler that changes something calls this once it succeeded.
+    pub async fn audit(&self, actor: &crate::audit::Actor, change: crate::audit::Change) -> Result<crate::audit::AuditEntry, StateError> {
+        let audit = self.audit.clone();
+        let (actor, at_ms) = (actor.clone(), self.clock.now_millis());
+        let entry = tokio::task::spawn_blocking(move || audit.append(&actor, change, at_ms))
+            .await
+            .map_err(|e| StateError::Invalid(format!("audit write failed: {e}")))??;
+        Ok(entry)
+    }
+
+    /// Audit entries at or after `since_ms`, for one grant or all, oldest first.
+    pub async fn audit_entries(&self, since_ms: i64, grant: Option<String>) -> Result<Vec<crate::audit::AuditEntry>, StateError> {
+        let audit = self.audit.clone();
+        let entries = tokio::task::spawn_blocking(move || audit.entries(since_ms, grant.as_deref()))
+            .await
+            .map_err(|e| StateError::Invalid(format!("audit read failed: {e}")))??;
+        Ok(entries)
     }
 
     pub fn store(&self) -> &Store {
@@ -620,6 +659,10 @@ impl State {
             apis: spec.apis,
             provider_key: spec.provider_key.map(Box::new),
             direct: spec.direct,
+            alerts: match spec.alerts {
+                Some(alerts) => crate::grants::validate_alerts(&alerts)?,
+                None => crate::grants::DEFAULT_ALERTS.to_vec(),
+            },
         };
         let revoked = old.as_ref().map(|slot| Grant { revoked_at: Some(now), ..slot.grant() });
         match &revoked {
@@ -693,6 +736,7 @@ impl State {
                 live.roll(now, slot.id, &self.store);
             }
         }
+        self.events.spend_changed(&slot.standing(), self.clock.now_millis());
         Ok(self.grant_view(&slot))
     }
 
@@ -940,6 +984,7 @@ impl State {
             settled: false,
             durable: None,
             store: self.store.clone(),
+            admitted_at: Instant::now(),
         };
         Attempt::Admitted(reservation, hold)
     }
@@ -1009,6 +1054,7 @@ impl State {
         drop(live);
         drop(self.store.submit(WriteOp::CountRefusal { grant: slot.id, window_start, reason: reason.to_string() }));
         tracing::info!(grant = %grant, model = model.unwrap_or("-"), reason, "refused: {message}");
+        self.events.refused(grant, model, reason, message, self.clock.now_millis());
     }
 
     /// Checks that a grant may make free calls (model lists): not revoked, not expired.
@@ -1049,6 +1095,7 @@ impl State {
             live.window.start
         };
         reservation.settled = true;
+        self.events.settled(slot.standing(), &entry, reservation.admitted_at.elapsed());
         slot.changed.notify_waiters();
         let stored = reservation.durable.as_ref().map(|(id, _)| *id);
         self.store.submit(WriteOp::AppendEntry { entry, window_start, reservation: stored })
@@ -1127,6 +1174,8 @@ pub struct GrantUpdate {
     pub apis: Option<Vec<Api>>,
     /// A new provider key (replacing the old one on the provider's side is the caller's part).
     pub provider_key: Option<crate::backstop::ProviderKey>,
+    /// New alert thresholds in percent of the cap; empty turns alerts off.
+    pub alerts: Option<Vec<u32>>,
 }
 
 /// A grant with `update` applied, checked.
@@ -1173,6 +1222,9 @@ fn apply_update(mut grant: Grant, update: GrantUpdate, now: i64) -> Result<Grant
     if let Some(key) = update.provider_key {
         grant.provider_key = Some(Box::new(key));
     }
+    if let Some(alerts) = update.alerts {
+        grant.alerts = crate::grants::validate_alerts(&alerts)?;
+    }
     Ok(grant)
 }
 
@@ -1193,6 +1245,8 @@ pub struct GrantSpec {
     pub provider_key: Option<crate::backstop::ProviderKey>,
     /// The agent gets `provider_key` itself (no proxy).
     pub direct: bool,
+    /// Alert thresholds in percent of the cap; `None` for the default (80 and 100).
+    pub alerts: Option<Vec<u32>>,
 }
 
 /// A provider key's text, checked: one token, and not a capit key.
@@ -1238,6 +1292,22 @@ impl GrantSlot {
     /// The grant lets a request's output be lowered to fit what is left (`--fit`).
     pub fn fit(&self) -> bool {
         self.lock().grant.limits.fit
+    }
+
+    /// The grant's spend as it stands, for the event hub and its alerts.
+    pub fn standing(&self) -> crate::events::Standing {
+        let live = self.lock();
+        crate::events::Standing {
+            id: self.id,
+            name: live.grant.name.clone(),
+            provider: live.grant.provider.clone(),
+            cap: live.grant.cap,
+            spent: live.spent,
+            reserved: live.reserved,
+            period: live.grant.period,
+            window_start: live.window.start,
+            alerts: live.grant.alerts.clone(),
+        }
     }
 
     fn view(&self, now: i64, store: &Store) -> GrantView {
@@ -1315,6 +1385,7 @@ mod tests {
             apis: vec![],
             provider_key: None,
             direct: false,
+            alerts: None,
         }
     }
 

@@ -112,6 +112,7 @@ pub async fn approve(
                     apis: apis.clone().unwrap_or_else(|| g.apis.clone()),
                     provider_key: None,
                     direct: false,
+                    alerts: None,
                 };
                 let (grant, key) = service.backstop.create_grant(spec).await.map_err(backstop_status)?;
                 let answer = Answer {

@@ -18,7 +18,7 @@ pub fn status_from(error: StateError) -> Status {
         StateError::Invalid(_) | StateError::Provider(_) | StateError::Grant(_) | StateError::Price(_) => {
             Status::invalid_argument(error.to_string())
         }
-        StateError::Store(_) | StateError::Random(_) => {
+        StateError::Store(_) | StateError::Random(_) | StateError::Audit(_) => {
             tracing::error!(error = %error, "control request failed");
             Status::internal("capitd could not complete the request; its log has the details")
         }
@@ -90,6 +90,7 @@ pub fn grant(view: &GrantView) -> pb::Grant {
         direct: g.direct,
         apis: g.apis.iter().map(|a| a.as_str().to_string()).collect(),
         provider_key: g.provider_key.as_deref().map(provider_key),
+        alerts: g.alerts.clone(),
     }
 }
 
@@ -235,4 +236,81 @@ pub fn limits_from(l: Option<&pb::Limits>) -> crate::grants::Limits {
         fit: l.fit,
     })
     .unwrap_or_default()
+}
+
+pub fn day_row(day: String, series: String, t: &Totals) -> pb::DayRow {
+    pb::DayRow { day, series, spent: decimal_string(t.spent), requests: t.requests }
+}
+
+pub fn audit_entry(e: &crate::audit::AuditEntry) -> pb::AuditEntry {
+    pb::AuditEntry {
+        seq: e.seq,
+        at_ms: e.at_ms,
+        user: e.user.clone(),
+        uid: e.uid,
+        pid: e.pid.unwrap_or(0),
+        action: e.action.clone(),
+        target: e.target.clone(),
+        grant: e.grant.clone().unwrap_or_default(),
+        detail: e.detail.clone(),
+    }
+}
+
+/// A price in words, for the audit log.
+pub fn price_summary(p: &Price) -> String {
+    let mut parts = vec![format!("input ${}", decimal_string(p.base.input)), format!("output ${}", decimal_string(p.base.output))];
+    if let Some(cached) = p.base.cached_input {
+        parts.push(format!("cached input ${}", decimal_string(cached)));
+    }
+    if let Some(write) = p.base.cache_write_5m {
+        parts.push(format!("cache write ${}", decimal_string(write)));
+    }
+    if let Some(write) = p.base.cache_write_1h {
+        parts.push(format!("1h cache write ${}", decimal_string(write)));
+    }
+    format!("{} per million tokens", parts.join(", "))
+}
+
+/// The parts of a grant a person set, in words, for the audit log.
+fn grant_fields(g: &crate::grants::Grant) -> Vec<(&'static str, String)> {
+    let n = |v: Option<u64>| v.map_or("none".to_string(), |v| v.to_string());
+    vec![
+        ("provider", g.provider.clone()),
+        ("cap", format!("${}", money(g.cap))),
+        ("period", g.period.as_str().to_string()),
+        ("expires", g.expires_at.map_or("never".to_string(), crate::grants::format_time)),
+        ("models", if g.models.is_empty() { "any priced model".to_string() } else { g.models.join(",") }),
+        ("max requests", n(g.limits.max_requests)),
+        ("max tokens", n(g.limits.max_tokens)),
+        ("rpm", n(g.limits.rpm)),
+        ("tpm", n(g.limits.tpm)),
+        ("concurrency", n(g.limits.concurrency)),
+        ("fit", g.limits.fit.to_string()),
+        (
+            "alerts",
+            if g.alerts.is_empty() { "off".to_string() } else { g.alerts.iter().map(|a| format!("{a}%")).collect::<Vec<_>>().join(",") },
+        ),
+        ("note", format!("{:?}", g.note)),
+    ]
+}
+
+/// A new grant in words: what was set, leaving out the limits it does not have.
+pub fn grant_summary(g: &crate::grants::Grant) -> String {
+    grant_fields(g)
+        .iter()
+        .filter(|(k, v)| !(v == "none" || (*k == "fit" && v == "false") || (*k == "note" && v == "\"\"")))
+        .map(|(k, v)| format!("{k} {v}"))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+/// What `set` changed, field by field.
+pub fn grant_changes(before: &crate::grants::Grant, after: &crate::grants::Grant) -> String {
+    let changed: Vec<String> = grant_fields(before)
+        .into_iter()
+        .zip(grant_fields(after))
+        .filter(|((_, old), (_, new))| old != new)
+        .map(|((name, old), (_, new))| format!("{name} {old} -> {new}"))
+        .collect();
+    if changed.is_empty() { "no change".to_string() } else { changed.join("; ") }
 }

@@ -56,6 +56,24 @@ pub enum Command {
     Approve(ApproveArgs),
     /// Deny an access request.
     Deny { id: String },
+    /// Live view of requests, refusals, alerts and spend (`--json`: one event per line).
+    Watch,
+    /// The audit log: every change to keys, providers, prices, grants and the service.
+    Log(LogArgs),
+    /// Run capitd as a systemd user service (Linux) or a launchd agent (macOS).
+    #[command(subcommand)]
+    Service(ServiceCommand),
+    /// Print a shell completion script: capitctl completions bash > ~/.local/share/bash-completion/completions/capitctl
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print a man page in roff: capitctl man | man -l -
+    Man {
+        /// capitctl or capitd.
+        #[arg(default_value = "capitctl", value_parser = ["capitctl", "capitd"])]
+        page: String,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -70,6 +88,51 @@ pub struct ApproveArgs {
     /// The APIs allowed, instead of those asked for (comma-separated; empty allows all).
     #[arg(long, value_delimiter = ',')]
     pub apis: Option<Vec<String>>,
+}
+
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// Only changes since: 7d (ago), 2026-11-01, or an RFC 3339 time.
+    #[arg(long)]
+    pub since: Option<String>,
+    /// Only changes to this grant.
+    #[arg(long)]
+    pub grant: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ServiceCommand {
+    /// Install and start the service (or show what would be written with --dry-run).
+    Install(InstallArgs),
+    /// Stop the service and remove its file.
+    Uninstall(ServiceArgs),
+    /// The service manager's view and the daemon's.
+    Status(ServiceArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct ServiceArgs {
+    /// The unit's name (capitd.service, or the agent dev.capit.capitd on macOS).
+    #[arg(long, default_value = "capitd", hide = true)]
+    pub name: String,
+    /// systemd or launchd; another platform's only with --dry-run.
+    #[arg(long, hide = true)]
+    pub manager: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    #[command(flatten)]
+    pub service: ServiceArgs,
+    /// The proxy's address; loopback only.
+    #[arg(long, default_value = "127.0.0.1:8787")]
+    pub listen: String,
+    /// Print the unit (or plist) and where it would go; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// More capitd flags, after `--`: capitctl service install -- --on-alert 'CMD'
+    #[arg(last = true)]
+    pub capitd_flags: Vec<String>,
 }
 
 #[derive(Debug, Subcommand)]
@@ -192,6 +255,10 @@ pub struct GrantArgs {
     pub apis: Vec<String>,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// Alert when spend reaches these percentages of the cap, once per period each (default
+    /// 80,100; "off" for none).
+    #[arg(long, value_delimiter = ',')]
+    pub alert: Option<Vec<String>>,
 }
 
 /// Count and rate limits, for `grant` and `set` (with `set`, 0 removes a limit).
@@ -239,6 +306,9 @@ pub struct SetArgs {
     pub apis: Option<Vec<String>>,
     #[command(flatten)]
     pub limits: LimitArgs,
+    /// New alert thresholds in percent of the cap, e.g. 50,80,100; "off" for none.
+    #[arg(long, value_delimiter = ',')]
+    pub alert: Option<Vec<String>>,
 }
 
 #[derive(Debug, Args)]
@@ -247,7 +317,10 @@ pub struct UsageArgs {
     /// Only requests since: 7d (ago), 2026-11-01, or an RFC 3339 time.
     #[arg(long)]
     pub since: Option<String>,
-    /// Break the table down by model or by day.
+    /// Break the table down by model or by day, with a bar per row.
     #[arg(long, value_parser = ["model", "day"])]
     pub by: Option<String>,
+    /// Write an SVG chart of spend per day (per grant, or per model for one grant) to FILE.
+    #[arg(long, value_name = "FILE.svg")]
+    pub chart: Option<PathBuf>,
 }

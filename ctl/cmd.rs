@@ -19,10 +19,17 @@ use crate::when;
 pub(crate) type Client = ControlClient<Channel>;
 
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    let json = cli.json;
+    // The commands that work without a daemon.
+    let command = match cli.command {
+        Command::Service(cmd) => return crate::service::service(cmd, cli.socket, json).await,
+        Command::Completions { shell } => return completions(shell),
+        Command::Man { page } => return manual(&page),
+        command => command,
+    };
     let socket = socket_path(cli.socket)?;
     let mut client = connect(&socket).await?;
-    let json = cli.json;
-    match cli.command {
+    match command {
         Command::Key(cmd) => key(&mut client, cmd, json).await,
         Command::Provider(cmd) => provider(&mut client, cmd, json).await,
         Command::Price(cmd) => price(&mut client, cmd, json).await,
@@ -38,21 +45,54 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Requests => crate::requests::list(&mut client, json).await,
         Command::Approve(args) => crate::requests::approve(&mut client, args, json).await,
         Command::Deny { id } => crate::requests::deny(&mut client, &id, json).await,
+        Command::Watch => crate::watch::watch(&socket, json).await,
+        Command::Log(args) => crate::audit::log(&mut client, args, json).await,
+        Command::Service(_) | Command::Completions { .. } | Command::Man { .. } => unreachable!("handled above"),
     }
 }
 
-fn socket_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
+fn completions(shell: clap_complete::Shell) -> anyhow::Result<()> {
+    clap_complete::generate(shell, &mut <Cli as clap::CommandFactory>::command(), "capitctl", &mut std::io::stdout());
+    Ok(())
+}
+
+fn manual(page: &str) -> anyhow::Result<()> {
+    let command = match page {
+        "capitd" => <capit::config::Cli as clap::CommandFactory>::command(),
+        _ => <Cli as clap::CommandFactory>::command(),
+    };
+    clap_mangen::Man::new(command).render(&mut std::io::stdout()).context("writing the man page")
+}
+
+/// `--alert 50,80,100`: percentages of the cap; `off` (or `none`) for none.
+fn alerts_pb(alert: Option<&Vec<String>>) -> anyhow::Result<Option<pb::Alerts>> {
+    let Some(words) = alert else { return Ok(None) };
+    if words.len() == 1 && matches!(words[0].trim(), "off" | "none" | "") {
+        return Ok(Some(pb::Alerts { percent: Vec::new() }));
+    }
+    let percent = words
+        .iter()
+        .map(|w| w.trim().trim_end_matches('%').parse::<u32>().map_err(|_| anyhow!("--alert {w:?} is not a percentage such as 80")))
+        .collect::<anyhow::Result<Vec<u32>>>()?;
+    Ok(Some(pb::Alerts { percent }))
+}
+
+pub(crate) fn socket_path(flag: Option<PathBuf>) -> anyhow::Result<PathBuf> {
     let env = capit::paths::PathEnv::from_process();
     flag.or_else(|| env.socket_path()).context("cannot find the control socket: set CAPIT_SOCKET, CAPIT_HOME or HOME")
 }
 
-async fn connect(socket: &std::path::Path) -> anyhow::Result<Client> {
+pub(crate) async fn connect(socket: &std::path::Path) -> anyhow::Result<Client> {
+    connect_with(socket, |endpoint| endpoint).await
+}
+
+/// Connects with the endpoint adjusted, e.g. flow-control windows for a stream.
+pub(crate) async fn connect_with(socket: &std::path::Path, adjust: impl FnOnce(Endpoint) -> Endpoint) -> anyhow::Result<Client> {
     if !socket.exists() {
         bail!("capitd is not running (no control socket at {}); start it with: capitd", socket.display());
     }
     let uri = format!("unix://{}", socket.display());
-    let channel = Endpoint::from_shared(uri)
-        .context("invalid socket path")?
+    let channel = adjust(Endpoint::from_shared(uri).context("invalid socket path")?)
         .connect()
         .await
         .map_err(|e| anyhow!("cannot connect to capitd at {}: {e}", socket.display()))?;
@@ -436,6 +476,7 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         direct: args.direct,
         apis: args.apis.clone(),
         replace,
+        alerts: alerts_pb(args.alert.as_ref())?,
     };
     let created = client.create_grant(request).await.map_err(rpc)?.into_inner();
     let g = created.grant.clone().unwrap_or_default();
@@ -614,8 +655,10 @@ async fn set(client: &mut Client, args: SetArgs, json: bool) -> anyhow::Result<(
         fit: l.fit,
         set_apis: args.apis.is_some(),
         apis: args.apis.clone().unwrap_or_default(),
+        alerts: alerts_pb(args.alert.as_ref())?,
     };
-    let unchanged = request.cap.is_none()
+    let unchanged = request.alerts.is_none()
+        && request.cap.is_none()
         && request.period.is_none()
         && request.expires_at.is_none()
         && !request.set_models
@@ -624,7 +667,7 @@ async fn set(client: &mut Client, args: SetArgs, json: bool) -> anyhow::Result<(
         && l.fit.is_none()
         && !request.set_apis;
     if unchanged {
-        bail!("nothing to change; give --cap, --period, --expires, --models, --apis, --note or a limit");
+        bail!("nothing to change; give --cap, --period, --expires, --models, --apis, --note, --alert or a limit");
     }
     let reply = client.update_grant(request).await.map_err(rpc)?.into_inner();
     let g = reply.grant.unwrap_or_default();
@@ -683,7 +726,7 @@ pub(crate) fn grant_json(g: &pb::Grant) -> Value {
         "name": g.name, "provider": g.provider, "cap": g.cap, "spent": g.spent, "reserved": g.reserved, "period": g.period,
         "expires_at": time_json(g.expires_at), "state": g.state, "resets_at": time_json(g.resets_at),
         "models": g.models, "created_at": time_json(g.created_at), "created_by": g.created_by, "note": g.note,
-        "revoked_at": time_json(g.revoked_at), "limits": limits_json(g.limits.as_ref()),
+        "revoked_at": time_json(g.revoked_at), "limits": limits_json(g.limits.as_ref()), "alerts": g.alerts,
         "installed_into": g.installs.first().map(|i| i.path.clone()),
         "refused": refused_json(&g.refused),
         "direct": g.direct, "spent_source": if g.direct { "provider" } else { "ledger" }, "apis": g.apis,
@@ -758,6 +801,9 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
     };
     let grant = args.grant.clone().unwrap_or_default();
     let u = client.get_usage(pb::GetUsageRequest { grant: grant.clone(), since }).await.map_err(rpc)?.into_inner();
+    if let Some(file) = &args.chart {
+        return crate::chart::write_svg(file, &u, json);
+    }
     let total = u.total.clone().unwrap_or_default();
     let named = |rows: &[pb::UsageRow], key: &str| -> Vec<Value> {
         rows.iter()
@@ -815,8 +861,12 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
     if rows.is_empty() {
         return Ok(());
     }
-    let mut table = vec![[label, "SPENT", "REQUESTS", "INPUT", "CACHED", "OUTPUT", "REASONING", "ESTIMATED"].map(String::from).to_vec()];
-    for r in rows {
+    // Every day in the range, spent or not, so the bars read as a time line.
+    let rows = if label == "DAY" { crate::chart::every_day(rows) } else { rows.clone() };
+    let bars = crate::chart::bars(&rows, 30);
+    let mut table =
+        vec![[label, "SPENT", "REQUESTS", "INPUT", "CACHED", "OUTPUT", "REASONING", "ESTIMATED", ""].map(String::from).to_vec()];
+    for (r, bar) in rows.iter().zip(bars) {
         table.push(vec![
             r.key.clone(),
             dollars(&r.spent),
@@ -826,6 +876,7 @@ async fn usage(client: &mut Client, args: UsageArgs, json: bool) -> anyhow::Resu
             r.output_tokens.to_string(),
             r.reasoning_tokens.to_string(),
             r.estimated.to_string(),
+            bar,
         ]);
     }
     println!();
@@ -871,7 +922,7 @@ async fn status(client: &mut Client, json: bool) -> anyhow::Result<()> {
         output::json(&json!({
             "version": s.version, "uptime_seconds": s.uptime_seconds, "listen_addr": s.listen_addr, "home": s.home,
             "grants_active": s.grants_active, "grants_total": s.grants_total, "keys": s.keys,
-            "providers": s.providers, "ledger_entries": s.ledger_entries,
+            "providers": s.providers, "ledger_entries": s.ledger_entries, "watchers": s.watchers,
             "access_requests": s.access_requests,
             "provider_keys": {
                 "checked_at": time_json(s.keys_checked_at), "errors": s.key_check_errors,

@@ -1,14 +1,19 @@
 //! `capitctl`: controls capitd over its Unix socket. Thin: parse, run, print the error.
 //! Exit codes: 0 success, 1 failure (one line on stderr), 2 bad usage (clap).
 
+mod audit;
+mod chart;
 mod cli;
 mod cmd;
 mod consumers;
+mod dashboard;
 mod fetch;
 mod install;
 mod output;
 mod remote;
 mod requests;
+mod service;
+mod watch;
 mod when;
 
 use std::process::ExitCode;

@@ -53,3 +53,27 @@ pub fn dollars(text: &str) -> String {
         Err(_) => format!("${text}"),
     }
 }
+
+/// Money for a glance (the live view): cents from a dollar up, else four decimals; exact
+/// figures are in `--json` and `usage`.
+pub fn dollars_short(text: &str) -> String {
+    let Ok(amount) = text.parse::<rust_decimal::Decimal>() else { return format!("${text}") };
+    if amount.abs() >= rust_decimal::Decimal::ONE || amount.is_zero() {
+        return format!("${:.2}", amount.round_dp_with_strategy(2, rust_decimal::RoundingStrategy::MidpointAwayFromZero));
+    }
+    let rounded = amount.round_dp_with_strategy(4, rust_decimal::RoundingStrategy::MidpointAwayFromZero);
+    if rounded.is_zero() { "<$0.0001".to_string() } else { format!("${}", capit::grants::money(rounded)) }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn short_dollars_round_for_a_glance() {
+        use super::dollars_short;
+        assert_eq!(dollars_short("12.345"), "$12.35");
+        assert_eq!(dollars_short("0.0382855"), "$0.0383");
+        assert_eq!(dollars_short("0.00001"), "<$0.0001");
+        assert_eq!(dollars_short("0"), "$0.00");
+        assert_eq!(dollars_short("0.5"), "$0.50");
+    }
+}

@@ -5,6 +5,8 @@ mod support;
 
 mod access;
 mod agents;
+mod alerts;
+mod audit;
 mod backstop;
 mod budget;
 mod cli;
@@ -17,3 +19,5 @@ mod prices;
 mod providers;
 mod refusals;
 mod sdk;
+mod service;
+mod watch;

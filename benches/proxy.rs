@@ -2,6 +2,7 @@
 //! upstream directly and against a bare forwarding proxy with no metering (this same binary,
 //! started again with `--bare-forwarder`), for
 //! - added latency, p50/p99 over 1,000 small JSON requests on keep-alive connections;
+//! - the same latency with `capitctl watch --json` attached, reading or stuck;
 //! - time to the first byte of a stream, over 300 new connections;
 //! - throughput with 16 concurrent clients for 3 s each;
 //! - capitd's resident memory idle and with 1,000 streams open at once.
@@ -147,6 +148,52 @@ fn main() {
             "  capitd / bare forwarder, whole request: p50 {:.2}x, p99 {:.2}x",
             us(figures[2].0) / us(figures[1].0),
             us(figures[2].1) / us(figures[1].1)
+        );
+
+        // What a watcher costs: nothing while nobody watches (one atomic load), and a reader that
+        // stops reading must not cost more than one that keeps up (the daemon drops for it).
+        println!("capitd with and without `capitctl watch --json` attached (same requests, one at a time):");
+        let (_, capit_url, capit_auth) = &targets[2];
+        let mut watched = Vec::new();
+        for mode in ["nobody watching", "a watcher reading", "a stuck watcher"] {
+            let watcher = match mode {
+                "nobody watching" => None,
+                _ => {
+                    let mut command = std::process::Command::new(support::daemon::CAPITCTL);
+                    command.arg("--socket").arg(&daemon.socket).args(["watch", "--json"]).stdin(std::process::Stdio::null());
+                    // A reader that keeps up writes to /dev/null; a stuck one to a pipe nobody reads.
+                    if mode == "a watcher reading" {
+                        command.stdout(std::process::Stdio::null());
+                    } else {
+                        command.stdout(std::process::Stdio::piped());
+                    }
+                    Some(command.spawn().unwrap())
+                }
+            };
+            let expected = u64::from(watcher.is_some());
+            while daemon.ctl_json(&["status"])["watchers"].as_u64() != Some(expected) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            // The stuck watcher's buffers fill in the first few thousand events; measure after.
+            for _ in 0..6000 {
+                once(capit_url, capit_auth, PLAIN).await;
+            }
+            let mut samples = Vec::new();
+            for _ in 0..1000 {
+                samples.push(once(capit_url, capit_auth, PLAIN).await);
+            }
+            watched.push(report(mode, samples));
+            if let Some(mut watcher) = watcher {
+                let _ = watcher.kill();
+                let _ = watcher.wait();
+            }
+        }
+        println!(
+            "  with a watcher / without: reading p50 {:.2}x p99 {:.2}x; stuck p50 {:.2}x p99 {:.2}x",
+            us(watched[1].0) / us(watched[0].0),
+            us(watched[1].1) / us(watched[0].1),
+            us(watched[2].0) / us(watched[0].0),
+            us(watched[2].1) / us(watched[0].1)
         );
 
         let ttfb = |url: String, auth: String| async move {

@@ -26,6 +26,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod grants;
+pub mod lease;
 pub mod ledger;
 pub mod notify;
 pub mod paths;

@@ -1,0 +1,231 @@
+//! Admission leases: an amount of a budget durably set aside for this daemon's requests in
+//! flight, so that a request is admitted in memory, with no disk wait (or round trip to a
+//! shared budget), while the holds in flight fit inside the lease. Only when they would not does
+//! a request wait for one commit that raises it.
+//!
+//! Two sources lease room: a grant's own cap, kept in the local store (the daemon's memory
+//! decides, the store makes it durable), and a team pool shared by many daemons (a database
+//! decides: a raise succeeds only if the pool's spend, every member's lease and the raise fit its
+//! cap). Both are a [`LeaseSource`]; the bookkeeping in memory, [`LeaseBook`], is the same.
+//!
+//! Invariant (see ARCHITECTURE.md): the durable lease always covers what this daemon may owe
+//! and the budget has not recorded yet: the holds of requests whose bodies may have gone
+//! upstream, and (for a shared pool) settled spend not yet reported. A request's body goes
+//! upstream only once a committed lease covers its hold. So after a crash, charging the whole
+//! committed lease as `interrupted` never charges less than was billed, and over-charges by at
+//! most the lease.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use rust_decimal::Decimal;
+
+/// A boxed future, so that lease sources can be trait objects.
+pub type LeaseFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LeaseError {
+    /// The budget has no room for the raise; `available` is what it could still lease.
+    #[error("the budget has only ${available} left to lease")]
+    NoRoom { available: Decimal },
+    /// Where the budget is kept cannot be reached; what is already leased keeps serving.
+    #[error("the budget cannot be reached: {0}")]
+    Unreachable(String),
+}
+
+/// Where a budget is kept, as a daemon that leases room from it sees it.
+pub trait LeaseSource: Send + Sync {
+    /// Makes `amount` this daemon's lease on the budget, durably, and resolves once a crash
+    /// would charge it. A raise succeeds only while the budget has room for it; a lowering
+    /// always succeeds (it may be applied lazily, since a larger lease is the conservative one).
+    fn commit_lease(&self, amount: Decimal) -> LeaseFuture<'_, Result<(), LeaseError>>;
+}
+
+/// How leases are sized: raised to the peak of the holds in flight over `window`, times
+/// `headroom`, never past what the budget has left; lowered lazily to that when it has stayed
+/// larger for a whole window.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LeasePolicy {
+    pub window: Duration,
+    /// In percent: 200 leases twice the recent peak.
+    pub headroom_percent: u32,
+}
+
+impl Default for LeasePolicy {
+    fn default() -> LeasePolicy {
+        LeasePolicy { window: Duration::from_secs(10), headroom_percent: 200 }
+    }
+}
+
+/// One budget's lease, in memory: what is committed, what is asked for, what is held.
+#[derive(Clone, Debug)]
+pub struct LeaseBook {
+    policy: LeasePolicy,
+    /// Durable: a crash charges this.
+    committed: Decimal,
+    /// A commit under way, to this amount.
+    raising_to: Option<Decimal>,
+    /// What the lease must cover now: holds in flight (and unreported spend, for a pool).
+    covered: Decimal,
+    /// The largest `covered` seen since `peak_since`.
+    peak: Decimal,
+    peak_since: Instant,
+    /// Since when the lease has been larger than it needs to be.
+    oversized_since: Option<Instant>,
+}
+
+/// What admitting a hold asks of the lease.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cover {
+    /// The committed lease covers it: the request may go at once.
+    Now,
+    /// A commit under way (or one to start, to `raise_to`) will cover it once it lands.
+    After { raise_to: Option<Decimal>, needed: Decimal },
+}
+
+impl LeaseBook {
+    pub fn new(policy: LeasePolicy, committed: Decimal, now: Instant) -> LeaseBook {
+        LeaseBook {
+            policy,
+            committed,
+            raising_to: None,
+            covered: Decimal::ZERO,
+            peak: Decimal::ZERO,
+            peak_since: now,
+            oversized_since: None,
+        }
+    }
+
+    pub fn committed(&self) -> Decimal {
+        self.committed
+    }
+
+    pub fn covered(&self) -> Decimal {
+        self.covered
+    }
+
+    /// Takes `amount` under the lease (a hold admitted; for a pool, spend not yet reported).
+    /// `room` is the most the budget could lease in all (what its cap has left). The caller has
+    /// already checked the hold against the cap.
+    pub fn take(&mut self, amount: Decimal, room: Decimal, now: Instant) -> Cover {
+        self.covered = self.covered.saturating_add(amount);
+        self.note_peak(now);
+        let needed = self.covered;
+        if needed <= self.committed {
+            return Cover::Now;
+        }
+        if self.raising_to.is_some_and(|to| to >= needed) {
+            return Cover::After { raise_to: None, needed };
+        }
+        let wanted = self.peak.saturating_mul(Decimal::from(self.policy.headroom_percent)) / Decimal::ONE_HUNDRED;
+        let target = wanted.max(needed).min(room.max(needed));
+        self.raising_to = Some(target);
+        Cover::After { raise_to: Some(target), needed }
+    }
+
+    /// Gives `amount` back (a hold settled or released, spend reported).
+    pub fn give_back(&mut self, amount: Decimal, now: Instant) {
+        self.covered = (self.covered - amount).max(Decimal::ZERO);
+        self.note_peak(now);
+    }
+
+    /// A commit to `amount` landed (or, with `ok == false`, failed and was abandoned).
+    pub fn committed_to(&mut self, amount: Decimal, ok: bool) {
+        if ok {
+            self.committed = amount;
+        }
+        if self.raising_to == Some(amount) || !ok {
+            self.raising_to = None;
+        }
+    }
+
+    /// The lease to lower to, when it has stayed larger than the recent peak with headroom for a
+    /// whole window (never below what it covers now, and never while a raise is under way).
+    pub fn shrink_to(&mut self, now: Instant) -> Option<Decimal> {
+        self.note_peak(now);
+        if self.raising_to.is_some() {
+            return None;
+        }
+        let wanted = (self.peak.saturating_mul(Decimal::from(self.policy.headroom_percent)) / Decimal::ONE_HUNDRED).max(self.covered);
+        if self.committed <= wanted {
+            self.oversized_since = None;
+            return None;
+        }
+        let since = *self.oversized_since.get_or_insert(now);
+        (now.duration_since(since) >= self.policy.window).then(|| {
+            self.oversized_since = None;
+            self.raising_to = Some(wanted);
+            wanted
+        })
+    }
+
+    /// The peak decays to what is covered now once a window has passed without a larger one.
+    fn note_peak(&mut self, now: Instant) {
+        if now.duration_since(self.peak_since) >= self.policy.window {
+            self.peak = self.covered;
+            self.peak_since = now;
+        } else {
+            self.peak = self.peak.max(self.covered);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(text: &str) -> Decimal {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn holds_inside_the_committed_lease_go_at_once() {
+        let t0 = Instant::now();
+        let mut book = LeaseBook::new(LeasePolicy::default(), d("1"), t0);
+        assert_eq!(book.take(d("0.4"), d("10"), t0), Cover::Now);
+        assert_eq!(book.take(d("0.6"), d("10"), t0), Cover::Now, "exactly the lease fits");
+        // Past it: one raise, to twice the peak, and the next request rides on that raise.
+        assert_eq!(book.take(d("0.5"), d("10"), t0), Cover::After { raise_to: Some(d("3")), needed: d("1.5") });
+        assert_eq!(book.take(d("0.5"), d("10"), t0), Cover::After { raise_to: None, needed: d("2.0") });
+        book.committed_to(d("3"), true);
+        assert_eq!(book.committed(), d("3"));
+        assert_eq!(book.take(d("0.9"), d("10"), t0), Cover::Now);
+    }
+
+    #[test]
+    fn near_the_cap_the_lease_is_what_is_held() {
+        let t0 = Instant::now();
+        let mut book = LeaseBook::new(LeasePolicy::default(), Decimal::ZERO, t0);
+        // Only 0.25 left to lease: the raise is exactly the holds, never past the room.
+        assert_eq!(book.take(d("0.2"), d("0.25"), t0), Cover::After { raise_to: Some(d("0.25")), needed: d("0.2") });
+        book.committed_to(d("0.25"), true);
+        book.give_back(d("0.2"), t0);
+        assert_eq!(book.take(d("0.3"), d("0.3"), t0), Cover::After { raise_to: Some(d("0.3")), needed: d("0.3") });
+    }
+
+    #[test]
+    fn an_oversized_lease_shrinks_after_a_quiet_window_never_below_what_it_covers() {
+        let t0 = Instant::now();
+        let policy = LeasePolicy { window: Duration::from_secs(10), headroom_percent: 200 };
+        let mut book = LeaseBook::new(policy, d("5"), t0);
+        book.take(d("0.5"), d("10"), t0);
+        assert_eq!(book.shrink_to(t0), None, "not before a whole window");
+        let quiet = t0 + Duration::from_secs(11);
+        assert_eq!(book.shrink_to(quiet), Some(d("1.0")), "twice what is held, after a window too large");
+        assert_eq!(book.shrink_to(quiet), None, "one lowering at a time");
+        book.committed_to(d("1.0"), true);
+        assert_eq!(book.shrink_to(quiet + Duration::from_secs(30)), None, "now the right size");
+    }
+
+    #[test]
+    fn a_failed_raise_is_abandoned() {
+        let t0 = Instant::now();
+        let mut book = LeaseBook::new(LeasePolicy::default(), Decimal::ZERO, t0);
+        let Cover::After { raise_to: Some(target), .. } = book.take(d("1"), d("5"), t0) else { panic!() };
+        book.committed_to(target, false);
+        assert_eq!(book.committed(), Decimal::ZERO);
+        book.give_back(d("1"), t0);
+        assert!(matches!(book.take(d("1"), d("5"), t0), Cover::After { raise_to: Some(_), .. }), "the next request asks again");
+    }
+}

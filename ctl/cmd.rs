@@ -931,6 +931,11 @@ async fn status(client: &mut Client, json: bool) -> anyhow::Result<()> {
                     "difference": d.difference, "drifted": d.drifted, "since": time_json(d.since),
                 })).collect::<Vec<_>>(),
             },
+            "store": {
+                "writable": s.store_writable, "error": (!s.store_error.is_empty()).then_some(&s.store_error),
+                "failing_since": time_json(s.store_failing_since), "waiting_writes": s.store_waiting_writes,
+                "outages_recovered": s.store_outages_recovered,
+            },
         }));
     } else {
         println!("capitd {} up {} s, proxy on http://{}", s.version, s.uptime_seconds, s.listen_addr);
@@ -965,6 +970,15 @@ async fn status(client: &mut Client, json: bool) -> anyhow::Result<()> {
         }
         for e in &s.key_check_errors {
             println!("provider key check failed: {e}");
+        }
+        if !s.store_writable {
+            println!(
+                "LEDGER CANNOT BE WRITTEN since {} ({} settlements waiting in memory): {}",
+                time_human(s.store_failing_since),
+                s.store_waiting_writes,
+                s.store_error
+            );
+            println!("metered requests are refused with 503 until it can; free some disk space and service resumes by itself");
         }
     }
     Ok(())

@@ -7,12 +7,19 @@
 //!   commit serves every request that settled meanwhile, and no async thread waits on a disk.
 //! - A ledger entry and its grant's running total are written in the same transaction, so the
 //!   totals always equal the sum of the entries.
+//! - A failed disk is an outage, not a loss: after an I/O error (a full disk) the writer keeps
+//!   every write that records what already happened (settlements, released holds), refuses the
+//!   rest at once (new holds, control changes), reopens the database with backoff until a write
+//!   commits again, and then commits what it kept. Every commit numbers itself, so a commit that
+//!   landed although it reported an error is never applied twice.
 
 use std::fs::OpenOptions;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock, mpsc};
 use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::{Deserialize, Serialize, de::DeserializeOwned};
@@ -53,6 +60,15 @@ const NEXT_SEQ: &str = "next_ledger_seq";
 /// A random id of this database, made once, that tells this capit's provider keys from another
 /// installation's on the same provider account.
 const INSTALLATION_ID: &str = "installation_id";
+/// The number of the last committed transaction, written by every commit: after an error whose
+/// outcome is unknown, the writer reads it to tell whether its batch landed.
+const BATCH_SEQ: &str = "batch_seq";
+
+/// The first wait between attempts to write again during an outage, doubled up to the longest.
+const PROBE_FIRST: Duration = Duration::from_millis(50);
+const PROBE_LONGEST: Duration = Duration::from_secs(2);
+/// How often a lasting outage is logged again.
+const OUTAGE_LOG_EVERY: Duration = Duration::from_secs(60);
 
 /// At most this many jobs share one commit, so one batch cannot grow without bound.
 const MAX_BATCH: usize = 8192;
@@ -71,6 +87,10 @@ pub enum StoreError {
     Schema(String),
     #[error("the store is closed")]
     Closed,
+    /// The database cannot be written (a full or failing disk); the writer is probing for its
+    /// return. Carries the error that began the outage.
+    #[error("the database cannot be written (disk full?): {0}")]
+    Unavailable(String),
     #[error("{0}")]
     Batch(Arc<StoreError>),
 }
@@ -184,8 +204,86 @@ struct Job {
 /// A cheap handle to the database and its writer thread.
 #[derive(Clone)]
 pub struct Store {
-    db: Arc<Database>,
+    db: Arc<DbSlot>,
     writer: Arc<Writer>,
+    health: Arc<Health>,
+}
+
+type Opener = Box<dyn Fn(&Path) -> Result<Database, redb::DatabaseError> + Send + Sync>;
+
+/// The open database, which the writer replaces when it reopens the file after an I/O error
+/// (redb refuses every operation after one until it is reopened).
+struct DbSlot {
+    path: PathBuf,
+    opener: Opener,
+    current: RwLock<Option<Arc<Database>>>,
+}
+
+impl DbSlot {
+    fn get(&self) -> Result<Arc<Database>, StoreError> {
+        let current = self.current.read().unwrap_or_else(|poisoned| poisoned.into_inner());
+        current.clone().ok_or_else(|| StoreError::Unavailable("the database is being reopened".into()))
+    }
+
+    /// Closes the database (waiting briefly for readers to let go of it) and opens it again.
+    fn reopen(&self) -> Result<(), StoreError> {
+        let old = self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()).take();
+        if let Some(mut old) = old {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            // A reader holds a clone only for one read, which fails fast after an I/O error.
+            loop {
+                match Arc::try_unwrap(old) {
+                    Ok(db) => {
+                        drop(db);
+                        break;
+                    }
+                    Err(shared) if Instant::now() < deadline => {
+                        old = shared;
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(shared) => {
+                        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(shared);
+                        return Err(StoreError::Unavailable("a reader kept the database open".into()));
+                    }
+                }
+            }
+        }
+        let db = (self.opener)(&self.path)?;
+        *self.current.write().unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(Arc::new(db));
+        Ok(())
+    }
+}
+
+/// Whether the store can be written, for the proxy (which refuses metered requests while it
+/// cannot) and for `capitctl status`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct StoreHealth {
+    /// When the current outage began (Unix ms); `None` while writes commit.
+    pub failing_since_ms: Option<i64>,
+    /// The error that began it.
+    pub error: String,
+    /// Writes kept through the outage, to be committed when it ends.
+    pub waiting_writes: usize,
+    /// Outages recovered from since the daemon started.
+    pub outages_recovered: u64,
+}
+
+#[derive(Default)]
+struct Health {
+    writable: AtomicBool,
+    detail: Mutex<StoreHealth>,
+}
+
+impl Health {
+    fn update(&self, f: impl FnOnce(&mut StoreHealth)) {
+        let mut detail = self.detail.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        f(&mut detail);
+        self.writable.store(detail.failing_since_ms.is_none(), Ordering::Release);
+    }
+
+    fn snapshot(&self) -> StoreHealth {
+        self.detail.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).clone()
+    }
 }
 
 struct Writer {
@@ -197,23 +295,43 @@ struct Writer {
 impl Store {
     /// Opens (creating, 0600) the database and starts the writer thread.
     pub fn open(path: &Path) -> Result<(Store, Snapshot), StoreError> {
+        Store::open_with(path, Box::new(|path: &Path| Database::create(path)))
+    }
+
+    /// Opens through `opener`, which the writer also calls to reopen the file after an I/O
+    /// error (tests pass one whose storage fails on demand).
+    fn open_with(path: &Path, opener: Opener) -> Result<(Store, Snapshot), StoreError> {
         let io = |source| StoreError::Io { path: path.to_path_buf(), source };
         OpenOptions::new().create(true).append(true).mode(0o600).open(path).map_err(io)?;
         std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io)?;
-        let db = match Database::create(path) {
+        let db = match opener(path) {
             Ok(db) => db,
             Err(redb::DatabaseError::DatabaseAlreadyOpen) => return Err(StoreError::InUse(path.to_path_buf())),
             Err(e) => return Err(e.into()),
         };
         init_schema(&db)?;
         let snapshot = read_snapshot(&db)?;
-        let db = Arc::new(db);
+        let db = Arc::new(DbSlot { path: path.to_path_buf(), opener, current: RwLock::new(Some(Arc::new(db))) });
+        let health = Arc::new(Health::default());
+        health.update(|_| {});
         let (jobs, rx) = mpsc::channel();
-        let writer_db = db.clone();
-        let writer =
-            std::thread::Builder::new().name("capit-store-writer".into()).spawn(move || writer_loop(&writer_db, rx)).map_err(io)?;
+        let (writer_db, writer_health) = (db.clone(), health.clone());
+        let writer = std::thread::Builder::new()
+            .name("capit-store-writer".into())
+            .spawn(move || writer_loop(&writer_db, &writer_health, rx))
+            .map_err(io)?;
         let writer = Writer { jobs: Mutex::new(Some(jobs)), thread: Mutex::new(Some(writer)) };
-        Ok((Store { db, writer: Arc::new(writer) }, snapshot))
+        Ok((Store { db, writer: Arc::new(writer), health }, snapshot))
+    }
+
+    /// False while the database cannot be written (a full or failing disk). Cheap: the proxy
+    /// asks before it admits each metered request.
+    pub fn writable(&self) -> bool {
+        self.health.writable.load(Ordering::Acquire)
+    }
+
+    pub fn health(&self) -> StoreHealth {
+        self.health.snapshot()
     }
 
     /// Queues a write and waits until it is committed to disk.
@@ -253,12 +371,12 @@ impl Store {
     /// Applies writes in one transaction on the calling thread, for start-up work done before
     /// the daemon serves anything (charging the holds a crash left behind).
     pub fn apply_now(&self, ops: &[WriteOp]) -> Result<(), StoreError> {
-        apply_ops(&self.db, ops.iter())
+        apply_ops(&*self.db.get()?, ops.iter(), &mut None)
     }
 
     /// The running totals of `grant` for the window starting at `window_start`.
     pub fn totals(&self, grant: GrantId, window_start: i64) -> Result<Totals, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(TOTALS)?;
         match table.get((grant.0, window_start))? {
             Some(value) => decode("totals", value.value()),
@@ -268,7 +386,7 @@ impl Store {
 
     /// Ledger entries of one grant (or all) settled at or after `since_ms`, oldest first per grant.
     pub fn entries(&self, grant: Option<GrantId>, since_ms: i64) -> Result<Vec<LedgerEntry>, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(LEDGER)?;
         let range = match grant {
             Some(g) => table.range((g.0, 0)..=(g.0, u64::MAX))?,
@@ -286,7 +404,7 @@ impl Store {
     }
 
     pub fn ledger_len(&self) -> Result<u64, StoreError> {
-        let txn = self.db.begin_read()?;
+        let txn = self.db.get()?.begin_read()?;
         Ok(txn.open_table(LEDGER)?.len()?)
     }
 }
@@ -393,7 +511,32 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
     serde_json::to_vec(value).expect("store records serialise: plain structs of strings and numbers")
 }
 
-fn writer_loop(db: &Database, jobs: mpsc::Receiver<Job>) {
+impl WriteOp {
+    /// Whether the write records something that already happened (a settled request, a released
+    /// hold), so that it must wait out an outage rather than fail: its caller cannot undo it.
+    /// Every other write fails at once during an outage, and its caller changes nothing.
+    fn must_land(&self) -> bool {
+        matches!(self, WriteOp::AppendEntry { .. } | WriteOp::DeleteReservation { .. })
+    }
+}
+
+/// True for the errors of a failing disk (redb then refuses everything until reopened).
+fn is_io_failure(error: &StoreError) -> bool {
+    match error {
+        StoreError::Redb(e) => matches!(e, redb::Error::Io(_) | redb::Error::PreviousIo | redb::Error::DatabaseClosed),
+        StoreError::Io { .. } | StoreError::Unavailable(_) => true,
+        StoreError::Batch(inner) => is_io_failure(inner),
+        _ => false,
+    }
+}
+
+fn reply(jobs: Vec<Job>, result: impl Fn() -> Result<(), StoreError>) {
+    for job in jobs {
+        let _ = job.done.send(result());
+    }
+}
+
+fn writer_loop(slot: &DbSlot, health: &Health, jobs: mpsc::Receiver<Job>) {
     while let Ok(first) = jobs.recv() {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -402,32 +545,150 @@ fn writer_loop(db: &Database, jobs: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
-        let result = apply_batch(db, &batch);
+        let mut seen_batch = None;
+        let result = slot.get().and_then(|db| apply_ops(&db, batch.iter().map(|job| &job.op), &mut seen_batch));
         match result {
-            Ok(()) => {
-                for job in batch {
-                    let _ = job.done.send(Ok(()));
+            Ok(()) => reply(batch, || Ok(())),
+            Err(e) if is_io_failure(&e) => {
+                let kept = begin_outage(health, &e, batch);
+                if !ride_out_outage(slot, health, &jobs, kept, seen_batch.map(|n| n + 1)) {
+                    return;
                 }
             }
             Err(e) => {
                 tracing::error!(error = %e, jobs = batch.len(), "store write failed");
                 let shared = Arc::new(e);
-                for job in batch {
-                    let _ = job.done.send(Err(StoreError::Batch(shared.clone())));
-                }
+                reply(batch, || Err(StoreError::Batch(shared.clone())));
             }
         }
     }
 }
 
-fn apply_batch(db: &Database, batch: &[Job]) -> Result<(), StoreError> {
-    apply_ops(db, batch.iter().map(|job| &job.op))
+/// Marks the store unwritable, answers the writes that can fail, and returns those that must land.
+fn begin_outage(health: &Health, error: &StoreError, batch: Vec<Job>) -> Vec<Job> {
+    let (kept, refused): (Vec<Job>, Vec<Job>) = batch.into_iter().partition(|job| job.op.must_land());
+    let text = error.to_string();
+    tracing::error!(
+        error = %text,
+        kept = kept.len(),
+        "capit cannot write its ledger (disk full?); metered requests are refused until it can, and settlements wait in memory"
+    );
+    health.update(|h| {
+        h.failing_since_ms = Some(chrono::Utc::now().timestamp_millis());
+        h.error = text.clone();
+        h.waiting_writes = kept.len();
+    });
+    reply(refused, || Err(StoreError::Unavailable(text.clone())));
+    kept
 }
 
-fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Result<(), StoreError> {
+/// Probes with backoff until a write commits again: reopens the database, commits the kept
+/// writes (or, with none, a probe), and answers them. Meanwhile new writes that can fail are
+/// refused at once and the others kept. `attempted` is the batch number of a commit that failed
+/// with `kept` in it: if the reopened database shows it, it landed after all and is not applied
+/// again. Returns false when the store was closed before the disk came back.
+fn ride_out_outage(slot: &DbSlot, health: &Health, jobs: &mpsc::Receiver<Job>, mut kept: Vec<Job>, mut attempted: Option<u64>) -> bool {
+    let started = Instant::now();
+    let mut last_log = Instant::now();
+    let mut wait = PROBE_FIRST;
+    let mut closing = false;
+    // How many of `kept` were in the attempt numbered `attempted`.
+    let mut in_attempt = kept.len();
+    loop {
+        let deadline = Instant::now() + wait;
+        while !closing {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match jobs.recv_timeout(left) {
+                Ok(job) if job.op.must_land() => kept.push(job),
+                Ok(job) => {
+                    let text = health.snapshot().error;
+                    let _ = job.done.send(Err(StoreError::Unavailable(text)));
+                }
+                Err(mpsc::RecvTimeoutError::Timeout) => break,
+                Err(mpsc::RecvTimeoutError::Disconnected) => closing = true,
+            }
+        }
+        health.update(|h| h.waiting_writes = kept.len());
+        let mut seen_batch = None;
+        let mut landed = Vec::new();
+        let result = slot.reopen().and_then(|()| {
+            let db = slot.get()?;
+            if let Some(number) = attempted {
+                if last_batch(&db)? == number {
+                    // The failed commit landed (its error came after the data was safe).
+                    landed = kept.drain(..in_attempt).collect();
+                }
+                attempted = None;
+            }
+            apply_ops(&db, kept.iter().map(|job| &job.op), &mut seen_batch)
+        });
+        match result {
+            Ok(()) => {
+                let waited = kept.len() + landed.len();
+                health.update(|h| {
+                    h.failing_since_ms = None;
+                    h.error.clear();
+                    h.waiting_writes = 0;
+                    h.outages_recovered += 1;
+                });
+                reply(landed, || Ok(()));
+                reply(std::mem::take(&mut kept), || Ok(()));
+                tracing::info!(
+                    after_s = started.elapsed().as_secs(),
+                    committed = waited,
+                    "the ledger can be written again; metered requests resume"
+                );
+                return true;
+            }
+            Err(e) => {
+                // What landed is answered; the rest waits for the next attempt.
+                reply(landed, || Ok(()));
+                if let Some(number) = seen_batch {
+                    attempted = Some(number + 1);
+                    in_attempt = kept.len();
+                }
+                if closing {
+                    tracing::error!(
+                        error = %e,
+                        lost = kept.len(),
+                        "stopping while the ledger cannot be written: these settlements are not saved; their requests are charged at their holds on the next start"
+                    );
+                    reply(std::mem::take(&mut kept), || Err(StoreError::Closed));
+                    return false;
+                }
+                if last_log.elapsed() >= OUTAGE_LOG_EVERY {
+                    last_log = Instant::now();
+                    tracing::error!(error = %e, waiting = kept.len(), for_s = started.elapsed().as_secs(), "the ledger still cannot be written");
+                }
+                wait = (wait * 2).min(PROBE_LONGEST);
+            }
+        }
+    }
+}
+
+/// The number of the last committed batch.
+fn last_batch(db: &Database) -> Result<u64, StoreError> {
+    let txn = db.begin_read()?;
+    let meta = txn.open_table(META)?;
+    match meta.get(BATCH_SEQ)? {
+        Some(v) => decode("batch sequence", v.value()),
+        None => Ok(0),
+    }
+}
+
+/// Applies `ops` in one transaction, which also numbers itself: `seen_batch` is set to the
+/// number of the last commit before it, so that after an error the writer knows which number
+/// this one would have written.
+fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>, seen_batch: &mut Option<u64>) -> Result<(), StoreError> {
     let txn = db.begin_write()?;
     {
         let mut meta = txn.open_table(META)?;
+        let batch: u64 = match meta.get(BATCH_SEQ)? {
+            Some(v) => decode("batch sequence", v.value())?,
+            None => 0,
+        };
+        *seen_batch = Some(batch);
+        meta.insert(BATCH_SEQ, encode(&(batch + 1)).as_slice())?;
         let mut next_seq = match meta.get(NEXT_SEQ)? {
             Some(v) => decode::<u64>("ledger sequence", v.value())?,
             None => 0,
@@ -545,4 +806,188 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>) -> Resul
     }
     txn.commit()?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::ops::Bound;
+    use std::sync::atomic::{AtomicU32, AtomicU64};
+
+    use redb::backends::FileBackend;
+    use redb::{BackendError, StorageBackend};
+
+    use super::*;
+    use crate::ledger::EntryStatus;
+
+    /// A file whose writes fail on demand (a full disk), or whose `fail_sync_at`-th sync fails
+    /// after the data reached the file (an error whose commit landed anyway).
+    #[derive(Debug)]
+    struct Faulty {
+        file: FileBackend,
+        disk: Arc<Disk>,
+    }
+
+    #[derive(Debug, Default)]
+    struct Disk {
+        full: AtomicBool,
+        syncs: AtomicU64,
+        fail_sync_at: AtomicU64,
+    }
+
+    fn no_space() -> std::io::Error {
+        std::io::Error::from_raw_os_error(libc::ENOSPC)
+    }
+
+    impl StorageBackend for Faulty {
+        fn len(&self) -> Result<u64, std::io::Error> {
+            self.file.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), std::io::Error> {
+            self.file.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> Result<(), std::io::Error> {
+            if self.disk.full.load(Ordering::SeqCst) && len > self.file.len()? {
+                return Err(no_space());
+            }
+            self.file.set_len(len)
+        }
+        fn sync_data(&self) -> Result<(), std::io::Error> {
+            self.file.sync_data()?;
+            let n = self.disk.syncs.fetch_add(1, Ordering::SeqCst) + 1;
+            if n == self.disk.fail_sync_at.load(Ordering::SeqCst) { Err(std::io::Error::other("injected: fsync failed")) } else { Ok(()) }
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> Result<(), std::io::Error> {
+            if self.disk.full.load(Ordering::SeqCst) {
+                return Err(no_space());
+            }
+            self.file.write(offset, data)
+        }
+        fn close(&self) -> Result<(), std::io::Error> {
+            self.file.close()
+        }
+        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+            self.file.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+            self.file.try_lock_shared_range(start, end)
+        }
+        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.file.lock_range(start, end)
+        }
+        fn lock_shared_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.file.lock_shared_range(start, end)
+        }
+        fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.file.unlock_range(start, end)
+        }
+        fn query_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+            self.file.query_lock_range(start, end)
+        }
+    }
+
+    fn faulty_store() -> (Store, Arc<Disk>, PathBuf) {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let dir = std::env::temp_dir().join(format!("capit-store-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let disk = Arc::new(Disk::default());
+        let opened = disk.clone();
+        let opener: Opener = Box::new(move |path: &Path| {
+            let file = OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path)?;
+            redb::Builder::new().create_with_backend(Faulty { file: FileBackend::new(file)?, disk: opened.clone() })
+        });
+        let (store, _) = Store::open_with(&dir.join("capit.redb"), opener).unwrap();
+        (store, disk, dir)
+    }
+
+    fn entry(cost: &str) -> WriteOp {
+        let entry = LedgerEntry {
+            grant: GrantId(1),
+            at_ms: 1,
+            model: "m".into(),
+            api: "chat.completions".into(),
+            usage: crate::usage::Usage::default(),
+            cost: cost.parse().unwrap(),
+            status: EntryStatus::Metered,
+            http_status: 200,
+            error: None,
+        };
+        WriteOp::AppendEntry { entry, window_start: LIFETIME, reservation: None }
+    }
+
+    /// A control change: it fails at once during an outage.
+    fn control_change() -> WriteOp {
+        WriteOp::PutProvider(crate::providers::builtin_providers().remove(0))
+    }
+
+    #[track_caller]
+    fn wait_until(what: &str, mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_keeps_settlements_refuses_the_rest_and_heals_by_itself() {
+        let (store, disk, dir) = faulty_store();
+        store.write(entry("0.10")).await.unwrap();
+        assert!(store.writable());
+
+        disk.full.store(true, Ordering::SeqCst);
+        let mut kept = store.submit(entry("0.20"));
+        wait_until("the outage to be noticed", || !store.writable());
+        let health = store.health();
+        assert!(health.failing_since_ms.is_some() && health.error.contains("space"), "{health:?}");
+        // A write whose caller can give up is refused at once; a settlement waits.
+        assert!(matches!(store.write(control_change()).await, Err(StoreError::Unavailable(_))));
+        assert!(matches!(store.write(WriteOp::Barrier).await, Err(StoreError::Unavailable(_))));
+        let mut also_kept = store.submit(entry("0.30"));
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert!(kept.try_recv().is_err() && also_kept.try_recv().is_err(), "settlements wait out the outage");
+        wait_until("both settlements to be counted as waiting", || store.health().waiting_writes == 2);
+
+        disk.full.store(false, Ordering::SeqCst);
+        kept.await.unwrap().unwrap();
+        also_kept.await.unwrap().unwrap();
+        assert!(store.writable());
+        assert_eq!(store.health(), StoreHealth { outages_recovered: 1, ..StoreHealth::default() });
+        store.write(control_change()).await.unwrap();
+        assert_eq!(store.ledger_len().unwrap(), 3, "nothing lost, nothing twice");
+        assert_eq!(store.totals(GrantId(1), LIFETIME).unwrap().spent, "0.60".parse().unwrap());
+        store.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn a_commit_that_landed_despite_its_error_is_not_applied_again() {
+        let (store, disk, dir) = faulty_store();
+        store.write(entry("0.10")).await.unwrap();
+        let before = disk.syncs.load(Ordering::SeqCst);
+        store.write(entry("0.10")).await.unwrap();
+        let per_commit = disk.syncs.load(Ordering::SeqCst) - before;
+        // The last sync of the next commit fails after its data and header are on disk.
+        disk.fail_sync_at.store(disk.syncs.load(Ordering::SeqCst) + per_commit, Ordering::SeqCst);
+        store.write(entry("0.25")).await.unwrap();
+        assert!(store.writable());
+        assert_eq!(store.health().outages_recovered, 1, "the error was seen");
+        assert_eq!(store.ledger_len().unwrap(), 3);
+        assert_eq!(store.totals(GrantId(1), LIFETIME).unwrap().spent, "0.45".parse().unwrap());
+        store.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
+    #[tokio::test]
+    async fn closing_during_an_outage_gives_up_on_what_could_not_be_written() {
+        let (store, disk, dir) = faulty_store();
+        disk.full.store(true, Ordering::SeqCst);
+        let kept = store.submit(entry("0.20"));
+        wait_until("the outage", || !store.writable());
+        let closer = store.clone();
+        let closing = std::thread::spawn(move || closer.close());
+        assert!(matches!(kept.await.unwrap(), Err(StoreError::Closed)));
+        closing.join().unwrap();
+        let _ = std::fs::remove_dir_all(dir);
+    }
 }

@@ -72,13 +72,22 @@ impl Control for ControlService {
     async fn get_status(&self, _: Request<pb::GetStatusRequest>) -> Result<Response<pb::GetStatusResponse>, Status> {
         let (active, total, keys, providers) = self.state.counts();
         let report = self.backstop.report();
-        self.state.store().write(crate::store::WriteOp::Barrier).await.map_err(|e| status_from(e.into()))?;
+        // Status answers during a ledger outage too: that is when it is needed most.
         let store = self.state.store().clone();
-        let ledger_entries = tokio::task::spawn_blocking(move || store.ledger_len())
-            .await
-            .map_err(|e| Status::internal(e.to_string()))?
-            .map_err(|e| status_from(e.into()))?;
+        let ledger_entries = match store.write(crate::store::WriteOp::Barrier).await {
+            Ok(()) => tokio::task::spawn_blocking(move || store.ledger_len())
+                .await
+                .map_err(|e| Status::internal(e.to_string()))?
+                .map_err(|e| status_from(e.into()))?,
+            Err(_) => 0,
+        };
+        let health = self.state.store().health();
         Ok(Response::new(pb::GetStatusResponse {
+            store_writable: health.failing_since_ms.is_none(),
+            store_error: health.error.clone(),
+            store_failing_since: health.failing_since_ms.map_or(0, |ms| ms.div_euclid(1000)),
+            store_waiting_writes: health.waiting_writes as u64,
+            store_outages_recovered: health.outages_recovered,
             version: env!("CARGO_PKG_VERSION").to_string(),
             uptime_seconds: self.state.uptime_seconds(),
             listen_addr: self.state.listen_addr().map(|a| a.to_string()).unwrap_or_default(),

@@ -231,6 +231,8 @@ impl Proxy {
                 self.state.admit_free(slot, self.state.clock().now_seconds()).map_err(refusal_error)?;
                 self.forward_free(req, &target, &upstream).await
             }
+            // Nothing billable goes upstream while its cost could not be recorded.
+            Endpoint::Metered(_) if !self.state.store().writable() => Err(ledger_unavailable()),
             Endpoint::Metered(api) => {
                 self.state.check_api(slot, api).map_err(refusal_error)?;
                 self.forward_metered(req, target, upstream, slot.clone(), api).await
@@ -476,12 +478,8 @@ impl Exchange {
                 return Ok(self.metered(head, incoming, settlement));
             }
             Ok(Err(e)) if progress.hold_unrecorded() => {
-                tracing::error!(error = %error_chain(&e), "a request's hold could not be recorded; it was not sent");
-                ProxyError::new(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "capit_ledger_unwritable",
-                    "capit: capit cannot write its ledger (disk full?), so the request was not sent",
-                )
+                tracing::debug!(error = %error_chain(&e), "a request's hold could not be recorded; it was not sent");
+                ledger_unavailable()
             }
             Ok(Err(e)) => unreachable_error(&self.provider, &e),
             Err(_) => timeout_error(&self.provider, self.timeout),
@@ -580,6 +578,17 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+/// The ledger cannot be written (a full disk): metered requests wait for it, and SDKs retry.
+fn ledger_unavailable() -> ProxyError {
+    let mut error = ProxyError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "capit_ledger_unwritable",
+        "capit cannot write its ledger (disk full?), so it refuses metered requests until it can; they resume by themselves",
+    );
+    error.retry_after = Some(5);
+    error
 }
 
 fn auth_error(failure: AuthFailure) -> ProxyError {

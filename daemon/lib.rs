@@ -7,7 +7,8 @@
 //! - Domain, free of IO and of hyper, tonic and redb types: [`grants`] (limits and refusals),
 //!   [`ledger`] (entries and totals), [`pricing`] (the cost formula and price table), [`usage`]
 //!   (response parsers: bytes in, token counts out), [`providers`] (the upstream table and the
-//!   route allowlist), [`secret`] (keys).
+//!   route allowlist), [`request_path`] (paths decoded and normalised before the allowlist),
+//!   [`secret`] (keys).
 //! - [`store`]: the only module that knows redb; one writer thread, batched commits.
 //! - [`state`]: live state over the store, shared by the proxy and the control service.
 //! - [`backstop`]: provider-side caps (OpenRouter keys with a limit, one per grant), kept in step
@@ -35,6 +36,7 @@ pub mod providers;
 pub mod proxy;
 pub mod readiness;
 pub mod request_fields;
+pub mod request_path;
 pub mod secret;
 pub mod shutdown;
 pub mod state;

@@ -196,8 +196,13 @@ impl MeteredApi {
 
 /// Routes `method path` (the part after `/<provider>/`, without the query) for a provider kind.
 /// `None` means refused: the path is not known to be free and is not metered.
+/// The path must be normal (see [`crate::request_path`]): anything with a dot segment, an empty
+/// segment or a character that would need encoding is refused here too, whoever calls.
 pub fn route(kind: ProviderKind, method: &http::Method, path: &str) -> Option<Endpoint> {
     use http::Method as M;
+    if !crate::request_path::is_normal(path) {
+        return None;
+    }
     let path = path.trim_end_matches('/');
     let metered = |api| Some(Endpoint::Metered(api));
     let models = |p: &str, prefix: &str| p == prefix.trim_end_matches('/') || is_single_segment(p, prefix);
@@ -264,6 +269,12 @@ mod tests {
         assert_eq!(route(k, &Method::POST, "v1/embeddings"), Some(Endpoint::Metered(MeteredApi::OpenAiEmbeddings)));
         assert_eq!(route(ProviderKind::OpenRouter, &Method::POST, "v1/responses"), None);
         assert_eq!(route(k, &Method::POST, "v1/completions"), None);
+        // Only what the allowlist names, exactly: no dot segments or encoded separators.
+        assert_eq!(route(k, &Method::GET, "v1/models/.."), None);
+        assert_eq!(route(k, &Method::GET, "v1/models/..%2Fv1%2Ffiles"), None);
+        assert_eq!(route(k, &Method::GET, "v1/models/a;b"), None);
+        assert_eq!(route(k, &Method::GET, "v1/models//"), None);
+        assert_eq!(route(k, &Method::GET, "v1/models/"), Some(Endpoint::Free));
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::paths::PathEnv;
-use crate::proxy::{BodyLimits, ProxyConfig};
+use crate::proxy::{BodyLimits, ConnLimits, ProxyConfig};
 
 /// The raw command line of `capitd`.
 #[derive(Debug, clap::Parser)]
@@ -61,6 +61,27 @@ pub struct Cli {
     /// CAPIT_GRANT, CAPIT_PERCENT, CAPIT_SPENT, CAPIT_CAP, CAPIT_PERIOD and CAPIT_PROVIDER.
     #[arg(long, env = "CAPIT_ON_ALERT", value_name = "CMD")]
     pub on_alert: Option<String>,
+    /// Seconds a client has to send a request's headers, from their first byte (slowloris).
+    #[arg(long, default_value_t = 10)]
+    pub header_timeout: u64,
+    /// Seconds a connection with no request in flight stays open.
+    #[arg(long, default_value_t = 60)]
+    pub idle_timeout: u64,
+    /// Seconds a request body has to arrive in full.
+    #[arg(long, default_value_t = 60)]
+    pub body_timeout: u64,
+    /// Open proxy connections at most; default: what the open-file limit allows (two
+    /// descriptors each), up to 8192.
+    #[arg(long)]
+    pub max_connections: Option<usize>,
+    /// Open proxy connections of one user (the uid owning the client's socket) at most;
+    /// default: half of --max-connections.
+    #[arg(long)]
+    pub max_connections_per_user: Option<usize>,
+    /// A web origin (https://app.example.com) whose pages may call the proxy; repeatable. Other
+    /// pages are refused.
+    #[arg(long = "allow-origin", value_name = "ORIGIN")]
+    pub allow_origins: Vec<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -86,6 +107,8 @@ pub enum ConfigError {
     NoHome,
     #[error("{name} must be between {min} and {max}")]
     OutOfRange { name: &'static str, min: u64, max: u64 },
+    #[error("{0}")]
+    BadOrigin(String),
 }
 
 impl Config {
@@ -114,6 +137,17 @@ impl Config {
             None if cfg!(target_os = "macos") => crate::access::Notifier::AppleScript,
             None => crate::access::Notifier::Program(PathBuf::from("notify-send")),
         };
+        let header_timeout = range("--header-timeout", cli.header_timeout, 1, 3_600)?;
+        let idle_timeout = range("--idle-timeout", cli.idle_timeout, 1, 86_400)?;
+        let body_timeout = range("--body-timeout", cli.body_timeout, 1, 86_400)?;
+        let max_connections = cli.max_connections.map(|n| range("--max-connections", n as u64, 16, 1_000_000)).transpose()?;
+        let max_per_user = cli.max_connections_per_user.map(|n| range("--max-connections-per-user", n as u64, 1, 1_000_000)).transpose()?;
+        let allowed_origins = cli
+            .allow_origins
+            .iter()
+            .map(|o| crate::proxy::parse_origin(o))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(ConfigError::BadOrigin)?;
         Ok(Config {
             home,
             socket,
@@ -125,6 +159,14 @@ impl Config {
                 grace: Duration::from_secs(grace),
                 upstream_ca: cli.upstream_ca,
                 wait: crate::state::WaitPolicy { timeout: Duration::from_secs(queue_timeout), depth: queue_depth as usize },
+                limits: ConnLimits {
+                    header_timeout: Duration::from_secs(header_timeout),
+                    idle_timeout: Duration::from_secs(idle_timeout),
+                    body_timeout: Duration::from_secs(body_timeout),
+                    max_connections: max_connections.map(|n| n as usize),
+                    max_per_user: max_per_user.map(|n| n as usize),
+                },
+                allowed_origins,
             },
             key_check_interval: Duration::from_secs(key_check_interval),
             access: crate::access::AccessConfig {

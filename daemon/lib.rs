@@ -29,6 +29,7 @@ pub mod events;
 pub mod grants;
 pub mod lease;
 pub mod ledger;
+pub mod log_throttle;
 pub mod notify;
 pub mod paths;
 pub mod pricing;

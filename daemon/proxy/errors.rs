@@ -66,7 +66,7 @@ impl ProxyError {
 
 fn openai_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        401 | 400 | 404 | 413 => "invalid_request_error",
+        401 | 400 | 404 | 408 | 413 | 421 => "invalid_request_error",
         403 => "permission_error",
         429 => "insufficient_quota",
         _ => "server_error",
@@ -75,26 +75,26 @@ fn openai_type(status: StatusCode) -> &'static str {
 
 fn anthropic_type(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 => "invalid_request_error",
+        400 | 421 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         404 => "not_found_error",
         413 => "request_too_large",
         429 => "rate_limit_error",
-        504 => "timeout_error",
+        408 | 504 => "timeout_error",
         _ => "api_error",
     }
 }
 
 fn google_status(status: StatusCode) -> &'static str {
     match status.as_u16() {
-        400 | 413 => "INVALID_ARGUMENT",
+        400 | 413 | 421 => "INVALID_ARGUMENT",
         401 => "UNAUTHENTICATED",
         403 => "PERMISSION_DENIED",
         404 => "NOT_FOUND",
         429 => "RESOURCE_EXHAUSTED",
         503 => "UNAVAILABLE",
-        504 => "DEADLINE_EXCEEDED",
+        408 | 504 => "DEADLINE_EXCEEDED",
         _ => "INTERNAL",
     }
 }

@@ -6,10 +6,13 @@
 //! forwarded; a billable path that is not metered is refused (see `providers::route`).
 
 mod body;
+mod conns;
 mod count;
+mod edge;
 mod errors;
 mod openrouter;
 pub mod outbound;
+mod peer;
 mod request;
 mod requests;
 
@@ -26,18 +29,20 @@ use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tracing::Instrument;
 
+use crate::log_throttle::LogThrottle;
 use crate::providers::{Endpoint, ErrorFormat, MeteredApi, Provider, ProviderKind};
 use crate::state::WaitPolicy;
 use crate::state::{AuthFailure, GrantSlot, State, StateError};
 use crate::usage::{BodyFormat, ResponseMeter};
 pub use body::BodyLimits;
 use body::{GatedBody, MeteredBody, Pricing, ProxyBody, Settlement};
+pub use conns::ConnLimits;
+pub use edge::parse_origin;
 use errors::ProxyError;
 use request::BodyError;
 
@@ -56,6 +61,10 @@ pub struct ProxyConfig {
     pub upstream_ca: Option<std::path::PathBuf>,
     /// How long, and how many, requests may wait per grant for holds in flight to settle.
     pub wait: WaitPolicy,
+    /// Timeouts and connection limits.
+    pub limits: ConnLimits,
+    /// Web origins whose pages may call the proxy (`--allow-origin`), lowercase.
+    pub allowed_origins: Vec<String>,
 }
 
 pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, GatedBody>;
@@ -63,6 +72,7 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, GatedBody>;
 struct Proxy {
     state: Arc<State>,
     client: UpstreamClient,
+    edge: edge::Edge,
     config: ProxyConfig,
     /// Upstream exchanges and settlements, which outlive their client's connection.
     settlements: TaskTracker,
@@ -110,49 +120,100 @@ pub async fn serve(
     config: ProxyConfig,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
+    let local = listener.local_addr()?;
+    let fd_limit = conns::raise_fd_limit();
+    let (max_connections, lowered) = conns::connection_budget(fd_limit, config.limits.max_connections);
+    if let Some(asked) = lowered {
+        tracing::warn!(asked, max_connections, fd_limit, "--max-connections is more than the open-file limit allows; lowered");
+    }
+    let per_user = config.limits.max_per_user.unwrap_or(max_connections / 2).clamp(1, max_connections);
+    tracing::info!(
+        max_connections,
+        per_user,
+        fd_limit,
+        header_timeout_s = config.limits.header_timeout.as_secs(),
+        idle_timeout_s = config.limits.idle_timeout.as_secs(),
+        "proxy limits"
+    );
     let proxy = Arc::new(Proxy {
         state,
         client,
+        edge: edge::Edge::new(local, config.allowed_origins.clone()),
         config: config.clone(),
         settlements: TaskTracker::new(),
         openrouter: openrouter::ModelPrices::default(),
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let graceful = GracefulShutdown::new();
-    let connections = Arc::new(tokio::sync::Semaphore::new(4096));
+    let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    // Connection timeouts are the watchdog's (`conns`), the same for HTTP/1 and HTTP/2.
+    builder.http1().header_read_timeout(None);
+    let builder = Arc::new(builder);
+    let registry = Arc::new(conns::Registry::default());
+    let connections = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let tasks = TaskTracker::new();
+    let full_log = LogThrottle::new(Duration::from_secs(10));
+    let accept_log = LogThrottle::new(Duration::from_secs(10));
+    let mut backoff = ACCEPT_BACKOFF_FIRST;
     loop {
-        let permit = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            permit = connections.clone().acquire_owned() => match permit {
-                Ok(permit) => permit,
-                Err(_) => break,
-            },
+        let permit = match connections.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                // Full: make room by closing the longest-idle connection, else wait for one to end.
+                if !registry.evict_one()
+                    && let Some(held) = full_log.allow()
+                {
+                    tracing::warn!(
+                        max_connections,
+                        waited_before = held,
+                        "every proxy connection is busy; new ones wait (see --max-connections)"
+                    );
+                }
+                tokio::select! {
+                    _ = shutdown.cancelled() => break,
+                    permit = connections.clone().acquire_owned() => match permit {
+                        Ok(permit) => permit,
+                        Err(_) => break,
+                    },
+                }
+            }
         };
-        let (stream, _peer) = tokio::select! {
+        let (stream, peer) = tokio::select! {
             _ = shutdown.cancelled() => break,
             accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
+                Ok(accepted) => {
+                    backoff = ACCEPT_BACKOFF_FIRST;
+                    accepted
+                }
                 Err(e) => {
-                    tracing::warn!(error = %e, "accepting a proxy connection failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    drop(permit);
+                    if !is_resource_exhaustion(&e) {
+                        tracing::debug!(error = %e, "a proxy connection failed as it was accepted");
+                        continue;
+                    }
+                    // Out of descriptors: free one, and wait rather than spin on the error.
+                    registry.evict_one();
+                    if let Some(held) = accept_log.allow() {
+                        tracing::warn!(error = %e, failures = held + 1, fd_limit, "accepting proxy connections fails; closing idle ones and backing off");
+                    }
+                    tokio::select! {
+                        _ = shutdown.cancelled() => break,
+                        _ = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(ACCEPT_BACKOFF_LONGEST);
                     continue;
                 }
             },
         };
         let _ = stream.set_nodelay(true);
-        let proxy = proxy.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let proxy = proxy.clone();
-            async move { Ok::<_, Infallible>(proxy.handle(req).await) }
-        });
-        let connection = graceful.watch(builder.serve_connection(TokioIo::new(stream), service).into_owned());
-        tokio::spawn(async move {
-            let _ = connection.await;
+        let connection =
+            Connection { proxy: proxy.clone(), builder: builder.clone(), registry: registry.clone(), per_user, shutdown: shutdown.clone() };
+        tasks.spawn(async move {
+            connection.run(stream, local, peer).await;
             drop(permit);
         });
     }
     drop(listener);
-    if tokio::time::timeout(config.grace, graceful.shutdown()).await.is_err() {
+    tasks.close();
+    if tokio::time::timeout(config.grace, tasks.wait()).await.is_err() {
         tracing::warn!("open proxy connections did not finish within {:?}; closing them", config.grace);
     }
     proxy.settlements.close();
@@ -163,6 +224,85 @@ pub async fn serve(
     Ok(())
 }
 
+const ACCEPT_BACKOFF_FIRST: Duration = Duration::from_millis(10);
+const ACCEPT_BACKOFF_LONGEST: Duration = Duration::from_secs(1);
+
+/// Errors of `accept` that say the process or system is out of something, not that one
+/// connection failed: retrying at once would spin.
+fn is_resource_exhaustion(error: &std::io::Error) -> bool {
+    matches!(error.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM))
+}
+
+/// One accepted connection and what it needs to be served and timed out.
+struct Connection {
+    proxy: Arc<Proxy>,
+    builder: Arc<hyper_util::server::conn::auto::Builder<TokioExecutor>>,
+    registry: Arc<conns::Registry>,
+    per_user: usize,
+    shutdown: CancellationToken,
+}
+
+impl Connection {
+    async fn run(self, stream: tokio::net::TcpStream, local: SocketAddr, peer: SocketAddr) {
+        // One netlink round trip: who owns the other end.
+        let user = peer::peer_uid(local, peer);
+        let (place, over_share) = match self.registry.admit(user, self.per_user) {
+            conns::Admission::Within(place) => (place, None),
+            conns::Admission::OverShare(place, open) => {
+                if let Some(held) = SHARE_LOG.allow() {
+                    tracing::warn!(
+                        uid = user,
+                        open,
+                        share = self.per_user,
+                        refused_before = held,
+                        "a user is over its connection share; refusing its new connections"
+                    );
+                }
+                (place, Some(open))
+            }
+        };
+        let activity = place.activity.clone();
+        let limits = self.proxy.config.limits;
+        let proxy = self.proxy.clone();
+        let watched = activity.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let proxy = proxy.clone();
+            let in_flight = watched.begin_request();
+            async move { Ok::<_, Infallible>(proxy.handle(req, over_share, in_flight).await) }
+        });
+        let conn = self.builder.serve_connection(TokioIo::new(conns::Watched::new(stream, activity.clone())), service);
+        tokio::pin!(conn);
+        let stopping = loop {
+            let deadline = activity.deadline(&limits);
+            tokio::select! {
+                _ = conn.as_mut() => return,
+                _ = activity.changed() => {}
+                _ = tokio::time::sleep_until(deadline.unwrap_or_else(far_future).into()), if deadline.is_some() => {
+                    if activity.deadline(&limits).is_some_and(|d| d <= std::time::Instant::now()) {
+                        break false;
+                    }
+                }
+                _ = self.shutdown.cancelled() => break true,
+            }
+        };
+        conn.as_mut().graceful_shutdown();
+        if stopping {
+            // Open requests finish; `serve` bounds the wait by the grace period.
+            let _ = conn.await;
+        } else {
+            // Idle or mid-head: nothing is lost by closing at once if it does not close itself.
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
+        drop(place);
+    }
+}
+
+fn far_future() -> std::time::Instant {
+    std::time::Instant::now() + Duration::from_secs(86_400)
+}
+
+static SHARE_LOG: LogThrottle = LogThrottle::new(Duration::from_secs(10));
+
 /// A request's first path segment, its provider.
 struct Target {
     provider: Provider,
@@ -172,19 +312,53 @@ struct Target {
 }
 
 impl Proxy {
-    async fn handle(self: Arc<Self>, req: Request<Incoming>) -> Response<ProxyBody> {
+    async fn handle(self: Arc<Self>, req: Request<Incoming>, over_share: Option<usize>, in_flight: conns::InFlight) -> Response<ProxyBody> {
         let span = tracing::debug_span!("request", method = %req.method(), provider = tracing::field::Empty, grant = tracing::field::Empty);
-        async move {
-            match self.route(req).await {
+        let http1 = req.version() <= http::Version::HTTP_11;
+        let idle_timeout = self.config.limits.idle_timeout;
+        let response = async move {
+            let format = self.error_format(req.uri());
+            let refuse = |error: ProxyError| {
+                tracing::debug!(status = error.status.as_u16(), code = error.code, "refused");
+                error.into_response(format)
+            };
+            // The front door first: a page rebinding a name to loopback learns nothing here.
+            let origin = match self.edge.check(&req) {
+                Ok(origin) => origin,
+                Err(error) => return refuse(error),
+            };
+            if let Some(open) = over_share {
+                let mut response = refuse(over_share_error(open));
+                response.headers_mut().insert(http::header::CONNECTION, http::HeaderValue::from_static("close"));
+                return response;
+            }
+            if let Some(origin) = &origin
+                && edge::is_preflight(req.method(), req.headers())
+            {
+                return edge::preflight(origin, req.headers());
+            }
+            let mut response = match self.route(req).await {
                 Ok(response) => response,
                 Err((format, error)) => {
                     tracing::debug!(status = error.status.as_u16(), code = error.code, "refused");
                     error.into_response(format)
                 }
+            };
+            if let Some(origin) = &origin {
+                edge::add_cors(&mut response, origin);
             }
+            response
         }
         .instrument(span)
-        .await
+        .await;
+        let (mut head, body) = response.into_parts();
+        if http1 && !head.headers.contains_key(http::header::CONNECTION) {
+            // Tells clients that honour it (Node's) to stop reusing a connection before capit closes it.
+            if let Ok(value) = http::HeaderValue::from_str(&format!("timeout={}", idle_timeout.as_secs())) {
+                head.headers.insert("keep-alive", value);
+            }
+        }
+        Response::from_parts(head, BodyExt::boxed(conns::Guarded::new(body, in_flight)))
     }
 
     async fn route(&self, req: Request<Incoming>) -> Result<Response<ProxyBody>, (ErrorFormat, ProxyError)> {
@@ -192,7 +366,7 @@ impl Proxy {
             // capit's own endpoints (access requests), answered here and never forwarded.
             return Ok(requests::handle(&self.state, req).await);
         }
-        let target = self.target(req.uri()).map_err(|e| (ErrorFormat::OpenAi, e))?;
+        let target = self.target(req.uri()).map_err(|e| (self.error_format(req.uri()), e))?;
         let format = target.provider.kind.error_format();
         tracing::Span::current().record("provider", target.provider.name.as_str());
         let fail = |e: ProxyError| (format, e);
@@ -241,9 +415,21 @@ impl Proxy {
         }
     }
 
+    /// The error format of the provider a path names, before the path is known to be sound.
+    fn error_format(&self, uri: &Uri) -> ErrorFormat {
+        let first = uri.path().trim_start_matches('/').split('/').next().unwrap_or("");
+        self.state.provider(first).map_or(ErrorFormat::OpenAi, |p| p.kind.error_format())
+    }
+
+    /// The provider a path names and the rest of it, decoded and normalised (a path that cannot
+    /// be is refused), so that what the allowlist matches is what goes upstream.
     fn target(&self, uri: &Uri) -> Result<Target, ProxyError> {
-        let path = uri.path().trim_start_matches('/');
-        let (name, rest) = path.split_once('/').unwrap_or((path, ""));
+        let path = crate::request_path::normalize(uri.path())
+            .map_err(|e| ProxyError::new(StatusCode::FORBIDDEN, "capit_bad_path", format!("capit: the request path is refused: {e}")))?;
+        let (name, rest) = match path.segments().split_first() {
+            Some((name, rest)) => (name.as_str(), rest.join("/")),
+            None => ("", String::new()),
+        };
         let provider = self.state.provider(name).ok_or_else(|| {
             let known: Vec<String> = self.state.list_providers().into_iter().map(|(p, _)| p.name).collect();
             ProxyError::new(
@@ -252,7 +438,7 @@ impl Proxy {
                 format!("capit: unknown provider {name:?} in the path; use one of: {}", known.join(", ")),
             )
         })?;
-        Ok(Target { provider, rest: rest.to_string(), query: uri.query().map(str::to_string) })
+        Ok(Target { provider, rest, query: uri.query().map(str::to_string) })
     }
 
     fn upstream_uri(&self, provider: &Provider, target: &Target) -> Result<Uri, ProxyError> {
@@ -408,7 +594,15 @@ impl Proxy {
         if declared.is_some_and(|n| n > limit as u64) {
             return Err(too_large());
         }
-        match Limited::new(body, limit).collect().await {
+        let within = self.config.limits.body_timeout;
+        let Ok(collected) = tokio::time::timeout(within, Limited::new(body, limit).collect()).await else {
+            return Err(ProxyError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "capit_body_timeout",
+                format!("capit: the request body did not arrive within {} s (--body-timeout)", within.as_secs()),
+            ));
+        };
+        match collected {
             Ok(collected) => Ok(collected.to_bytes()),
             Err(e) if e.downcast_ref::<http_body_util::LengthLimitError>().is_some() => Err(too_large()),
             Err(e) => {
@@ -578,6 +772,16 @@ pub(crate) fn error_chain(error: &dyn std::error::Error) -> String {
         source = e.source();
     }
     text
+}
+
+fn over_share_error(open: usize) -> ProxyError {
+    let mut error = ProxyError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "capit_too_many_connections",
+        format!("capit: this user already has {open} connections open to capit, its share (--max-connections-per-user); close idle ones"),
+    );
+    error.retry_after = Some(1);
+    error
 }
 
 /// The ledger cannot be written (a full disk): metered requests wait for it, and SDKs retry.

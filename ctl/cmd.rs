@@ -133,9 +133,12 @@ async fn key(client: &mut Client, cmd: KeyCommand, json: bool) -> anyhow::Result
                 output::json(&json!({
                     "provider": info.provider, "fingerprint": info.fingerprint, "added_at": time_json(info.added_at),
                     "management": management, "grants_capped": reply.backstopped, "not_capped": reply.not_backstopped,
+                    "at_rest": info.at_rest,
                 }));
             } else {
-                println!("stored the {} {kind} {}", info.provider, info.fingerprint);
+                let at_rest =
+                    if info.at_rest == "keyring" { "sealed under the OS keyring" } else { "as text in the database (no keyring)" };
+                println!("stored the {} {kind} {}, {at_rest}", info.provider, info.fingerprint);
                 if management {
                     println!(
                         "every {} grant now gets its own {} key, capped by {} itself ({} existing grants got one)",
@@ -154,14 +157,18 @@ async fn key(client: &mut Client, cmd: KeyCommand, json: bool) -> anyhow::Result
             if json {
                 output::json(&Value::Array(
                     keys.iter()
-                        .map(|k| json!({"provider": k.provider, "fingerprint": k.fingerprint, "added_at": time_json(k.added_at), "kind": kind(k)}))
+                        .map(|k| json!({"provider": k.provider, "fingerprint": k.fingerprint, "added_at": time_json(k.added_at), "kind": kind(k), "at_rest": k.at_rest}))
                         .collect(),
                 ));
             } else if keys.is_empty() {
                 println!("no master keys stored; add one with: capitctl key add <provider>");
             } else {
-                let mut rows = vec![vec!["PROVIDER".into(), "KIND".into(), "KEY".into(), "ADDED".into()]];
-                rows.extend(keys.iter().map(|k| vec![k.provider.clone(), kind(k).into(), k.fingerprint.clone(), time_human(k.added_at)]));
+                let mut rows = vec![vec!["PROVIDER".into(), "KIND".into(), "KEY".into(), "ADDED".into(), "AT REST".into()]];
+                rows.extend(
+                    keys.iter().map(|k| {
+                        vec![k.provider.clone(), kind(k).into(), k.fingerprint.clone(), time_human(k.added_at), k.at_rest.clone()]
+                    }),
+                );
                 output::table(&rows);
             }
         }
@@ -931,6 +938,7 @@ async fn status(client: &mut Client, json: bool) -> anyhow::Result<()> {
                     "difference": d.difference, "drifted": d.drifted, "since": time_json(d.since),
                 })).collect::<Vec<_>>(),
             },
+            "key_storage": s.key_storage, "key_storage_detail": s.key_storage_detail,
             "store": {
                 "writable": s.store_writable, "error": (!s.store_error.is_empty()).then_some(&s.store_error),
                 "failing_since": time_json(s.store_failing_since), "waiting_writes": s.store_waiting_writes,
@@ -971,6 +979,7 @@ async fn status(client: &mut Client, json: bool) -> anyhow::Result<()> {
         for e in &s.key_check_errors {
             println!("provider key check failed: {e}");
         }
+        println!("keys at rest: {}: {}", s.key_storage, s.key_storage_detail);
         if !s.store_writable {
             println!(
                 "LEDGER CANNOT BE WRITTEN since {} ({} settlements waiting in memory): {}",

@@ -36,6 +36,8 @@ pub enum AppError {
     Control(#[from] tonic::transport::Error),
     #[error("upstream TLS roots: {0}")]
     UpstreamTls(std::io::Error),
+    #[error("master keys at rest: {0}")]
+    Keyring(String),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AppError + '_ {
@@ -45,9 +47,24 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AppError + '_ {
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
     private_dir(&config.home)?;
-    let (store, snapshot) = Store::open(&config.home.join("capit.redb"))?;
+    let database = config.home.join("capit.redb");
+    let (store, mut snapshot) = Store::open(&database)?;
+    // Before anything is served: the keyring may take a moment (or an unlock prompt).
+    let (protection, keys, management) = {
+        let (store, storage) = (store.clone(), config.key_storage);
+        let (mut keys, mut management) = (std::mem::take(&mut snapshot.keys), std::mem::take(&mut snapshot.management_keys));
+        tokio::task::spawn_blocking(move || {
+            crate::keyring::protect_at_rest(&database, storage, &store, &mut keys, &mut management).map(|p| (p, keys, management))
+        })
+        .await
+        .map_err(|e| AppError::Keyring(e.to_string()))?
+        .map_err(|e| AppError::Keyring(e.to_string()))?
+    };
+    (snapshot.keys, snapshot.management_keys) = (keys, management);
+    tracing::info!(at_rest = protection.at_rest(), "{}", protection.detail);
     let state = Arc::new(State::new(store.clone(), snapshot, config.home.clone())?.with_access(config.access.clone()));
     state.events().set_alert_actions(config.alerts.clone());
+    state.set_key_protection(protection);
 
     // Built before binding anything, so that a bad --upstream-ca stops the start cleanly.
     let client = crate::proxy::upstream_client(config.proxy.upstream_ca.as_deref()).map_err(AppError::UpstreamTls)?;

@@ -82,6 +82,10 @@ pub struct Cli {
     /// pages are refused.
     #[arg(long = "allow-origin", value_name = "ORIGIN")]
     pub allow_origins: Vec<String>,
+    /// Where master keys are kept at rest: auto (sealed under the OS keyring where one is
+    /// reachable, else as text in the 0600 database), keyring (or do not start), file.
+    #[arg(long, env = "CAPIT_KEY_STORAGE", default_value = "auto")]
+    pub key_storage: String,
 }
 
 #[derive(Clone, Debug)]
@@ -95,6 +99,7 @@ pub struct Config {
     pub alerts: crate::events::AlertActions,
     /// systemd's notification socket, when run as a `Type=notify` service.
     pub notify_socket: Option<PathBuf>,
+    pub key_storage: crate::keyring::KeyStorage,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +114,8 @@ pub enum ConfigError {
     OutOfRange { name: &'static str, min: u64, max: u64 },
     #[error("{0}")]
     BadOrigin(String),
+    #[error("--key-storage {0:?} must be auto, keyring or file")]
+    BadKeyStorage(String),
 }
 
 impl Config {
@@ -148,10 +155,13 @@ impl Config {
             .map(|o| crate::proxy::parse_origin(o))
             .collect::<Result<Vec<_>, _>>()
             .map_err(ConfigError::BadOrigin)?;
+        let key_storage =
+            crate::keyring::KeyStorage::parse(cli.key_storage.trim()).ok_or(ConfigError::BadKeyStorage(cli.key_storage.clone()))?;
         Ok(Config {
             home,
             socket,
             listen,
+            key_storage,
             proxy: ProxyConfig {
                 max_body_bytes: (max_body_mib as usize) * 1024 * 1024,
                 upstream_timeout: Duration::from_secs(upstream_timeout),

@@ -9,6 +9,7 @@
 //!   (response parsers: bytes in, token counts out), [`providers`] (the upstream table and the
 //!   route allowlist), [`request_path`] (paths decoded and normalised before the allowlist),
 //!   [`secret`] (keys).
+//! - [`keyring`]: master keys at rest, sealed under a data key in the OS keyring.
 //! - [`store`]: the only module that knows redb; one writer thread, batched commits.
 //! - [`state`]: live state over the store, shared by the proxy and the control service.
 //! - [`backstop`]: provider-side caps (OpenRouter keys with a limit, one per grant), kept in step
@@ -27,6 +28,7 @@ pub mod config;
 pub mod control;
 pub mod events;
 pub mod grants;
+pub mod keyring;
 pub mod lease;
 pub mod ledger;
 pub mod log_throttle;

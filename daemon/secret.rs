@@ -31,6 +31,12 @@ impl Secret {
         &self.0
     }
 
+    /// The secret without surrounding whitespace (as pasted), itself a `Secret`, so that no plain
+    /// copy is made on the way.
+    pub fn trimmed(&self) -> Secret {
+        Secret(self.0.trim().to_string())
+    }
+
     /// What may be shown of a secret: at most a 4-character prefix and the last 4 characters.
     pub fn fingerprint(&self) -> String {
         fingerprint(&self.0)
@@ -59,26 +65,22 @@ impl<'de> serde::Deserialize<'de> for Secret {
 
 impl Drop for Secret {
     fn drop(&mut self) {
-        // SAFETY: zero bytes are valid UTF-8, so the string stays well-formed until it is freed.
-        for byte in unsafe { self.0.as_bytes_mut() } {
-            // A volatile write keeps the compiler from dropping the zeroing as a dead store.
-            unsafe { std::ptr::write_volatile(byte, 0) };
-        }
+        // Zeroes the whole allocation (spare capacity too), in a way the compiler keeps.
+        zeroize::Zeroize::zeroize(&mut self.0);
     }
 }
 
 /// Shows a 4-character prefix and the last 4 characters of a long secret, less of a short one,
 /// so that a person can tell keys apart without the secret being recoverable.
 pub fn fingerprint(text: &str) -> String {
-    let chars: Vec<char> = text.chars().collect();
-    if chars.len() >= 16 {
-        let head: String = chars[..4].iter().collect();
-        let tail: String = chars[chars.len() - 4..].iter().collect();
-        format!("{head}…{tail}")
+    // Walks the text without copying it: only the shown characters are ever copied.
+    let count = text.chars().count();
+    let tail_from = |n: usize| text.char_indices().nth(count - n).map_or("", |(at, _)| &text[at..]);
+    if count >= 16 {
+        let head_end = text.char_indices().nth(4).map_or(text.len(), |(at, _)| at);
+        format!("{}…{}", &text[..head_end], tail_from(4))
     } else {
-        let shown = chars.len() / 4;
-        let tail: String = chars[chars.len() - shown..].iter().collect();
-        format!("…{tail}")
+        format!("…{}", if count / 4 == 0 { "" } else { tail_from(count / 4) })
     }
 }
 

@@ -92,6 +92,8 @@ pub fn local_window(period: Period, at: i64) -> Window {
 pub struct MasterKey {
     pub secret: Arc<Secret>,
     pub added_at: i64,
+    /// Stored sealed under the keyring's data key (else as text in the database).
+    pub sealed: bool,
 }
 
 /// One grant and its spend in the current window.
@@ -304,6 +306,8 @@ pub struct State {
     installation_id: String,
     events: crate::events::Events,
     audit: Arc<crate::audit::AuditLog>,
+    /// How new master keys are kept at rest; unset (as text) until the daemon says.
+    key_protection: OnceLock<crate::keyring::KeyProtection>,
 }
 
 /// What the proxy needs to forward a request for one provider.
@@ -333,12 +337,19 @@ impl State {
         let keys = snapshot
             .keys
             .into_iter()
-            .map(|(name, k)| (name, MasterKey { secret: Arc::new(Secret::new(k.secret)), added_at: k.added_at }))
+            // A sealed key arrives opened (see `keyring::protect_at_rest`); its text moves, uncopied.
+            .map(|(name, mut k)| {
+                let text = k.secret.as_mut().map(|t| std::mem::take(&mut **t)).unwrap_or_default();
+                (name, MasterKey { secret: Arc::new(Secret::new(text)), added_at: k.added_at, sealed: k.sealed.is_some() })
+            })
             .collect();
         let management_keys = snapshot
             .management_keys
             .into_iter()
-            .map(|(name, k)| (name, MasterKey { secret: Arc::new(Secret::new(k.secret)), added_at: k.added_at }))
+            .map(|(name, mut k)| {
+                let text = k.secret.as_mut().map(|t| std::mem::take(&mut **t)).unwrap_or_default();
+                (name, MasterKey { secret: Arc::new(Secret::new(text)), added_at: k.added_at, sealed: k.sealed.is_some() })
+            })
             .collect();
         let mut prices = PriceTable::with_overrides(snapshot.prices.into_iter().collect())
             .with_override_origins(snapshot.price_origins.into_iter().collect());
@@ -382,6 +393,7 @@ impl State {
             installation_id: snapshot.installation_id,
             events: crate::events::Events::new(),
             audit,
+            key_protection: OnceLock::new(),
         };
         // Thresholds the spend has already passed this period do not fire again after a restart.
         for slot in state.read().grants.values() {
@@ -449,18 +461,44 @@ impl State {
 
     // ---- master keys ----
 
+    /// Says how master keys are kept at rest from now on (set once, at start).
+    pub fn set_key_protection(&self, protection: crate::keyring::KeyProtection) {
+        let _ = self.key_protection.set(protection);
+    }
+
+    /// Where new master keys go at rest: `("keyring" | "file", a sentence saying why)`.
+    pub fn key_storage(&self) -> (&'static str, String) {
+        match self.key_protection.get() {
+            Some(protection) => (protection.at_rest(), protection.detail.clone()),
+            None => ("file", "master keys are stored as text in the 0600 database".into()),
+        }
+    }
+
+    /// A provider key as it is stored: sealed under the keyring's data key when there is one.
+    fn stored_key(&self, name: &str, secret: &Secret, added_at: i64) -> Result<StoredKey, StateError> {
+        match self.key_protection.get().and_then(|p| p.sealer.as_ref()) {
+            Some(sealer) => Ok(StoredKey {
+                secret: None,
+                sealed: Some(sealer.seal(name, secret).map_err(|e| StateError::Invalid(e.to_string()))?),
+                added_at,
+            }),
+            None => Ok(StoredKey { secret: Some(zeroize::Zeroizing::new(secret.expose().to_string())), sealed: None, added_at }),
+        }
+    }
+
     pub async fn add_key(&self, provider: &str, secret: Secret) -> Result<(String, i64), StateError> {
-        let text = provider_key_text(&secret)?;
+        let secret = provider_key_text(&secret)?;
         let _admin = self.admin.lock().await;
         if !self.read().providers.contains_key(provider) {
             return Err(StateError::UnknownProvider(provider.to_string()));
         }
         let added_at = self.clock.now_seconds();
-        let stored = StoredKey { secret: text.clone(), added_at };
+        let stored = self.stored_key(provider, &secret, added_at)?;
+        let sealed = stored.sealed.is_some();
         self.store.write(WriteOp::PutKey { provider: provider.to_string(), key: stored }).await?;
-        let secret = Secret::new(text);
         let fingerprint = secret.fingerprint();
-        self.write().keys.insert(provider.to_string(), MasterKey { secret: Arc::new(secret), added_at });
+        let key = MasterKey { secret: Arc::new(secret), added_at, sealed };
+        self.write().keys.insert(provider.to_string(), key);
         Ok((fingerprint, added_at))
     }
 
@@ -474,9 +512,9 @@ impl State {
         Ok(())
     }
 
-    /// (provider, fingerprint, added_at) of every stored key.
-    pub fn list_keys(&self) -> Vec<(String, String, i64)> {
-        self.read().keys.iter().map(|(p, k)| (p.clone(), k.secret.fingerprint(), k.added_at)).collect()
+    /// (provider, fingerprint, added_at, sealed in the keyring) of every stored key.
+    pub fn list_keys(&self) -> Vec<(String, String, i64, bool)> {
+        self.read().keys.iter().map(|(p, k)| (p.clone(), k.secret.fingerprint(), k.added_at, k.sealed)).collect()
     }
 
     // ---- providers ----
@@ -1250,15 +1288,17 @@ pub struct GrantSpec {
 }
 
 /// A provider key's text, checked: one token, and not a capit key.
-fn provider_key_text(secret: &Secret) -> Result<String, StateError> {
-    let text = secret.expose().trim().to_string();
+/// The key as pasted, trimmed and checked; itself a `Secret`, so no plain copy is made.
+fn provider_key_text(secret: &Secret) -> Result<Secret, StateError> {
+    let secret = secret.trimmed();
+    let text = secret.expose();
     if text.is_empty() || text.len() > 4096 || text.chars().any(|c| c.is_control() || c.is_whitespace()) {
         return Err(StateError::Invalid("the key is empty or has spaces or control characters".into()));
     }
-    if secret::looks_like_virtual_key(&text) {
+    if secret::looks_like_virtual_key(text) {
         return Err(StateError::Invalid("that is a capit virtual key, not the provider's own key".into()));
     }
-    Ok(text)
+    Ok(secret)
 }
 
 impl GrantSlot {

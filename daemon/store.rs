@@ -104,10 +104,14 @@ macro_rules! from_redb {
 }
 from_redb!(redb::DatabaseError, redb::TransactionError, redb::TableError, redb::StorageError, redb::CommitError);
 
-/// A master key as stored. The database file is 0600 in a 0700 directory.
+/// A master key as stored: sealed under the keyring's data key, or else as text (the database
+/// file is 0600 in a 0700 directory). Exactly one of the two is set.
 #[derive(Clone, Serialize, Deserialize)]
 pub struct StoredKey {
-    pub secret: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub secret: Option<zeroize::Zeroizing<String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<crate::keyring::SealedKey>,
     pub added_at: i64,
 }
 
@@ -707,7 +711,8 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>, seen_bat
         for op in ops {
             match op {
                 WriteOp::PutKey { provider, key } => {
-                    master_keys.insert(provider.as_str(), encode(key).as_slice())?;
+                    // The record may hold the key as text: its encoded copy is zeroed too.
+                    master_keys.insert(provider.as_str(), zeroize::Zeroizing::new(encode(key)).as_slice())?;
                 }
                 WriteOp::DeleteKey { provider } => {
                     master_keys.remove(provider.as_str())?;

@@ -82,7 +82,10 @@ impl Control for ControlService {
             Err(_) => 0,
         };
         let health = self.state.store().health();
+        let (key_storage, key_storage_detail) = self.state.key_storage();
         Ok(Response::new(pb::GetStatusResponse {
+            key_storage: key_storage.to_string(),
+            key_storage_detail,
             store_writable: health.failing_since_ms.is_none(),
             store_error: health.error.clone(),
             store_failing_since: health.failing_since_ms.map_or(0, |ms| ms.div_euclid(1000)),
@@ -127,15 +130,22 @@ impl Control for ControlService {
             let detail = format!("management key {fingerprint} stored; {backstopped} grants now have a provider-side key");
             self.record(&actor, Change::new("key.add", &req.provider, detail)).await?;
             return Ok(Response::new(pb::AddKeyResponse {
-                key: Some(pb::KeyInfo { provider: req.provider, fingerprint, added_at, management: true }),
+                key: Some(pb::KeyInfo {
+                    provider: req.provider,
+                    fingerprint,
+                    added_at,
+                    management: true,
+                    at_rest: self.state.key_storage().0.to_string(),
+                }),
                 backstopped: backstopped as u32,
                 not_backstopped,
             }));
         }
         let (fingerprint, added_at) = self.state.add_key(&req.provider, secret).await.map_err(status_from)?;
         self.record(&actor, Change::new("key.add", &req.provider, format!("master key {fingerprint} stored"))).await?;
+        let at_rest = self.state.key_storage().0.to_string();
         Ok(Response::new(pb::AddKeyResponse {
-            key: Some(pb::KeyInfo { provider: req.provider, fingerprint, added_at, management: false }),
+            key: Some(pb::KeyInfo { provider: req.provider, fingerprint, added_at, management: false, at_rest }),
             ..Default::default()
         }))
     }
@@ -145,7 +155,13 @@ impl Control for ControlService {
         let management = self.state.list_management_keys().into_iter().map(|k| (k, true));
         let keys = master
             .chain(management)
-            .map(|((provider, fingerprint, added_at), management)| pb::KeyInfo { provider, fingerprint, added_at, management })
+            .map(|((provider, fingerprint, added_at, sealed), management)| pb::KeyInfo {
+                provider,
+                fingerprint,
+                added_at,
+                management,
+                at_rest: if sealed { "keyring" } else { "file" }.to_string(),
+            })
             .collect();
         Ok(Response::new(pb::ListKeysResponse { keys }))
     }
@@ -189,7 +205,7 @@ impl Control for ControlService {
             changed.push(format!("priced at zero: {zero}"));
         }
         self.record(&actor, Change::new("provider.set", &p.name, changed.join("; "))).await?;
-        let has_key = self.state.list_keys().iter().any(|(name, _, _)| *name == p.name);
+        let has_key = self.state.list_keys().iter().any(|(name, ..)| *name == p.name);
         Ok(Response::new(pb::SetProviderResponse { provider: Some(convert::provider(&p, has_key)) }))
     }
 

@@ -78,11 +78,18 @@ pub fn upstream_headers(client: &HeaderMap, auth: AuthStyle, key: &Secret) -> Re
         out.append(name.clone(), value.clone());
     }
     out.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    let (name, text) = match auth {
-        AuthStyle::Bearer => (header::AUTHORIZATION, format!("Bearer {}", key.expose())),
-        AuthStyle::XApiKey => (HeaderName::from_static("x-api-key"), key.expose().to_string()),
-        AuthStyle::XGoogApiKey => (HeaderName::from_static("x-goog-api-key"), key.expose().to_string()),
+    // The header value is the key's one copy per request (hyper owns it); the text it is built
+    // from is zeroed at once.
+    let mut text = zeroize::Zeroizing::new(String::with_capacity(key.expose().len() + 7));
+    let name = match auth {
+        AuthStyle::Bearer => {
+            text.push_str("Bearer ");
+            header::AUTHORIZATION
+        }
+        AuthStyle::XApiKey => HeaderName::from_static("x-api-key"),
+        AuthStyle::XGoogApiKey => HeaderName::from_static("x-goog-api-key"),
     };
+    text.push_str(key.expose());
     let mut value = HeaderValue::from_str(&text)?;
     value.set_sensitive(true);
     out.insert(name, value);

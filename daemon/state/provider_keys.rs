@@ -7,9 +7,10 @@ use std::sync::Arc;
 use super::{GrantSlot, MasterKey, State, StateError, Upstream, provider_key_text};
 use crate::backstop::ProviderKey;
 use crate::grants::GrantId;
+use crate::keyring::management_seal_name;
 use crate::providers::ProviderKind;
 use crate::secret::{KeyHash, Secret};
-use crate::store::{StoredKey, WriteOp};
+use crate::store::WriteOp;
 
 impl State {
     /// Sets how access requests are bounded and announced (at start, before serving).
@@ -30,7 +31,7 @@ impl State {
     /// Stores the key that manages `provider`'s keys (OpenRouter's management key); the caller
     /// has checked it with the provider.
     pub async fn add_management_key(&self, provider: &str, secret: &Secret) -> Result<(String, i64), StateError> {
-        let text = provider_key_text(secret)?;
+        let secret = provider_key_text(secret)?;
         let _admin = self.admin.lock().await;
         match self.read().providers.get(provider) {
             None => return Err(StateError::UnknownProvider(provider.to_string())),
@@ -40,12 +41,12 @@ impl State {
             Some(_) => {}
         }
         let added_at = self.clock.now_seconds();
-        self.store
-            .write(WriteOp::PutManagementKey { provider: provider.to_string(), key: StoredKey { secret: text.clone(), added_at } })
-            .await?;
-        let secret = Secret::new(text);
+        // Sealed like a master key, under its own name so neither opens as the other.
+        let stored = self.stored_key(&management_seal_name(provider), &secret, added_at)?;
+        let sealed = stored.sealed.is_some();
+        self.store.write(WriteOp::PutManagementKey { provider: provider.to_string(), key: stored }).await?;
         let fingerprint = secret.fingerprint();
-        self.write().management_keys.insert(provider.to_string(), MasterKey { secret: Arc::new(secret), added_at });
+        self.write().management_keys.insert(provider.to_string(), MasterKey { secret: Arc::new(secret), added_at, sealed });
         Ok((fingerprint, added_at))
     }
 
@@ -78,9 +79,9 @@ impl State {
         self.read().management_keys.get(provider).map(|k| k.secret.clone())
     }
 
-    /// (provider, fingerprint, added_at) of every stored management key.
-    pub fn list_management_keys(&self) -> Vec<(String, String, i64)> {
-        self.read().management_keys.iter().map(|(p, k)| (p.clone(), k.secret.fingerprint(), k.added_at)).collect()
+    /// (provider, fingerprint, added_at, sealed in the keyring) of every stored management key.
+    pub fn list_management_keys(&self) -> Vec<(String, String, i64, bool)> {
+        self.read().management_keys.iter().map(|(p, k)| (p.clone(), k.secret.fingerprint(), k.added_at, k.sealed)).collect()
     }
 
     /// Every grant, revoked ones included.

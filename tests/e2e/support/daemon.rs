@@ -37,6 +37,8 @@ pub struct Daemon {
     pub proxy: SocketAddr,
     args: Vec<String>,
     log_filter: String,
+    /// Extra environment for capitd (set after the defaults above, so it can override them).
+    env: Vec<(String, String)>,
 }
 
 impl Daemon {
@@ -51,6 +53,11 @@ impl Daemon {
 
     /// Starts capitd with extra flags and a `CAPIT_LOG` filter.
     pub fn start_logging(args: &[&str], log_filter: &str) -> Daemon {
+        Daemon::start_env(args, log_filter, &[])
+    }
+
+    /// Starts capitd with extra flags, a `CAPIT_LOG` filter and extra environment variables.
+    pub fn start_env(args: &[&str], log_filter: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = TempDir::new();
         let home = dir.path().join("home");
         let socket = home.join("capitd.sock");
@@ -64,6 +71,7 @@ impl Daemon {
             proxy: "127.0.0.1:0".parse().unwrap(),
             args: args.iter().map(|s| s.to_string()).collect(),
             log_filter: log_filter.to_string(),
+            env: env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
         };
         daemon.launch("127.0.0.1:0");
         daemon
@@ -77,6 +85,11 @@ impl Daemon {
             .args(&self.args)
             .env_remove("CAPIT_SOCKET")
             .env_remove("CAPIT_LISTEN")
+            // Tests never touch the keyring of the person running them; the keyring test gives
+            // its daemon a private one.
+            .env("CAPIT_KEY_STORAGE", "file")
+            .env_remove("DBUS_SESSION_BUS_ADDRESS")
+            .envs(self.env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
             .env("CAPIT_LOG", &self.log_filter)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -46,6 +46,10 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> AppError + '_ {
 
 /// Runs the daemon until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), AppError> {
+    // A file-size limit (ulimit -f) reached is then a write error, which the store rides out
+    // like a full disk, rather than a signal that kills the daemon.
+    // SAFETY: setting a signal's disposition to ignore has no preconditions.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     private_dir(&config.home)?;
     let database = config.home.join("capit.redb");
     let (store, mut snapshot) = Store::open(&database)?;

@@ -18,6 +18,10 @@ pub fn status_from(error: StateError) -> Status {
         StateError::Invalid(_) | StateError::Provider(_) | StateError::Grant(_) | StateError::Price(_) => {
             Status::invalid_argument(error.to_string())
         }
+        // A ledger outage is the user's to fix (free some disk), so it is said plainly.
+        StateError::Store(crate::store::StoreError::Unavailable(_)) => Status::unavailable(
+            "capit cannot write its database (disk full?): nothing was changed; free some disk space and try again (capitctl status shows the error)",
+        ),
         StateError::Store(_) | StateError::Random(_) | StateError::Audit(_) => {
             tracing::error!(error = %error, "control request failed");
             Status::internal("capitd could not complete the request; its log has the details")

@@ -15,6 +15,7 @@ mod durability;
 mod lifecycle;
 mod limits;
 mod metering;
+mod outage;
 mod prices;
 mod providers;
 mod refusals;

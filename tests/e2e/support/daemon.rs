@@ -58,8 +58,14 @@ impl Daemon {
 
     /// Starts capitd with extra flags, a `CAPIT_LOG` filter and extra environment variables.
     pub fn start_env(args: &[&str], log_filter: &str, env: &[(&str, &str)]) -> Daemon {
+        Daemon::start_full(None, args, log_filter, env)
+    }
+
+    /// Starts capitd with its data dir at `home` (a path the test prepared, such as a small
+    /// mount), else in the temp dir.
+    pub fn start_full(home: Option<PathBuf>, args: &[&str], log_filter: &str, env: &[(&str, &str)]) -> Daemon {
         let dir = TempDir::new();
-        let home = dir.path().join("home");
+        let home = home.unwrap_or_else(|| dir.path().join("home"));
         let socket = home.join("capitd.sock");
         let log = dir.path().join("capitd.log");
         let mut daemon = Daemon {

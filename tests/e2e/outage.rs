@@ -22,7 +22,7 @@ const PLAIN: &str = r#"{"model":"test-model","messages":[{"role":"user","content
 /// test may mount one (as root, as in CI), else the daemon's own file-size limit (`prlimit`),
 /// under which its writes past the file's size fail as they do on a full disk.
 enum Disk {
-    Tmpfs { dir: TempDir, mount: PathBuf },
+    Tmpfs { _dir: TempDir, mount: PathBuf },
     FileSizeLimit { dir: TempDir, pid: Option<u32> },
 }
 
@@ -33,7 +33,7 @@ impl Disk {
         std::fs::create_dir_all(&mount).unwrap();
         let mounted = Command::new("mount").args(["-t", "tmpfs", "-o", "size=4m,mode=0700", "tmpfs"]).arg(&mount).output();
         match mounted {
-            Ok(out) if out.status.success() => Disk::Tmpfs { dir, mount },
+            Ok(out) if out.status.success() => Disk::Tmpfs { _dir: dir, mount },
             _ => {
                 eprintln!("no tmpfs can be mounted here: filling the disk by the daemon's file-size limit instead");
                 Disk::FileSizeLimit { dir, pid: None }

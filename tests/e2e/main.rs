@@ -12,6 +12,7 @@ mod budget;
 mod cli;
 mod consumers;
 mod durability;
+mod edge;
 mod keys_at_rest;
 mod lifecycle;
 mod limits;

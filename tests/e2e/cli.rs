@@ -86,7 +86,7 @@ fn keys_are_added_from_stdin_listed_by_fingerprint_and_removed() {
     let daemon = Daemon::start();
     let out = daemon.ctl_stdin(&["key", "add", "anthropic"], "sk-ant-api03-secretsecretsecret-AbCd\n");
     assert!(out.status.success());
-    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "stored the anthropic key sk-a…AbCd");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "stored the anthropic key sk-a…AbCd, as text in the database (no keyring)");
     for (provider, input, expect) in [
         ("anthropic", "", "no key was given"),
         ("nosuch", "sk-x-1234567890abcdef", "unknown provider"),

@@ -37,6 +37,39 @@ impl LogThrottle {
     }
 }
 
+/// A [`LogThrottle`] per key (such as a grant and a reason), each made on first use.
+pub struct KeyedLogThrottle<K> {
+    interval: Duration,
+    throttles: Mutex<std::collections::HashMap<K, (Instant, u64)>>,
+}
+
+impl<K: std::hash::Hash + Eq> KeyedLogThrottle<K> {
+    pub fn new(interval: Duration) -> KeyedLogThrottle<K> {
+        KeyedLogThrottle { interval, throttles: Mutex::new(std::collections::HashMap::new()) }
+    }
+
+    /// As [`LogThrottle::allow`], for the line of `key`.
+    pub fn allow(&self, key: K) -> Option<u64> {
+        let now = Instant::now();
+        let mut throttles = self.throttles.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        match throttles.get_mut(&key) {
+            Some((last, held)) if now.duration_since(*last) < self.interval => {
+                *held += 1;
+                None
+            }
+            Some((last, held)) => {
+                let count = *held;
+                (*last, *held) = (now, 0);
+                Some(count)
+            }
+            None => {
+                throttles.insert(key, (now, 0));
+                Some(0)
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -51,5 +84,14 @@ mod tests {
         }
         assert_eq!(throttle.allow_at(start + Duration::from_secs(10)), Some(999));
         assert_eq!(throttle.allow_at(start + Duration::from_secs(11)), None);
+    }
+
+    #[test]
+    fn each_key_has_its_own_interval() {
+        let throttle = KeyedLogThrottle::new(Duration::from_secs(60));
+        assert_eq!(throttle.allow(("a", 1)), Some(0));
+        assert_eq!(throttle.allow(("a", 1)), None);
+        assert_eq!(throttle.allow(("a", 2)), Some(0));
+        assert_eq!(throttle.allow(("a", 1)), None);
     }
 }

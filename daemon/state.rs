@@ -308,6 +308,8 @@ pub struct State {
     audit: Arc<crate::audit::AuditLog>,
     /// How new master keys are kept at rest; unset (as text) until the daemon says.
     key_protection: OnceLock<crate::keyring::KeyProtection>,
+    /// Refusal log lines, at most one a second per grant and reason.
+    refusal_log: crate::log_throttle::KeyedLogThrottle<(u64, &'static str)>,
 }
 
 /// What the proxy needs to forward a request for one provider.
@@ -394,6 +396,7 @@ impl State {
             events: crate::events::Events::new(),
             audit,
             key_protection: OnceLock::new(),
+            refusal_log: crate::log_throttle::KeyedLogThrottle::new(std::time::Duration::from_secs(1)),
         };
         // Thresholds the spend has already passed this period do not fire again after a restart.
         for slot in state.read().grants.values() {
@@ -1091,7 +1094,11 @@ impl State {
         let window_start = live.window.start;
         drop(live);
         drop(self.store.submit(WriteOp::CountRefusal { grant: slot.id, window_start, reason: reason.to_string() }));
-        tracing::info!(grant = %grant, model = model.unwrap_or("-"), reason, "refused: {message}");
+        // An agent retrying a refused request would repeat the line at its retry rate: once a
+        // second per grant and reason, with how many were held back (all are counted above).
+        if let Some(held_back) = self.refusal_log.allow((slot.id.0, reason)) {
+            tracing::info!(grant = %grant, model = model.unwrap_or("-"), reason, held_back, "refused: {message}");
+        }
         self.events.refused(grant, model, reason, message, self.clock.now_millis());
     }
 

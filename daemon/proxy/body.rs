@@ -129,6 +129,9 @@ impl Pricing {
     }
 }
 
+static INTERRUPTED_LOG: crate::log_throttle::LogThrottle = crate::log_throttle::LogThrottle::new(Duration::from_secs(1));
+static INVALID_USAGE_LOG: crate::log_throttle::LogThrottle = crate::log_throttle::LogThrottle::new(Duration::from_secs(1));
+
 /// Everything needed to turn what was observed into a ledger entry.
 pub struct Settlement {
     pub state: Arc<State>,
@@ -179,7 +182,10 @@ impl Settlement {
     /// Records a request whose body went upstream but whose reply never came (a timeout, a
     /// reset, a closed connection): the upstream may have billed it, so it is charged its hold.
     pub fn settle_interrupted(self, why: String) -> oneshot::Receiver<Result<(), StoreError>> {
-        tracing::warn!(grant = self.reservation.grant().0, hold = %self.reservation.amount(), "{why}; charged at its hold");
+        // A failing upstream fails every request: the line at most once a second (each is in the ledger).
+        if let Some(held_back) = INTERRUPTED_LOG.allow() {
+            tracing::warn!(grant = self.reservation.grant().0, hold = %self.reservation.amount(), held_back, "{why}; charged at its hold");
+        }
         let entry = LedgerEntry {
             grant: self.reservation.grant(),
             at_ms: self.state.clock().now_millis(),
@@ -209,7 +215,9 @@ impl Settlement {
         let model = observed.model.clone().unwrap_or_else(|| self.request_model.clone());
         if let Some(why) = observed.invalid_usage.clone() {
             // Never credited, never $0: a reply whose counts are no counts costs its hold.
-            tracing::warn!(grant = self.reservation.grant().0, model = %model, "the reply's usage is not valid ({why}); charged at its hold");
+            if let Some(held_back) = INVALID_USAGE_LOG.allow() {
+                tracing::warn!(grant = self.reservation.grant().0, model = %model, held_back, "the reply's usage is not valid ({why}); charged at its hold");
+            }
             let usage = observed.usage.clone().unwrap_or_else(|| self.estimate(&observed));
             return entry(usage, self.reservation.amount(), EntryStatus::Estimated, Some(format!("invalid usage: {why}")), model);
         }

@@ -23,4 +23,5 @@ mod providers;
 mod refusals;
 mod sdk;
 mod service;
+mod soak;
 mod watch;

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+pub mod chaos;
 pub mod daemon;
 pub mod files;
 pub mod http;

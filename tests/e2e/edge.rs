@@ -251,3 +251,39 @@ fn one_user_cannot_hold_more_than_its_share_of_connections() {
     });
     assert_eq!(served.status, 200);
 }
+
+fn set_soft_fd_limit(pid: u32, soft: u64) -> u64 {
+    let mut old = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+    // SAFETY: prlimit on our own child, reading its limit first.
+    assert_eq!(unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) }, 0);
+    let new = libc::rlimit { rlim_cur: soft, rlim_max: old.rlim_max };
+    // SAFETY: as above; lowering the soft limit, or raising it back to at most the hard one.
+    assert_eq!(unsafe { libc::prlimit(pid as i32, libc::RLIMIT_NOFILE, &new, std::ptr::null_mut()) }, 0);
+    old.rlim_cur
+}
+
+#[test]
+fn out_of_descriptors_the_accept_loop_backs_off_and_logs_once_per_interval() {
+    let (daemon, _fake, key) = setup(&[]);
+    let pid = daemon.pid();
+    let open = std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count() as u64;
+    let before = set_soft_fd_limit(pid, open + 6);
+    // Far more connections than descriptors left: accepting fails with EMFILE, again and again.
+    let flood: Vec<TcpStream> = (0..100).map(|_| TcpStream::connect(daemon.proxy).unwrap()).collect();
+    std::thread::sleep(Duration::from_secs(3));
+    let log = daemon.log_text();
+    let warned: Vec<&str> = log.lines().filter(|l| l.contains("accepting proxy connections fails")).collect();
+    let warnings = warned.len();
+    eprintln!("out of descriptors for 3 s: {warnings} warning(s): {warned:?}");
+    assert!(warnings >= 1, "the failure was logged: {log}");
+    assert!(warnings <= 1, "{warnings} warnings in 3 s: the accept loop must not log at its own rate");
+    assert!(log.lines().count() < 200, "the log did not flood: {} lines", log.lines().count());
+    set_soft_fd_limit(pid, before);
+    drop(flood);
+    let rt = runtime();
+    let reply = wait_for("service with descriptors back", Duration::from_secs(10), || {
+        let reply = rt.block_on(post_json(&chat_url(&daemon), &key, PLAIN));
+        (reply.status == 200).then_some(reply)
+    });
+    assert_eq!(reply.status, 200);
+}

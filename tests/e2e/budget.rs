@@ -15,7 +15,7 @@ use crate::metering::MASTER;
 use crate::support::daemon::Daemon;
 use crate::support::http::{self, client};
 use crate::support::upstream::{Failure, Fake, FakePrice};
-use crate::support::{TempDir, dec, runtime, wait_for};
+use crate::support::{TempDir, dec, runtime, wait_for, without_colour};
 
 /// Sonnet's list prices, written independently of the daemon's table.
 fn sonnet() -> FakePrice {
@@ -329,24 +329,6 @@ fn a_request_waits_for_holds_in_flight_then_goes_or_is_told_when_to_retry() {
         .find(|l| l.contains("refused:") && l.contains("queue_timeout"))
         .unwrap_or_else(|| panic!("refusals are logged at info: {log}"));
     assert!(line.contains(" INFO ") && line.contains("grant=one-at-a-time") && line.contains("model=\"test-model\""), "{line}");
-}
-
-/// The log without terminal colour codes (when stderr is not a terminal there are none).
-fn without_colour(log: &str) -> String {
-    let mut out = String::with_capacity(log.len());
-    let mut chars = log.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 /// A daemon whose openrouter provider points at a fresh fake that lists `model`.

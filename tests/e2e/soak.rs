@@ -18,7 +18,7 @@ use crate::metering::MASTER;
 use crate::support::chaos::{Behaviour, Chaos, ChaosPrice};
 use crate::support::daemon::Daemon;
 use crate::support::http::{self, client};
-use crate::support::{dec, runtime, wait_for};
+use crate::support::{dec, runtime, wait_for, without_colour};
 
 const CLIENTS: usize = 20;
 const SOAK: Duration = Duration::from_secs(60);
@@ -39,7 +39,7 @@ fn open_fds(pid: u32) -> usize {
 fn worst_repeat(log: &str) -> (usize, String) {
     let mut counts: HashMap<(String, String), usize> = HashMap::new();
     for line in log.lines() {
-        let plain: String = strip_ansi(line);
+        let plain = without_colour(line);
         let Some((stamp, text)) = plain.split_once(' ') else { continue };
         let second = stamp.get(..19).unwrap_or(stamp).to_string();
         let mut shape = String::with_capacity(text.len());
@@ -53,23 +53,6 @@ fn worst_repeat(log: &str) -> (usize, String) {
         *counts.entry((second, shape)).or_default() += 1;
     }
     counts.into_iter().map(|((_, text), n)| (n, text)).max().unwrap_or_default()
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
 
 #[test]

@@ -34,12 +34,20 @@ fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap().count()
 }
 
+/// The per-request access line (one per settlement, by design): bounded by the request rate,
+/// and so not a repeat of one condition.
+const ACCESS_LINE: &str = "capit::events: settled ";
+
 /// The most often one line appears within one second: its text less the timestamp, with every
 /// number counted as the same (so that lines differing only in a count or an amount are one).
+/// The access line is left out.
 fn worst_repeat(log: &str) -> (usize, String) {
     let mut counts: HashMap<(String, String), usize> = HashMap::new();
     for line in log.lines() {
         let plain = without_colour(line);
+        if plain.contains(ACCESS_LINE) {
+            continue;
+        }
         let Some((stamp, text)) = plain.split_once(' ') else { continue };
         let second = stamp.get(..19).unwrap_or(stamp).to_string();
         let mut shape = String::with_capacity(text.len());
@@ -174,7 +182,9 @@ fn twenty_clients_for_a_minute_against_a_chaos_upstream() {
     let entries_of = |status: &str| by_status.get(status).copied().unwrap_or_default();
     let billed: Decimal = seen.iter().map(|s| s.billed).sum();
     let charged: Decimal = entries.iter().map(|e| e.cost).sum();
-    let (worst, line) = worst_repeat(&daemon.log_text());
+    let log = daemon.log_text();
+    let (worst, line) = worst_repeat(&log);
+    let access_lines = log.lines().filter(|l| without_colour(l).contains(ACCESS_LINE)).count();
 
     eprintln!(
         "soak: {CLIENTS} clients for {load_secs:.0} s, {} requests sent; client outcomes {:?}",
@@ -190,6 +200,7 @@ fn twenty_clients_for_a_minute_against_a_chaos_upstream() {
         "soak: RSS idle {idle_rss} KiB, after load {busy_rss} KiB, settled {after_rss} KiB; fds idle {idle_fds}, after load {busy_fds}, settled {back_to_idle}"
     );
     eprintln!("soak: the most repeated log line appeared {worst} times in one second: {line}");
+    eprintln!("soak: {access_lines} access lines (one per settlement), {} log lines in all", log.lines().count());
 
     // Every request the upstream saw is in the ledger, once, by the rules.
     let (metered, metered_cost) = entries_of("metered");

@@ -1,0 +1,167 @@
+//! A grant's live slot: the grant, its spend in the current window (rolled over at the
+//! window's end from the store's running totals), and what its count and rate limits count.
+
+use super::*;
+
+/// One grant and its spend in the current window.
+pub struct GrantSlot {
+    pub id: GrantId,
+    pub(super) live: Mutex<GrantLive>,
+    /// Woken whenever room may have come free (a hold settled, released or shrunk, a waiter
+    /// left), so that waiting requests try again.
+    pub(super) changed: tokio::sync::Notify,
+}
+
+pub(super) struct GrantLive {
+    pub(super) grant: Grant,
+    pub(super) window: Window,
+    pub(super) spent: Decimal,
+    /// The sum of the bounds of admitted requests not yet settled. It belongs to no window:
+    /// a request admitted before a reset still holds its amount until it settles.
+    pub(super) reserved: Decimal,
+    /// Counts for the grant's count and rate limits.
+    pub(super) counts: Counts,
+    /// Requests refused, by reason, over the grant's life.
+    pub(super) refusals: BTreeMap<String, u64>,
+    /// Requests arrived and not yet admitted or refused.
+    pub(super) arriving: u64,
+    /// Tickets of requests waiting for room, first come first served.
+    pub(super) queue: VecDeque<u64>,
+    pub(super) next_ticket: u64,
+}
+
+/// What count and rate limits are checked against, kept beside the money.
+#[derive(Default)]
+pub(super) struct Counts {
+    /// Requests admitted over the grant's life, in flight included.
+    pub(super) requests: u64,
+    /// Tokens settled over the grant's life plus the token bounds of requests in flight.
+    pub(super) tokens: u64,
+    pub(super) in_flight: u64,
+    /// Admission times (Unix ms) within the last minute.
+    pub(super) recent_requests: VecDeque<i64>,
+    /// Settlement times and token counts within the last minute.
+    pub(super) recent_tokens: VecDeque<(i64, u64)>,
+}
+
+const MINUTE_MS: i64 = 60_000;
+
+impl Counts {
+    pub(super) fn from_lifetime(totals: &Totals) -> Counts {
+        Counts { requests: totals.requests, tokens: totals.input_tokens.saturating_add(totals.output_tokens), ..Counts::default() }
+    }
+
+    /// Forgets what left the last minute, then says where the grant stands.
+    pub(super) fn usage(&mut self, now_ms: i64) -> crate::grants::Usage {
+        while self.recent_requests.front().is_some_and(|&at| at <= now_ms - MINUTE_MS) {
+            self.recent_requests.pop_front();
+        }
+        while self.recent_tokens.front().is_some_and(|&(at, _)| at <= now_ms - MINUTE_MS) {
+            self.recent_tokens.pop_front();
+        }
+        let tokens_last_minute = self.recent_tokens.iter().map(|(_, n)| n).sum();
+        crate::grants::Usage {
+            requests: self.requests,
+            tokens: self.tokens,
+            in_flight: self.in_flight,
+            requests_last_minute: self.recent_requests.len() as u64,
+            requests_free_at: self.recent_requests.front().map_or(now_ms, |at| at + MINUTE_MS),
+            tokens_last_minute,
+            tokens_free_at: self.recent_tokens.front().map_or(now_ms, |(at, _)| at + MINUTE_MS),
+        }
+    }
+}
+
+/// A grant as listings show it.
+#[derive(Clone, Debug)]
+pub struct GrantView {
+    pub grant: Grant,
+    pub spent: Decimal,
+    /// Held by admitted requests still in flight.
+    pub reserved: Decimal,
+    pub state: GrantState,
+    pub window: Window,
+    /// Requests refused over the grant's life, by reason.
+    pub refusals: BTreeMap<String, u64>,
+}
+
+impl GrantSlot {
+    pub(super) fn new(grant: Grant, window: Window, spent: Decimal, counts: Counts, refusals: BTreeMap<String, u64>) -> GrantSlot {
+        let live = GrantLive {
+            grant,
+            window,
+            spent,
+            reserved: Decimal::ZERO,
+            counts,
+            refusals,
+            arriving: 0,
+            queue: VecDeque::new(),
+            next_ticket: 0,
+        };
+        GrantSlot { id: live.grant.id, live: Mutex::new(live), changed: tokio::sync::Notify::new() }
+    }
+
+    pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, GrantLive> {
+        self.live.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    pub fn grant(&self) -> Grant {
+        self.lock().grant.clone()
+    }
+
+    pub fn name(&self) -> String {
+        self.lock().grant.name.clone()
+    }
+
+    /// The grant lets a request's output be lowered to fit what is left (`--fit`).
+    pub fn fit(&self) -> bool {
+        self.lock().grant.limits.fit
+    }
+
+    /// The grant's spend as it stands, for the event hub and its alerts.
+    pub fn standing(&self) -> crate::events::Standing {
+        let live = self.lock();
+        crate::events::Standing {
+            id: self.id,
+            name: live.grant.name.clone(),
+            provider: live.grant.provider.clone(),
+            cap: live.grant.cap,
+            spent: live.spent,
+            reserved: live.reserved,
+            period: live.grant.period,
+            window_start: live.window.start,
+            alerts: live.grant.alerts.clone(),
+        }
+    }
+
+    pub(super) fn view(&self, now: i64, store: &Store) -> GrantView {
+        let mut live = self.lock();
+        live.roll(now, self.id, store);
+        GrantView {
+            grant: live.grant.clone(),
+            spent: live.spent,
+            reserved: live.reserved,
+            state: live.grant.state(now, live.spent),
+            window: live.window,
+            refusals: live.refusals.clone(),
+        }
+    }
+}
+
+impl GrantLive {
+    /// Moves to the window containing `at` when the period has turned over, taking that
+    /// window's spend from the store's running totals (zero for a window not yet used).
+    pub(super) fn roll(&mut self, at: i64, id: GrantId, store: &Store) {
+        if self.window.contains(at) {
+            return;
+        }
+        self.window = local_window(self.grant.period, at);
+        self.spent = match store.totals(id, self.window.start) {
+            Ok(Totals { spent, .. }) => spent,
+            Err(e) => {
+                tracing::error!(error = %e, grant = id.0, "reading a grant's totals failed; counting from zero");
+                Decimal::ZERO
+            }
+        };
+    }
+}

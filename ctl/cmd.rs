@@ -730,7 +730,7 @@ async fn rotate(client: &mut Client, name: &str, json: bool) -> anyhow::Result<(
 
 pub(crate) fn grant_json(g: &pb::Grant) -> Value {
     json!({
-        "name": g.name, "provider": g.provider, "cap": g.cap, "spent": g.spent, "reserved": g.reserved, "period": g.period,
+        "name": g.name, "provider": g.provider, "cap": g.cap, "spent": g.spent, "reserved": g.reserved, "lease": g.lease, "period": g.period,
         "expires_at": time_json(g.expires_at), "state": g.state, "resets_at": time_json(g.resets_at),
         "models": g.models, "created_at": time_json(g.created_at), "created_by": g.created_by, "note": g.note,
         "revoked_at": time_json(g.revoked_at), "limits": limits_json(g.limits.as_ref()), "alerts": g.alerts,

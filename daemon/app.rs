@@ -102,6 +102,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let control_result = control.await;
     let _ = key_checks.await;
     drop(backstop);
+    // What is no longer in flight needs no lease: a clean stop leaves nothing to charge.
+    state.lower_leases_to_holds();
     drop(state);
     store.close();
     if let Err(e) = std::fs::remove_file(&config.socket) {

@@ -39,7 +39,9 @@ pub trait LeaseSource: Send + Sync {
     /// Makes `amount` this daemon's lease on the budget, durably, and resolves once a crash
     /// would charge it. A raise succeeds only while the budget has room for it; a lowering
     /// always succeeds (it may be applied lazily, since a larger lease is the conservative one).
-    fn commit_lease(&self, amount: Decimal) -> LeaseFuture<'_, Result<(), LeaseError>>;
+    /// The commit is under way when this returns (the future owns what it needs), so commits
+    /// land in the order they were asked for.
+    fn commit_lease(&self, amount: Decimal) -> LeaseFuture<'static, Result<(), LeaseError>>;
 }
 
 /// How leases are sized: raised to the peak of the holds in flight over `window`, times
@@ -59,13 +61,22 @@ impl Default for LeasePolicy {
 }
 
 /// One budget's lease, in memory: what is committed, what is asked for, what is held.
+///
+/// Commits are numbered as they are asked for and land on disk in that order, but may be
+/// reported back in any order; the book takes the value of the latest-numbered commit that
+/// landed, so its `committed` is never more than what is on disk. A lowering counts as landed
+/// at once (a larger lease on disk than in memory is the safe way round).
 #[derive(Clone, Debug)]
 pub struct LeaseBook {
     policy: LeasePolicy,
-    /// Durable: a crash charges this.
+    /// Durable, or less: a crash charges at least this.
     committed: Decimal,
-    /// A commit under way, to this amount.
-    raising_to: Option<Decimal>,
+    /// The number of the commit `committed` came from.
+    applied: u64,
+    /// Numbers given out so far.
+    asked: u64,
+    /// The latest raise under way.
+    raising: Option<Commit>,
     /// What the lease must cover now: holds in flight (and unreported spend, for a pool).
     covered: Decimal,
     /// The largest `covered` seen since `peak_since`.
@@ -75,13 +86,20 @@ pub struct LeaseBook {
     oversized_since: Option<Instant>,
 }
 
+/// One commit of a lease: its amount, and its place in the order commits were asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Commit {
+    pub amount: Decimal,
+    pub seq: u64,
+}
+
 /// What admitting a hold asks of the lease.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Cover {
     /// The committed lease covers it: the request may go at once.
     Now,
-    /// A commit under way (or one to start, to `raise_to`) will cover it once it lands.
-    After { raise_to: Option<Decimal>, needed: Decimal },
+    /// A raise under way (or `raise`, to start now) will cover it once committed ≥ `needed`.
+    After { raise: Option<Commit>, needed: Decimal },
 }
 
 impl LeaseBook {
@@ -89,7 +107,9 @@ impl LeaseBook {
         LeaseBook {
             policy,
             committed,
-            raising_to: None,
+            applied: 0,
+            asked: 0,
+            raising: None,
             covered: Decimal::ZERO,
             peak: Decimal::ZERO,
             peak_since: now,
@@ -105,6 +125,11 @@ impl LeaseBook {
         self.covered
     }
 
+    fn ask(&mut self, amount: Decimal) -> Commit {
+        self.asked += 1;
+        Commit { amount, seq: self.asked }
+    }
+
     /// Takes `amount` under the lease (a hold admitted; for a pool, spend not yet reported).
     /// `room` is the most the budget could lease in all (what its cap has left). The caller has
     /// already checked the hold against the cap.
@@ -115,13 +140,13 @@ impl LeaseBook {
         if needed <= self.committed {
             return Cover::Now;
         }
-        if self.raising_to.is_some_and(|to| to >= needed) {
-            return Cover::After { raise_to: None, needed };
+        if self.raising.is_some_and(|r| r.amount >= needed) {
+            return Cover::After { raise: None, needed };
         }
         let wanted = self.peak.saturating_mul(Decimal::from(self.policy.headroom_percent)) / Decimal::ONE_HUNDRED;
-        let target = wanted.max(needed).min(room.max(needed));
-        self.raising_to = Some(target);
-        Cover::After { raise_to: Some(target), needed }
+        let raise = self.ask(wanted.max(needed).min(room.max(needed)));
+        self.raising = Some(raise);
+        Cover::After { raise: Some(raise), needed }
     }
 
     /// Gives `amount` back (a hold settled or released, spend reported).
@@ -130,21 +155,34 @@ impl LeaseBook {
         self.note_peak(now);
     }
 
-    /// A commit to `amount` landed (or, with `ok == false`, failed and was abandoned).
-    pub fn committed_to(&mut self, amount: Decimal, ok: bool) {
-        if ok {
-            self.committed = amount;
+    /// A raise came back: landed (`ok`) or failed. Only the latest-numbered commit that landed
+    /// counts, whatever order they come back in.
+    pub fn landed(&mut self, commit: Commit, ok: bool) {
+        if ok && commit.seq > self.applied {
+            self.committed = commit.amount;
+            self.applied = commit.seq;
         }
-        if self.raising_to == Some(amount) || !ok {
-            self.raising_to = None;
+        if self.raising.is_some_and(|r| r.seq == commit.seq) {
+            self.raising = None;
         }
     }
 
-    /// The lease to lower to, when it has stayed larger than the recent peak with headroom for a
-    /// whole window (never below what it covers now, and never while a raise is under way).
-    pub fn shrink_to(&mut self, now: Instant) -> Option<Decimal> {
+    /// Lowers the lease to exactly `amount` now (at a clean stop: what is still held); the
+    /// returned commit is to be written, and counts as landed already.
+    pub fn lower_to(&mut self, amount: Decimal) -> Commit {
+        let commit = self.ask(amount);
+        self.committed = amount;
+        self.applied = commit.seq;
+        self.raising = None;
+        commit
+    }
+
+    /// The lowering to write, when the lease has stayed larger than the recent peak with
+    /// headroom for a whole window (never below what it covers now, and never while a raise is
+    /// under way); it counts as landed at once.
+    pub fn shrink_to(&mut self, now: Instant) -> Option<Commit> {
         self.note_peak(now);
-        if self.raising_to.is_some() {
+        if self.raising.is_some() {
             return None;
         }
         let wanted = (self.peak.saturating_mul(Decimal::from(self.policy.headroom_percent)) / Decimal::ONE_HUNDRED).max(self.covered);
@@ -153,11 +191,11 @@ impl LeaseBook {
             return None;
         }
         let since = *self.oversized_since.get_or_insert(now);
-        (now.duration_since(since) >= self.policy.window).then(|| {
-            self.oversized_since = None;
-            self.raising_to = Some(wanted);
-            wanted
-        })
+        if now.duration_since(since) < self.policy.window {
+            return None;
+        }
+        self.oversized_since = None;
+        Some(self.lower_to(wanted))
     }
 
     /// The peak decays to what is covered now once a window has passed without a larger one.
@@ -179,6 +217,13 @@ mod tests {
         text.parse().unwrap()
     }
 
+    fn raise(cover: Cover) -> Commit {
+        match cover {
+            Cover::After { raise: Some(raise), .. } => raise,
+            other => panic!("expected a raise: {other:?}"),
+        }
+    }
+
     #[test]
     fn holds_inside_the_committed_lease_go_at_once() {
         let t0 = Instant::now();
@@ -186,9 +231,10 @@ mod tests {
         assert_eq!(book.take(d("0.4"), d("10"), t0), Cover::Now);
         assert_eq!(book.take(d("0.6"), d("10"), t0), Cover::Now, "exactly the lease fits");
         // Past it: one raise, to twice the peak, and the next request rides on that raise.
-        assert_eq!(book.take(d("0.5"), d("10"), t0), Cover::After { raise_to: Some(d("3")), needed: d("1.5") });
-        assert_eq!(book.take(d("0.5"), d("10"), t0), Cover::After { raise_to: None, needed: d("2.0") });
-        book.committed_to(d("3"), true);
+        let first = book.take(d("0.5"), d("10"), t0);
+        assert_eq!(first, Cover::After { raise: Some(Commit { amount: d("3"), seq: 1 }), needed: d("1.5") });
+        assert_eq!(book.take(d("0.5"), d("10"), t0), Cover::After { raise: None, needed: d("2.0") });
+        book.landed(raise(first), true);
         assert_eq!(book.committed(), d("3"));
         assert_eq!(book.take(d("0.9"), d("10"), t0), Cover::Now);
     }
@@ -198,10 +244,31 @@ mod tests {
         let t0 = Instant::now();
         let mut book = LeaseBook::new(LeasePolicy::default(), Decimal::ZERO, t0);
         // Only 0.25 left to lease: the raise is exactly the holds, never past the room.
-        assert_eq!(book.take(d("0.2"), d("0.25"), t0), Cover::After { raise_to: Some(d("0.25")), needed: d("0.2") });
-        book.committed_to(d("0.25"), true);
+        let first = raise(book.take(d("0.2"), d("0.25"), t0));
+        assert_eq!(first.amount, d("0.25"));
+        book.landed(first, true);
         book.give_back(d("0.2"), t0);
-        assert_eq!(book.take(d("0.3"), d("0.3"), t0), Cover::After { raise_to: Some(d("0.3")), needed: d("0.3") });
+        assert_eq!(raise(book.take(d("0.3"), d("0.3"), t0)).amount, d("0.3"));
+    }
+
+    #[test]
+    fn commits_coming_back_out_of_order_never_raise_memory_past_the_disk() {
+        let t0 = Instant::now();
+        let mut book = LeaseBook::new(LeasePolicy { window: Duration::from_secs(10), headroom_percent: 100 }, Decimal::ZERO, t0);
+        let small = raise(book.take(d("1"), d("100"), t0));
+        let large = raise(book.take(d("2"), d("100"), t0));
+        assert!(large.seq > small.seq);
+        book.landed(large, true);
+        assert_eq!(book.committed(), d("3"));
+        // Quiet now: the lease is lowered (on disk after both raises), then the small raise comes
+        // back late. It must not undo the lowering, which the disk will end on.
+        book.give_back(d("3"), t0);
+        let later = t0 + Duration::from_secs(11);
+        book.shrink_to(later);
+        let lowered = book.shrink_to(later + Duration::from_secs(10)).expect("a lowering");
+        assert_eq!(lowered.amount, Decimal::ZERO);
+        book.landed(small, true);
+        assert_eq!(book.committed(), Decimal::ZERO, "the late raise is older than the lowering");
     }
 
     #[test]
@@ -212,20 +279,21 @@ mod tests {
         book.take(d("0.5"), d("10"), t0);
         assert_eq!(book.shrink_to(t0), None, "not before a whole window");
         let quiet = t0 + Duration::from_secs(11);
-        assert_eq!(book.shrink_to(quiet), Some(d("1.0")), "twice what is held, after a window too large");
-        assert_eq!(book.shrink_to(quiet), None, "one lowering at a time");
-        book.committed_to(d("1.0"), true);
+        assert_eq!(book.shrink_to(quiet).map(|c| c.amount), Some(d("1.0")), "twice what is held, after a window too large");
+        assert_eq!(book.committed(), d("1.0"), "applied at once");
         assert_eq!(book.shrink_to(quiet + Duration::from_secs(30)), None, "now the right size");
+        assert_eq!(book.lower_to(d("0.5")).amount, d("0.5"));
+        assert_eq!(book.committed(), d("0.5"));
     }
 
     #[test]
     fn a_failed_raise_is_abandoned() {
         let t0 = Instant::now();
         let mut book = LeaseBook::new(LeasePolicy::default(), Decimal::ZERO, t0);
-        let Cover::After { raise_to: Some(target), .. } = book.take(d("1"), d("5"), t0) else { panic!() };
-        book.committed_to(target, false);
+        let target = raise(book.take(d("1"), d("5"), t0));
+        book.landed(target, false);
         assert_eq!(book.committed(), Decimal::ZERO);
         book.give_back(d("1"), t0);
-        assert!(matches!(book.take(d("1"), d("5"), t0), Cover::After { raise_to: Some(_), .. }), "the next request asks again");
+        assert!(matches!(book.take(d("1"), d("5"), t0), Cover::After { raise: Some(_), .. }), "the next request asks again");
     }
 }

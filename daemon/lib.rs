@@ -24,6 +24,7 @@ pub mod admission;
 pub mod app;
 pub mod audit;
 pub mod backstop;
+pub mod codec;
 pub mod config;
 pub mod control;
 pub mod events;

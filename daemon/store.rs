@@ -55,6 +55,11 @@ pub const LIFETIME: i64 = 0;
 /// crash was in flight, and is charged at its amount on the next start.
 const RESERVATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("reservations");
 
+/// Grant id → its admission lease: what it has durably set aside for requests in flight (a
+/// decimal's 16 bytes). What is left here after a crash is charged as `interrupted` on the next
+/// start. Older versions kept one hold per request in RESERVATIONS instead; those are read too.
+const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
+
 const SCHEMA_VERSION: &[u8] = b"1";
 const NEXT_SEQ: &str = "next_ledger_seq";
 /// A random id of this database, made once, that tells this capit's provider keys from another
@@ -136,8 +141,10 @@ pub struct Snapshot {
     pub price_origins: Vec<(String, Provenance)>,
     pub price_list: Vec<(String, Price)>,
     pub price_list_origin: Option<Provenance>,
-    /// Holds left by requests that were in flight when the daemon last stopped uncleanly.
+    /// Holds left by requests that were in flight when an older capitd last stopped uncleanly.
     pub reservations: Vec<(u64, StoredReservation)>,
+    /// Each grant's admission lease, as last committed (non-zero after an unclean stop).
+    pub leases: Vec<(GrantId, rust_decimal::Decimal)>,
 }
 
 /// One write. The writer applies a batch of these in a single transaction.
@@ -185,6 +192,11 @@ pub enum WriteOp {
     PutReservation {
         id: u64,
         reservation: StoredReservation,
+    },
+    /// Sets a grant's admission lease (what a crash would charge for its requests in flight).
+    PutLease {
+        grant: GrantId,
+        amount: rust_decimal::Decimal,
     },
     /// Counts one refused request of `grant` in its window's totals and its lifetime's.
     CountRefusal {
@@ -383,7 +395,7 @@ impl Store {
         let txn = self.db.get()?.begin_read()?;
         let table = txn.open_table(TOTALS)?;
         match table.get((grant.0, window_start))? {
-            Some(value) => decode("totals", value.value()),
+            Some(value) => decode_totals(value.value()),
             None => Ok(Totals::default()),
         }
     }
@@ -399,7 +411,7 @@ impl Store {
         let mut out = Vec::new();
         for item in range {
             let (_, value) = item?;
-            let entry: LedgerEntry = decode("ledger entry", value.value())?;
+            let entry = decode_entry(value.value())?;
             if entry.at_ms >= since_ms {
                 out.push(entry);
             }
@@ -440,6 +452,7 @@ fn init_schema(db: &Database) -> Result<(), StoreError> {
         txn.open_table(LEDGER)?;
         txn.open_table(TOTALS)?;
         txn.open_table(RESERVATIONS)?;
+        txn.open_table(LEASES)?;
     }
     txn.commit()?;
     Ok(())
@@ -493,6 +506,15 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         let (id, value) = item?;
         reservations.push((id.value(), decode("reservation", value.value())?));
     }
+    let mut leases = Vec::new();
+    for item in txn.open_table(LEASES)?.iter()? {
+        let (grant, value) = item?;
+        let bytes: [u8; 16] = value
+            .value()
+            .try_into()
+            .map_err(|_| StoreError::Corrupt { what: "lease".into(), detail: "not a decimal's 16 bytes".into() })?;
+        leases.push((GrantId(grant.value()), rust_decimal::Decimal::deserialize(bytes)));
+    }
     Ok(Snapshot {
         keys,
         management_keys,
@@ -504,7 +526,26 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
         price_list,
         price_list_origin,
         reservations,
+        leases,
     })
+}
+
+/// A ledger entry as stored: the binary form, or the JSON of records written before it.
+fn decode_entry(bytes: &[u8]) -> Result<LedgerEntry, StoreError> {
+    if crate::codec::is_binary(bytes) {
+        crate::codec::decode_entry(bytes).map_err(|e| StoreError::Corrupt { what: "ledger entry".into(), detail: e.to_string() })
+    } else {
+        decode("ledger entry", bytes)
+    }
+}
+
+/// Running totals as stored: the binary form, or the JSON of records written before it.
+fn decode_totals(bytes: &[u8]) -> Result<Totals, StoreError> {
+    if crate::codec::is_binary(bytes) {
+        crate::codec::decode_totals(bytes).map_err(|e| StoreError::Corrupt { what: "totals".into(), detail: e.to_string() })
+    } else {
+        decode("totals", bytes)
+    }
 }
 
 fn decode<T: DeserializeOwned>(what: &str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -708,6 +749,7 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>, seen_bat
         let mut ledger = txn.open_table(LEDGER)?;
         let mut totals = txn.open_table(TOTALS)?;
         let mut reservations = txn.open_table(RESERVATIONS)?;
+        let mut leases = txn.open_table(LEASES)?;
         for op in ops {
             match op {
                 WriteOp::PutKey { provider, key } => {
@@ -757,6 +799,12 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>, seen_bat
                 WriteOp::DeleteReservation { id } => {
                     reservations.remove(*id)?;
                 }
+                WriteOp::PutLease { grant, amount } if amount.is_zero() => {
+                    leases.remove(grant.0)?;
+                }
+                WriteOp::PutLease { grant, amount } => {
+                    leases.insert(grant.0, amount.serialize().as_slice())?;
+                }
                 WriteOp::Barrier => {}
                 WriteOp::AppendEntry { entry, window_start, reservation } => {
                     let mut keys = vec![(entry.grant.0, *window_start)];
@@ -766,7 +814,7 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>, seen_bat
                     let mut sums = Vec::with_capacity(keys.len());
                     for key in &keys {
                         let mut sum: Totals = match totals.get(*key)? {
-                            Some(v) => decode("totals", v.value())?,
+                            Some(v) => decode_totals(v.value())?,
                             None => Totals::default(),
                         };
                         if sum.add(entry).is_err() {
@@ -783,10 +831,10 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>, seen_bat
                     if let Some(id) = reservation {
                         reservations.remove(*id)?;
                     }
-                    ledger.insert((entry.grant.0, next_seq), encode(entry).as_slice())?;
+                    ledger.insert((entry.grant.0, next_seq), crate::codec::encode_entry(entry).as_slice())?;
                     next_seq += 1;
                     for (key, sum) in keys.into_iter().zip(sums) {
-                        totals.insert(key, encode(&sum).as_slice())?;
+                        totals.insert(key, crate::codec::encode_totals(&sum).as_slice())?;
                     }
                 }
                 WriteOp::CountRefusal { grant, window_start, reason } => {
@@ -796,11 +844,11 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>, seen_bat
                     }
                     for key in keys {
                         let mut sum: Totals = match totals.get(key)? {
-                            Some(v) => decode("totals", v.value())?,
+                            Some(v) => decode_totals(v.value())?,
                             None => Totals::default(),
                         };
                         sum.count_refusal(reason);
-                        totals.insert(key, encode(&sum).as_slice())?;
+                        totals.insert(key, crate::codec::encode_totals(&sum).as_slice())?;
                     }
                 }
             }

@@ -78,6 +78,7 @@ pub fn grant(view: &GrantView) -> pb::Grant {
         revoked_at: g.revoked_at.unwrap_or(0),
         id: g.id.0,
         reserved: decimal_string(view.reserved),
+        lease: decimal_string(view.lease),
         limits: Some(limits(&g.limits)),
         refused: view.refusals.iter().map(|(reason, n)| (reason.clone(), *n)).collect(),
         installs: g

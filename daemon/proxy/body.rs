@@ -36,11 +36,12 @@ pub fn full(bytes: Bytes) -> ProxyBody {
     Full::new(bytes).map_err(|never| match never {}).boxed()
 }
 
-/// A request body held back until its reservation is durable. The request head goes out at
-/// once (connecting and TLS proceed meanwhile), but an upstream cannot bill a request whose body
-/// it has not received, so a crash can never leave a billed request without its hold.
+/// A request body held back, when its hold needed the grant's lease raised, until that raise is
+/// durable. The request head goes out at once (connecting and TLS proceed meanwhile), but an
+/// upstream cannot bill a request whose body it has not received, so a crash can never leave a
+/// billed request uncovered by a committed lease.
 pub struct GatedBody {
-    gate: Option<oneshot::Receiver<Result<(), StoreError>>>,
+    gate: Option<crate::state::LeaseWait>,
     data: Option<Bytes>,
     progress: Arc<GateProgress>,
 }
@@ -66,7 +67,7 @@ impl GateProgress {
 }
 
 impl GatedBody {
-    pub fn new(data: Bytes, gate: Option<oneshot::Receiver<Result<(), StoreError>>>) -> GatedBody {
+    pub fn new(data: Bytes, gate: Option<crate::state::LeaseWait>) -> GatedBody {
         GatedBody { gate, data: Some(data).filter(|d| !d.is_empty()), progress: Arc::default() }
     }
 
@@ -81,10 +82,10 @@ impl Body for GatedBody {
 
     fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         if let Some(gate) = self.gate.as_mut() {
-            match Pin::new(gate).poll(cx) {
+            match gate.as_mut().poll(cx) {
                 Poll::Pending => return Poll::Pending,
-                Poll::Ready(Ok(Ok(()))) => self.gate = None,
-                Poll::Ready(_) => {
+                Poll::Ready(Ok(())) => self.gate = None,
+                Poll::Ready(Err(_)) => {
                     self.gate = None;
                     self.data = None;
                     self.progress.unrecorded.store(true, Ordering::SeqCst);

@@ -507,8 +507,7 @@ impl Proxy {
         drop(arrival);
         let body = if hold.fitted { request::set_max_output(api, &body, hold.output_tokens).map_err(body_error)? } else { body };
         let (body, injected_usage) = request::ask_for_stream_usage(api, body, &fields).map_err(body_error)?;
-        let durable = self.state.make_durable(&mut reservation, &fields.model, api.as_str());
-        let gated = GatedBody::new(body, durable);
+        let gated = GatedBody::new(body, reservation.take_gate());
         let progress = gated.progress();
         let upstream_request = upstream_request(Method::POST, uri, &parts.headers, &upstream, gated)?;
         let settlement = Settlement {

@@ -270,6 +270,7 @@ impl State {
             window,
             grant: grant.clone(),
             refusals: BTreeMap::new(),
+            lease: Decimal::ZERO,
         };
         let mut registry = self.write();
         if let (Some(slot), Some(revoked)) = (&old, revoked) {
@@ -280,7 +281,7 @@ impl State {
         registry.next_grant_id = id.0 + 1;
         registry.by_hash.insert(grant.key_hash, id);
         registry.by_name.insert(grant.name.clone(), id);
-        let slot = GrantSlot::new(grant, window, Decimal::ZERO, Counts::default(), BTreeMap::new());
+        let slot = GrantSlot::new(grant, window, Decimal::ZERO, Counts::default(), BTreeMap::new(), &self.store);
         registry.grants.insert(id, Arc::new(slot));
         drop(registry);
         let replaced = old.map(|slot| self.grant_view(&slot));

@@ -17,6 +17,7 @@
 mod admin;
 mod admission;
 mod clock;
+mod leases;
 mod provider_keys;
 mod recovery;
 mod slot;
@@ -24,7 +25,7 @@ mod slot;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock, RwLock};
 use std::time::Instant;
 
@@ -42,6 +43,7 @@ use admin::provider_key_text;
 pub use admin::{GrantSpec, GrantUpdate, PriceUpdate};
 pub use admission::{Arrival, Reservation, WaitPolicy};
 pub use clock::{Clock, local_window};
+pub use leases::{LeaseGate, LeaseWait};
 use recovery::charge_interrupted;
 use slot::{Counts, GrantLive};
 pub use slot::{GrantSlot, GrantView};
@@ -104,8 +106,6 @@ pub struct State {
     started: Instant,
     listen_addr: OnceLock<SocketAddr>,
     home: PathBuf,
-    /// Ids for durable holds; unique within one run (a start clears every earlier hold).
-    next_request_id: AtomicU64,
     clock: Clock,
     /// Access requests from local programs, waiting for the owner (in memory only).
     access: crate::access::AccessRequests,
@@ -174,7 +174,7 @@ impl State {
             by_name: HashMap::new(),
             next_grant_id: 1,
         };
-        charge_interrupted(&store, &snapshot.grants, snapshot.reservations, now)?;
+        charge_interrupted(&store, &snapshot.grants, snapshot.reservations, snapshot.leases, now)?;
         for grant in snapshot.grants {
             let window = local_window(grant.period, now);
             let spent = store.totals(grant.id, window.start)?.spent;
@@ -185,7 +185,7 @@ impl State {
                 registry.by_hash.insert(grant.key_hash, grant.id);
                 registry.by_name.insert(grant.name.clone(), grant.id);
             }
-            let slot = GrantSlot::new(grant, window, spent, counts, lifetime.refused);
+            let slot = GrantSlot::new(grant, window, spent, counts, lifetime.refused, &store);
             registry.grants.insert(slot.id, Arc::new(slot));
         }
         let audit = Arc::new(crate::audit::AuditLog::open(&home.join(crate::audit::FILE_NAME))?);
@@ -196,7 +196,6 @@ impl State {
             started: Instant::now(),
             listen_addr: OnceLock::new(),
             home,
-            next_request_id: AtomicU64::new(1),
             clock,
             access: crate::access::AccessRequests::new(crate::access::AccessConfig::default()),
             installation_id: snapshot.installation_id,
@@ -300,7 +299,7 @@ pub(crate) mod test_support {
     use crate::usage::Usage;
 
     pub(crate) fn temp_state(clock: Clock) -> (State, std::path::PathBuf) {
-        static NEXT: AtomicU64 = AtomicU64::new(0);
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let dir = std::env::temp_dir().join(format!("capit-state-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed)));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();

@@ -10,6 +10,10 @@ pub struct GrantSlot {
     /// Woken whenever room may have come free (a hold settled, released or shrunk, a waiter
     /// left), so that waiting requests try again.
     pub(super) changed: tokio::sync::Notify,
+    /// Where the grant's admission lease is made durable (the local store).
+    pub(super) lease_source: Arc<dyn crate::lease::LeaseSource>,
+    /// The committed lease, for requests waiting for a raise to land.
+    pub(super) lease_state: tokio::sync::watch::Sender<super::leases::LeaseState>,
 }
 
 pub(super) struct GrantLive {
@@ -28,6 +32,8 @@ pub(super) struct GrantLive {
     /// Tickets of requests waiting for room, first come first served.
     pub(super) queue: VecDeque<u64>,
     pub(super) next_ticket: u64,
+    /// The admission lease: what is committed for holds in flight, and what they hold.
+    pub(super) lease: crate::lease::LeaseBook,
 }
 
 /// What count and rate limits are checked against, kept beside the money.
@@ -83,10 +89,21 @@ pub struct GrantView {
     pub window: Window,
     /// Requests refused over the grant's life, by reason.
     pub refusals: BTreeMap<String, u64>,
+    /// The admission lease committed for requests in flight (what a crash would charge).
+    pub lease: Decimal,
 }
 
 impl GrantSlot {
-    pub(super) fn new(grant: Grant, window: Window, spent: Decimal, counts: Counts, refusals: BTreeMap<String, u64>) -> GrantSlot {
+    /// A grant's slot, with no lease yet (a start has charged whatever lease a crash left).
+    pub(super) fn new(
+        grant: Grant,
+        window: Window,
+        spent: Decimal,
+        counts: Counts,
+        refusals: BTreeMap<String, u64>,
+        store: &Store,
+    ) -> GrantSlot {
+        let id = grant.id;
         let live = GrantLive {
             grant,
             window,
@@ -97,8 +114,15 @@ impl GrantSlot {
             arriving: 0,
             queue: VecDeque::new(),
             next_ticket: 0,
+            lease: crate::lease::LeaseBook::new(crate::lease::LeasePolicy::default(), Decimal::ZERO, Instant::now()),
         };
-        GrantSlot { id: live.grant.id, live: Mutex::new(live), changed: tokio::sync::Notify::new() }
+        GrantSlot {
+            id,
+            live: Mutex::new(live),
+            changed: tokio::sync::Notify::new(),
+            lease_source: Arc::new(super::leases::LocalLease::new(store.clone(), id)),
+            lease_state: tokio::sync::watch::Sender::new(super::leases::LeaseState::default()),
+        }
     }
 
     pub(super) fn lock(&self) -> std::sync::MutexGuard<'_, GrantLive> {
@@ -144,6 +168,7 @@ impl GrantSlot {
             state: live.grant.state(now, live.spent),
             window: live.window,
             refusals: live.refusals.clone(),
+            lease: live.lease.committed(),
         }
     }
 }

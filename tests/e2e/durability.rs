@@ -26,6 +26,7 @@ fn kill_9_at_random_moments_never_loses_or_double_counts() {
     let rt = runtime();
     let mut seed = 0x9E37_79B9u64;
     let mut excess_before = dec("0");
+    let mut leases_before = dec("0");
     for round in 0..6 {
         let stop = Arc::new(AtomicBool::new(false));
         let completed = Arc::new(AtomicUsize::new(0));
@@ -61,16 +62,22 @@ fn kill_9_at_random_moments_never_loses_or_double_counts() {
         let ledger = dec(usage["spent"].as_str().unwrap());
         let bill = fake.bill();
         assert!(ledger >= bill, "round {round}: ledger {ledger} < upstream bill {bill}: a billed request was lost");
-        // What this crash added beyond the bill is at most the holds of the requests it cut.
+        // The crash charged the grant's committed lease, once; what it added beyond the bill is
+        // at most that lease, and the lease is at most twice the peak of the holds in flight.
+        let leases = usage["by_model"].as_array().unwrap().iter().find(|r| r["model"] == "requests in flight");
+        let leases = leases.map_or(dec("0"), |r| dec(r["spent"].as_str().unwrap()));
+        let lease = leases - leases_before;
+        leases_before = leases;
         let excess = ledger - bill;
+        let over = excess - excess_before;
+        assert!(over <= lease, "round {round}: the ledger grew {over} past the bill, more than the lease {lease} it charged");
         assert!(
-            excess - excess_before <= bound * dec(&CLIENTS.to_string()),
-            "round {round}: the ledger grew {} past the bill, more than {CLIENTS} holds of {bound}",
-            excess - excess_before
+            lease <= bound * dec(&(2 * CLIENTS).to_string()),
+            "round {round}: a lease of {lease} is more than twice {CLIENTS} holds of {bound}"
         );
         excess_before = excess;
         assert!(completed.load(Ordering::SeqCst) > 0 || round > 0, "the load ran");
-        eprintln!("round {round}: ledger {ledger}, bill {bill}, interrupted so far {}", usage["estimated"]);
+        eprintln!("round {round}: ledger {ledger}, bill {bill}; this crash charged a lease of {lease} and over-charged {over}");
     }
     // A clean stop after the last round leaves no holds behind: nothing more is charged.
     let before = daemon.spent("load");

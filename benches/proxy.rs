@@ -15,7 +15,7 @@ mod support;
 use std::convert::Infallible;
 use std::io::{BufRead, Write};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use http::Method;
@@ -80,6 +80,35 @@ fn bare_forwarder(upstream: String) {
             });
         }
     });
+}
+
+/// 16 clients on keep-alive connections, one request after another each, for `length`: the rate
+/// and every request's latency.
+async fn load(url: &str, auth: &str, length: Duration) -> (f64, Vec<Duration>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let (url, auth, stop, http) = (url.to_string(), auth.to_string(), stop.clone(), client::client());
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let request = client::request(Method::POST, &url, &[("authorization", &auth)], PLAIN);
+                    let reply = client::send_with(&http, request).await;
+                    assert_eq!(reply.status, 200, "{}", reply.text());
+                    latencies.push(started.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    tokio::time::sleep(length).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut all = Vec::new();
+    for task in tasks {
+        all.extend(task.await.unwrap());
+    }
+    (all.len() as f64 / length.as_secs_f64(), all)
 }
 
 fn rss_kib(pid: u32) -> u64 {
@@ -219,34 +248,28 @@ fn main() {
             us(figures[2].1) / us(figures[1].1)
         );
 
-        println!("throughput, 16 concurrent clients on keep-alive connections, 3 s each:");
-        let mut rates = Vec::new();
-        for (name, url, auth) in &targets {
-            let stop = Arc::new(AtomicBool::new(false));
-            let done = Arc::new(AtomicU64::new(0));
-            let tasks: Vec<_> = (0..16)
-                .map(|_| {
-                    let (url, auth, stop, done, http) = (url.clone(), auth.clone(), stop.clone(), done.clone(), client::client());
-                    tokio::spawn(async move {
-                        while !stop.load(Ordering::Relaxed) {
-                            let request = client::request(Method::POST, &url, &[("authorization", &auth)], PLAIN);
-                            let reply = client::send_with(&http, request).await;
-                            assert_eq!(reply.status, 200);
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                    })
-                })
-                .collect();
-            tokio::time::sleep(Duration::from_secs(3)).await;
-            stop.store(true, Ordering::Relaxed);
-            for task in tasks {
-                task.await.unwrap();
-            }
-            let rate = done.load(Ordering::Relaxed) as f64 / 3.0;
-            println!("  {name:<22} {rate:>8.0} requests/s");
-            rates.push(rate);
+        // With CAPIT_BENCH_PROFILE_SECS=N, capitd alone first takes the same load for N s, for a
+        // profiler to attach to (its pid is printed); the figures below are measured after.
+        if let Some(secs) = std::env::var("CAPIT_BENCH_PROFILE_SECS").ok().and_then(|s| s.parse::<u64>().ok()) {
+            println!("profiling window: capitd pid {} under 16 clients for {secs} s", daemon.pid());
+            let (_, url, auth) = &targets[2];
+            load(url, auth, Duration::from_secs(secs)).await;
+            println!("profiling window over");
         }
-        println!("  capitd / bare forwarder: {:.2}x", rates[2] / rates[1]);
+        println!("throughput, 16 concurrent clients on keep-alive connections, 3 s each (latency of each request under that load):");
+        let mut loads = Vec::new();
+        for (name, url, auth) in &targets {
+            let (rate, latencies) = load(url, auth, Duration::from_secs(3)).await;
+            print!("  {name:<22} {rate:>8.0} requests/s ");
+            loads.push((rate, report("", latencies)));
+        }
+        let (bare, capit) = (loads[1], loads[2]);
+        println!(
+            "  capitd / bare forwarder: throughput {:.2}x, p50 {:.2}x, p99 {:.2}x",
+            capit.0 / bare.0,
+            us(capit.1.0) / us(bare.1.0),
+            us(capit.1.1) / us(bare.1.1)
+        );
 
         println!("memory (capitd's resident set):");
         println!("  idle after start       {:>8} KiB", idle_rss);

@@ -274,7 +274,7 @@ mod tests {
     #[test]
     fn overrides_shadow_builtin_prices() {
         let mut t = table();
-        let mut p = t.lookup("gpt-5").unwrap().1.clone();
+        let mut p = t.lookup("gpt-5").unwrap().1.as_ref().clone();
         p.base.input = d("9");
         t.set_override("gpt-5".into(), p, Provenance { source: "price set".into(), at: 0 });
         assert_eq!(t.lookup("gpt-5-2025-08-07").unwrap().1.base.input, d("9"));
@@ -352,7 +352,7 @@ mod tests {
         let huge = InputTokens { base: u64::MAX, write_5m: u64::MAX, write_1h: u64::MAX };
         assert!(bound(sonnet, &huge, u64::MAX) > Decimal::ZERO, "huge counts do not panic");
         // A fee per request is part of the cost and of the bound.
-        let mut fee = t.lookup("gpt-5").unwrap().1.clone();
+        let mut fee = t.lookup("gpt-5").unwrap().1.as_ref().clone();
         fee.per_request = Some(d("0.005"));
         assert_eq!(cost(&Usage::default(), &fee), d("0.005"));
         assert_eq!(bound(&fee, &InputTokens::default(), 0), d("0.005"));
@@ -360,7 +360,7 @@ mod tests {
 
     #[test]
     fn contradictory_or_huge_counts_do_not_panic() {
-        let price = table().lookup("gpt-5").unwrap().1.clone();
+        let price = table().lookup("gpt-5").unwrap().1.as_ref().clone();
         let odd = Usage { input_tokens: 5, cached_input_tokens: 50, cache_write_5m_tokens: 9, output_tokens: 1, ..Usage::default() };
         let searches = Usage { web_search_requests: u64::MAX, ..Usage::default() };
         assert_eq!(cost(&searches, &price), d("0"), "no search price, no search cost");
@@ -371,10 +371,10 @@ mod tests {
 
     #[test]
     fn price_validation() {
-        let mut p = table().lookup("gpt-5").unwrap().1.clone();
+        let mut p = table().lookup("gpt-5").unwrap().1.as_ref().clone();
         p.base.output = d("-1");
         assert_eq!(p.validate(), Err(PriceError::OutOfRange { field: "output".into(), value: d("-1") }));
-        let mut long = table().lookup("gpt-5.4").unwrap().1.clone();
+        let mut long = table().lookup("gpt-5.4").unwrap().1.as_ref().clone();
         long.long_context.as_mut().unwrap().prices.input = d("2000000");
         assert!(long.validate().unwrap_err().to_string().starts_with("long-context input price"));
         assert!(validate_model_name("my model").is_err());

@@ -4,6 +4,7 @@
 //! in turn. Every row above the built-in ones says where it came from and when.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -48,10 +49,10 @@ pub struct PriceRow<'a> {
 
 #[derive(Clone, Debug, Default)]
 pub struct PriceTable {
-    builtin: BTreeMap<String, Price>,
-    list: BTreeMap<String, Price>,
+    builtin: BTreeMap<String, Arc<Price>>,
+    list: BTreeMap<String, Arc<Price>>,
     list_origin: Option<Provenance>,
-    overrides: BTreeMap<String, Price>,
+    overrides: BTreeMap<String, Arc<Price>>,
     override_origins: BTreeMap<String, Provenance>,
 }
 
@@ -65,7 +66,7 @@ impl PriceTable {
     pub fn with_overrides(overrides: BTreeMap<String, Price>) -> PriceTable {
         let file: BuiltinFile =
             serde_json::from_str(include_str!("../prices.json")).expect("the built-in price table is valid; a unit test parses it");
-        PriceTable { builtin: file.models, overrides, ..PriceTable::default() }
+        PriceTable { builtin: shared(file.models), overrides: shared(overrides), ..PriceTable::default() }
     }
 
     /// Records where the overrides came from (those without a record predate provenance).
@@ -76,13 +77,13 @@ impl PriceTable {
 
     /// Puts a fetched price list in place of the previous one.
     pub fn replace_list(&mut self, list: BTreeMap<String, Price>, origin: Option<Provenance>) {
-        self.list = list;
+        self.list = shared(list);
         self.list_origin = origin;
     }
 
     pub fn set_override(&mut self, model: String, price: Price, origin: Provenance) {
         self.override_origins.insert(model.clone(), origin);
-        self.overrides.insert(model, price);
+        self.overrides.insert(model, Arc::new(price));
     }
 
     /// Where the current price list came from, if one was fetched.
@@ -95,11 +96,11 @@ impl PriceTable {
     /// (`gpt-5-mini-2025-08-07` → `gpt-5-mini`, `claude-sonnet-4-5-20250929` → `claude-sonnet-4-5`).
     /// A user's own price wins over the list for any of those names, and the list over the
     /// built-in rows. Returns the table's name for the model and its price.
-    pub fn lookup(&self, model: &str) -> Option<(&str, &Price)> {
+    pub fn lookup(&self, model: &str) -> Option<(&str, &Arc<Price>)> {
         let names = candidates(model);
         for layer in [&self.overrides, &self.list, &self.builtin] {
-            for candidate in &names {
-                if let Some((name, price)) = layer.get_key_value(candidate.as_str()) {
+            for candidate in names.iter().flatten() {
+                if let Some((name, price)) = layer.get_key_value(*candidate) {
                     return Some((name.as_str(), price));
                 }
             }
@@ -155,17 +156,15 @@ fn same_money(a: &Price, b: &Price) -> bool {
         && a.max_input_tokens == b.max_input_tokens
 }
 
-/// The names to try for a model, most specific first.
-fn candidates(model: &str) -> Vec<String> {
-    let mut out = vec![model.to_string()];
+/// The names to try for a model, most specific first: parts of the name itself, so a lookup
+/// (once per request and once per settlement) allocates nothing.
+fn candidates(model: &str) -> [Option<&str>; 3] {
     let unprefixed = model.rsplit_once('/').map_or(model, |(_, m)| m);
-    if unprefixed != model {
-        out.push(unprefixed.to_string());
-    }
-    if let Some(undated) = strip_date_suffix(unprefixed) {
-        out.push(undated.to_string());
-    }
-    out
+    [Some(model), (unprefixed != model).then_some(unprefixed), strip_date_suffix(unprefixed)]
+}
+
+fn shared(prices: BTreeMap<String, Price>) -> BTreeMap<String, Arc<Price>> {
+    prices.into_iter().map(|(model, price)| (model, Arc::new(price))).collect()
 }
 
 /// `name-2025-08-07` or `name-20250807` → `name`.
@@ -192,7 +191,7 @@ mod tests {
     }
 
     fn price(input: &str, output: &str) -> Price {
-        let mut p = table().lookup("gpt-5").unwrap().1.clone();
+        let mut p = table().lookup("gpt-5").unwrap().1.as_ref().clone();
         p.base.input = input.parse().unwrap();
         p.base.output = output.parse().unwrap();
         p
@@ -256,7 +255,7 @@ mod tests {
         let mut after = before.clone();
         let mut list = BTreeMap::new();
         list.insert("gpt-5".to_string(), price("2", "10"));
-        list.insert("gpt-5-mini".to_string(), before.lookup("gpt-5-mini").unwrap().1.clone());
+        list.insert("gpt-5-mini".to_string(), before.lookup("gpt-5-mini").unwrap().1.as_ref().clone());
         list.insert("new-model".to_string(), price("1", "1"));
         after.replace_list(list, Some(at(1)));
         let changes = before.changes(&after);

@@ -257,7 +257,7 @@ impl Settlement {
             },
             Pricing::Tokens(price) => {
                 // The model the reply names (a dated snapshot, often) when it has its own price.
-                let named = self.state.price(&model).map(|(_, p)| p);
+                let named = self.state.price(&model);
                 crate::pricing::cost(&usage, named.as_ref().unwrap_or(price))
             }
         };

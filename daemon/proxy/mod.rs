@@ -71,7 +71,8 @@ pub type UpstreamClient = Client<HttpsConnector<HttpConnector>, GatedBody>;
 
 struct Proxy {
     state: Arc<State>,
-    client: UpstreamClient,
+    /// Shared by every exchange (an `Arc`, so that handing it to one costs one count).
+    client: Arc<UpstreamClient>,
     edge: edge::Edge,
     config: ProxyConfig,
     /// Upstream exchanges and settlements, which outlive their client's connection.
@@ -137,7 +138,7 @@ pub async fn serve(
     );
     let proxy = Arc::new(Proxy {
         state,
-        client,
+        client: Arc::new(client),
         edge: edge::Edge::new(local, config.allowed_origins.clone()),
         config: config.clone(),
         settlements: TaskTracker::new(),
@@ -531,19 +532,10 @@ impl Proxy {
             json_array: target.rest.ends_with(":streamGenerateContent"),
             injected_usage,
         };
-        // The exchange runs on its own, so that a client that leaves before the reply's head
-        // does not stop it: the reply is then read and settled all the same.
-        let (reply, replied) = tokio::sync::oneshot::channel();
-        self.settlements.spawn(async move {
-            let outcome = exchange.run(upstream_request, progress, settlement).await;
-            if let Err(Ok(abandoned)) = reply.send(outcome) {
-                tracing::debug!("the client left before the reply's head; metering it all the same");
-                drop(abandoned);
-            }
-        });
-        let mut response = replied.await.map_err(|_| {
-            ProxyError::new(StatusCode::INTERNAL_SERVER_ERROR, "capit_internal", "capit: the upstream exchange ended unexpectedly")
-        })??;
+        // A client that leaves before the reply's head does not stop the exchange: it goes on on
+        // its own and the reply is read and settled all the same (`Detached`).
+        let tracker = self.settlements.clone();
+        let mut response = Detached::new(Box::pin(exchange.run(upstream_request, progress, settlement)), tracker).await?;
         if hold.fitted {
             response.headers_mut().insert("x-capit-max-output-tokens", http::HeaderValue::from(hold.output_tokens));
         }
@@ -557,7 +549,7 @@ impl Proxy {
         if upstream.provider.price_zero {
             return Ok(Pricing::Zero);
         }
-        let local = || self.state.price(model).map(|(_, price)| Arc::new(price));
+        let local = || self.state.price(model);
         if upstream.provider.kind == ProviderKind::OpenRouter {
             let listed = self.openrouter.price(&self.client, upstream, model).await;
             if let Some(price) = listed.or_else(local) {
@@ -628,6 +620,47 @@ impl Proxy {
     }
 }
 
+/// The upstream exchange, polled where the client's request is (no hand-off to another task);
+/// dropped unfinished, because the client left, it is spawned to finish on its own, so that the
+/// reply is still read and settled.
+struct Detached {
+    exchange: Option<ExchangeFuture>,
+    tracker: TaskTracker,
+}
+
+type ExchangeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Response<ProxyBody>, ProxyError>> + Send>>;
+
+impl Detached {
+    fn new(exchange: ExchangeFuture, tracker: TaskTracker) -> Detached {
+        Detached { exchange: Some(exchange), tracker }
+    }
+}
+
+impl std::future::Future for Detached {
+    type Output = Result<Response<ProxyBody>, ProxyError>;
+
+    fn poll(mut self: std::pin::Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Self::Output> {
+        let Some(exchange) = self.exchange.as_mut() else {
+            return std::task::Poll::Pending;
+        };
+        let outcome = std::task::ready!(exchange.as_mut().poll(cx));
+        self.exchange = None;
+        std::task::Poll::Ready(outcome)
+    }
+}
+
+impl Drop for Detached {
+    fn drop(&mut self) {
+        if let Some(exchange) = self.exchange.take()
+            && tokio::runtime::Handle::try_current().is_ok()
+        {
+            tracing::debug!("the client left before the reply's head; metering it all the same");
+            // The reply's metered body settles when it is dropped (reading the rest first).
+            self.tracker.spawn(async move { drop(exchange.await) });
+        }
+    }
+}
+
 /// A billable request whose body has been read.
 struct MeteredRequest {
     parts: http::request::Parts,
@@ -641,7 +674,7 @@ struct MeteredRequest {
 
 /// One metered request's trip upstream and back, run apart from the client's connection.
 struct Exchange {
-    client: UpstreamClient,
+    client: Arc<UpstreamClient>,
     timeout: Duration,
     provider: Provider,
     limits: BodyLimits,

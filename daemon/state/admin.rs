@@ -127,8 +127,9 @@ impl State {
         self.read().prices.list_origin().cloned()
     }
 
-    pub fn price(&self, model: &str) -> Option<(String, Price)> {
-        self.read().prices.lookup(model).map(|(name, price)| (name.to_string(), price.clone()))
+    /// The price of `model` (shared: handed to each request and settlement without a copy).
+    pub fn price(&self, model: &str) -> Option<Arc<Price>> {
+        self.read().prices.lookup(model).map(|(_, price)| price.clone())
     }
 
     pub async fn set_price(&self, model: &str, price: Price) -> Result<Price, StateError> {
@@ -531,7 +532,7 @@ mod tests {
         let list = r#"{"listed-model": {"input_cost_per_token": 1e-06, "output_cost_per_token": 2e-06, "mode": "chat"}}"#;
         let done = runtime.block_on(state.update_prices(list, "http://prices.example/list.json")).unwrap();
         assert_eq!((done.imported, done.changes.len()), (1, 1));
-        runtime.block_on(state.set_price("gpt-5", state.price("gpt-5").unwrap().1)).unwrap();
+        runtime.block_on(state.set_price("gpt-5", (*state.price("gpt-5").unwrap()).clone())).unwrap();
         state.store().close();
         drop(state);
         let (store, snapshot) = Store::open(&dir.join("capit.redb")).unwrap();

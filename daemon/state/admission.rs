@@ -276,7 +276,8 @@ impl State {
         counts.requests += 1;
         counts.tokens = counts.tokens.saturating_add(hold.tokens);
         counts.in_flight += 1;
-        counts.recent_requests.push_back(now_ms);
+        let inner = &mut *live;
+        inner.counts.note_request(now_ms, &inner.grant.limits);
         drop(live);
         if let Some(raise) = raise {
             slot.commit_lease(raise, true);
@@ -372,7 +373,8 @@ impl State {
             let counts = &mut live.counts;
             counts.in_flight -= 1;
             counts.tokens = counts.tokens.saturating_sub(reservation.tokens).saturating_add(used);
-            counts.recent_tokens.push_back((entry.at_ms, used));
+            let inner = &mut *live;
+            inner.counts.note_tokens(entry.at_ms, used, &inner.grant.limits);
             let lower = slot.lease_give_back(&mut live, reservation.amount);
             (live.window.start, lower)
         };

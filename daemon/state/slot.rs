@@ -44,10 +44,13 @@ pub(super) struct Counts {
     /// Tokens settled over the grant's life plus the token bounds of requests in flight.
     pub(super) tokens: u64,
     pub(super) in_flight: u64,
-    /// Admission times (Unix ms) within the last minute.
+    /// Admission times (Unix ms) within the last minute, kept only while the grant has a
+    /// requests-per-minute limit (then at most that many are kept).
     pub(super) recent_requests: VecDeque<i64>,
-    /// Settlement times and token counts within the last minute.
+    /// Settlement times and token counts within the last minute, kept only while the grant has
+    /// a tokens-per-minute limit, and their sum (so that no check walks the window).
     pub(super) recent_tokens: VecDeque<(i64, u64)>,
+    pub(super) recent_token_sum: u64,
 }
 
 const MINUTE_MS: i64 = 60_000;
@@ -57,15 +60,33 @@ impl Counts {
         Counts { requests: totals.requests, tokens: totals.input_tokens.saturating_add(totals.output_tokens), ..Counts::default() }
     }
 
+    /// Records an admission for the requests-per-minute window, when the grant has that limit.
+    pub(super) fn note_request(&mut self, now_ms: i64, limits: &Limits) {
+        if limits.rpm.is_some() {
+            self.recent_requests.push_back(now_ms);
+        }
+    }
+
+    /// Records a settlement's tokens for the tokens-per-minute window, when the grant has that
+    /// limit.
+    pub(super) fn note_tokens(&mut self, at_ms: i64, tokens: u64, limits: &Limits) {
+        if limits.tpm.is_some() {
+            self.recent_tokens.push_back((at_ms, tokens));
+            self.recent_token_sum = self.recent_token_sum.saturating_add(tokens);
+        }
+    }
+
     /// Forgets what left the last minute, then says where the grant stands.
     pub(super) fn usage(&mut self, now_ms: i64) -> crate::grants::Usage {
         while self.recent_requests.front().is_some_and(|&at| at <= now_ms - MINUTE_MS) {
             self.recent_requests.pop_front();
         }
-        while self.recent_tokens.front().is_some_and(|&(at, _)| at <= now_ms - MINUTE_MS) {
+        while let Some(&(at, tokens)) = self.recent_tokens.front().filter(|(at, _)| *at <= now_ms - MINUTE_MS) {
+            let _ = at;
             self.recent_tokens.pop_front();
+            self.recent_token_sum = self.recent_token_sum.saturating_sub(tokens);
         }
-        let tokens_last_minute = self.recent_tokens.iter().map(|(_, n)| n).sum();
+        let tokens_last_minute = self.recent_token_sum;
         crate::grants::Usage {
             requests: self.requests,
             tokens: self.tokens,

@@ -12,6 +12,7 @@ use std::borrow::Cow;
 
 use serde::Deserialize;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::sse::SseEvent;
 use super::{Observed, Usage, Verdict, count, reported_cost};
@@ -34,26 +35,54 @@ pub fn parse_chat_usage(usage: &Value) -> Result<Usage, String> {
 
 /// Observes a complete non-streamed `chat.completion` body.
 pub fn observe_chat_json(observed: &mut Observed, body: &[u8]) {
-    let Ok(value) = serde_json::from_slice::<Value>(body) else {
+    // Read into a view of the fields metering needs: the reply's text is skipped, not copied.
+    let Ok(reply) = serde_json::from_slice::<ReplyView<'_>>(body) else {
         return;
     };
-    if let Some(error) = value.get("error").filter(|e| !e.is_null()) {
-        observed.error = Some(error_message(error));
+    let field = |raw: Option<&RawValue>| raw.and_then(|r| serde_json::from_str::<Value>(r.get()).ok());
+    if let Some(error) = field(reply.error).filter(|e| !e.is_null()) {
+        observed.error = Some(error_message(&error));
     }
-    if let Some(model) = value.get("model").and_then(Value::as_str) {
-        observed.model = Some(model.to_string());
+    if let Some(model) = reply.model.and_then(|r| serde_json::from_str::<Cow<'_, str>>(r.get()).ok()) {
+        observed.model = Some(model.into_owned());
     }
-    if let Some(usage) = value.get("usage").filter(|u| u.is_object()) {
-        observed.usage_final = observed.take_usage(parse_chat_usage(usage));
+    if let Some(usage) = field(reply.usage).filter(Value::is_object) {
+        observed.usage_final = observed.take_usage(parse_chat_usage(&usage));
     }
-    if let Some(choices) = value.get("choices").and_then(Value::as_array) {
+    if let Some(choices) = reply.choices.and_then(|r| serde_json::from_str::<Vec<ReplyChoice<'_>>>(r.get()).ok()) {
         for choice in choices {
-            if let Some(content) = choice.pointer("/message/content").and_then(Value::as_str) {
+            if let Some(content) = choice.message.and_then(|m| m.content) {
                 observed.output_text_bytes += content.len() as u64;
             }
         }
         observed.complete = observed.error.is_none();
     }
+}
+
+/// The members of a whole `chat.completion` the meter reads, each read on its own (so that an
+/// odd one spoils only itself).
+#[derive(Deserialize)]
+struct ReplyView<'a> {
+    #[serde(borrow, default)]
+    model: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    usage: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    choices: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    error: Option<&'a RawValue>,
+}
+
+#[derive(Deserialize)]
+struct ReplyChoice<'a> {
+    #[serde(borrow, default)]
+    message: Option<ReplyMessage<'a>>,
+}
+
+#[derive(Deserialize)]
+struct ReplyMessage<'a> {
+    #[serde(borrow, default)]
+    content: Option<Cow<'a, str>>,
 }
 
 /// The fields of a `chat.completion.chunk` the meter reads; everything else is skipped

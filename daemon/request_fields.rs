@@ -345,7 +345,7 @@ fn has_server_tool(tools: &Value) -> bool {
 }
 
 fn mentions(haystack: &[u8], needle: &str) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle.as_bytes())
+    memchr::memmem::find(haystack, needle.as_bytes()).is_some()
 }
 
 /// True when some part of the request is an image or file given by URL or id. Only bodies that

@@ -60,8 +60,11 @@ impl Drop for Reservation {
             live.counts.tokens = live.counts.tokens.saturating_sub(self.tokens);
             live.counts.requests -= 1;
             let lower = self.slot.lease_give_back(&mut live, self.amount);
+            let waiting = !live.queue.is_empty();
             drop(live);
-            self.slot.changed.notify_waiters();
+            if waiting {
+                self.slot.changed.notify_waiters();
+            }
             if let Some(lower) = lower {
                 self.slot.commit_lease(lower, false);
             }
@@ -91,8 +94,13 @@ pub(super) struct QueueTicket {
 
 impl Drop for QueueTicket {
     fn drop(&mut self) {
-        self.slot.lock().queue.retain(|t| *t != self.id);
-        self.slot.changed.notify_waiters();
+        let mut live = self.slot.lock();
+        live.queue.retain(|t| *t != self.id);
+        let waiting = !live.queue.is_empty();
+        drop(live);
+        if waiting {
+            self.slot.changed.notify_waiters();
+        }
     }
 }
 
@@ -101,6 +109,17 @@ pub(super) enum Attempt {
     Admitted(Reservation, Hold),
     Wait(Refusal),
     Refused(Refusal),
+}
+
+impl Attempt {
+    /// The outcome for a caller that does not wait: a request that would wait gets the refusal
+    /// it would time out with.
+    fn into_result(self) -> Result<(Reservation, Hold), Refusal> {
+        match self {
+            Attempt::Admitted(reservation, hold) => Ok((reservation, hold)),
+            Attempt::Wait(refusal) | Attempt::Refused(refusal) => Err(refusal),
+        }
+    }
 }
 
 impl State {
@@ -154,34 +173,34 @@ impl State {
         let started = tokio::time::Instant::now();
         let mut ticket: Option<QueueTicket> = None;
         loop {
+            let busy = match self.try_admit(slot, model, demand, ticket.as_ref().map(|t| t.id)) {
+                Attempt::Wait(busy) => busy,
+                decided => return decided.into_result(),
+            };
+            if ticket.is_none() {
+                let mut live = slot.lock();
+                if live.queue.len() >= wait.depth {
+                    return Err(busy.with_wait(0, Some(wait.depth)));
+                }
+                let id = live.next_ticket;
+                live.next_ticket += 1;
+                live.queue.push_back(id);
+                drop(live);
+                ticket = Some(QueueTicket { slot: slot.clone(), id });
+                continue;
+            }
+            // Listen first, then look again: a change between the two cannot be missed.
             let changed = slot.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            match self.try_admit(slot, model, demand, ticket.as_ref().map(|t| t.id)) {
-                Attempt::Admitted(reservation, hold) => {
-                    drop(ticket);
-                    return Ok((reservation, hold));
-                }
-                Attempt::Refused(refusal) => return Err(refusal),
-                Attempt::Wait(busy) => {
-                    if ticket.is_none() {
-                        let mut live = slot.lock();
-                        if live.queue.len() >= wait.depth {
-                            return Err(busy.with_wait(0, Some(wait.depth)));
-                        }
-                        let id = live.next_ticket;
-                        live.next_ticket += 1;
-                        live.queue.push_back(id);
-                        drop(live);
-                        ticket = Some(QueueTicket { slot: slot.clone(), id });
-                        continue;
-                    }
-                    tokio::select! {
-                        _ = &mut changed => {}
-                        _ = tokio::time::sleep_until(started + wait.timeout) => {
-                            return Err(busy.with_wait(started.elapsed().as_secs(), None));
-                        }
-                    }
+            let busy = match self.try_admit(slot, model, demand, ticket.as_ref().map(|t| t.id)) {
+                Attempt::Wait(busy) => busy,
+                decided => return decided.into_result(),
+            };
+            tokio::select! {
+                _ = &mut changed => {}
+                _ = tokio::time::sleep_until(started + wait.timeout) => {
+                    return Err(busy.with_wait(started.elapsed().as_secs(), None));
                 }
             }
         }
@@ -205,10 +224,7 @@ impl State {
     /// Admits a request now or refuses it, never waiting (what a request that would have to
     /// wait gets is the refusal it would time out with).
     pub fn admit_now(&self, slot: &Arc<GrantSlot>, model: &str, demand: &Demand) -> Result<(Reservation, Hold), Refusal> {
-        match self.try_admit(slot, model, demand, None) {
-            Attempt::Admitted(reservation, hold) => Ok((reservation, hold)),
-            Attempt::Wait(refusal) | Attempt::Refused(refusal) => Err(refusal),
-        }
+        self.try_admit(slot, model, demand, None).into_result()
     }
 
     /// One attempt under the grant's lock. A request that is not at the head of the queue (or,
@@ -311,12 +327,15 @@ impl State {
             live.reserved -= less;
             (None, slot.lease_give_back(&mut live, less))
         };
+        let waiting = !live.queue.is_empty();
         drop(live);
         reservation.amount = amount;
         if let Some(change) = raise.or(lower) {
             slot.commit_lease(change, raise.is_some());
         }
-        slot.changed.notify_waiters();
+        if waiting {
+            slot.changed.notify_waiters();
+        }
         true
     }
 
@@ -376,12 +395,15 @@ impl State {
             let inner = &mut *live;
             inner.counts.note_tokens(entry.at_ms, used, &inner.grant.limits);
             let lower = slot.lease_give_back(&mut live, reservation.amount);
-            (live.window.start, lower)
+            (live.window.start, lower, !live.queue.is_empty())
         };
-        let (window_start, lower) = window_start;
+        let (window_start, lower, waiting) = window_start;
         reservation.settled = true;
         self.events.settled(slot.standing(), &entry, reservation.admitted_at.elapsed());
-        slot.changed.notify_waiters();
+        // Waiters listen before they look, so one that joins after this check sees this spend.
+        if waiting {
+            slot.changed.notify_waiters();
+        }
         // The entry is queued before any lowering of the lease that its settling allowed, so
         // a crash never finds the spend gone from both.
         let committed = self.store.submit(WriteOp::AppendEntry { entry, window_start, reservation: None });

@@ -1,6 +1,7 @@
 //! Settled requests per second: admission and settlement through the real state and store
-//! (group commit, fsync), from 1, 16 and 256 concurrent requesters for 3 s each. Printed,
-//! never asserted.
+//! (group commit, fsync), from 1, 16 and 256 concurrent requesters for 3 s each, first each
+//! waiting for its own commit, then settling as the proxy does (nobody waits for the commit:
+//! the lease covers a crash) and counting what is durable at the end. Printed, never asserted.
 //!
 //! Run: cargo bench --bench ledger
 
@@ -12,9 +13,27 @@ use capit::admission::Demand;
 use capit::grants::{GrantId, Limits, Period};
 use capit::ledger::{EntryStatus, LedgerEntry};
 use capit::state::{GrantSpec, State};
-use capit::store::Store;
+use capit::store::{Store, WriteOp};
 use capit::usage::Usage;
 use rust_decimal::Decimal;
+
+fn demand() -> Demand {
+    Demand { input_cost: Decimal::new(5, 3), input_tokens: 2000, output_tokens: 0, output_rate: Decimal::ZERO, fit_at_least: None }
+}
+
+fn entry(state: &State, grant: GrantId) -> LedgerEntry {
+    LedgerEntry {
+        grant,
+        at_ms: state.clock().now_millis(),
+        model: "gpt-5-mini".into(),
+        api: "chat.completions".into(),
+        usage: Usage { input_tokens: 1200, cached_input_tokens: 1024, output_tokens: 300, ..Usage::default() },
+        cost: Decimal::new(6696, 7),
+        status: EntryStatus::Metered,
+        http_status: 200,
+        error: None,
+    }
+}
 
 fn main() {
     let dir = std::env::temp_dir().join(format!("capit-ledger-bench-{}", std::process::id()));
@@ -41,45 +60,39 @@ fn main() {
         };
         state.create_grant(spec).await.unwrap();
         let slot = state.find_grant("bench").unwrap();
-        println!("settled requests per second (admit, settle, wait for the durable commit):");
-        for requesters in [1usize, 16, 256] {
-            let done = Arc::new(AtomicU64::new(0));
-            let started = Instant::now();
-            let tasks: Vec<_> = (0..requesters)
-                .map(|_| {
-                    let (state, slot, done) = (state.clone(), slot.clone(), done.clone());
-                    tokio::spawn(async move {
-                        while started.elapsed() < Duration::from_secs(3) {
-                            let demand = Demand {
-                                input_cost: Decimal::new(5, 3),
-                                input_tokens: 2000,
-                                output_tokens: 0,
-                                output_rate: Decimal::ZERO,
-                                fit_at_least: None,
-                            };
-                            let (reservation, _) = state.admit_now(&slot, "gpt-5-mini", &demand).unwrap();
-                            let entry = LedgerEntry {
-                                grant: GrantId(slot.id.0),
-                                at_ms: state.clock().now_millis(),
-                                model: "gpt-5-mini".into(),
-                                api: "chat.completions".into(),
-                                usage: Usage { input_tokens: 1200, cached_input_tokens: 1024, output_tokens: 300, ..Usage::default() },
-                                cost: Decimal::new(6696, 7),
-                                status: EntryStatus::Metered,
-                                http_status: 200,
-                                error: None,
-                            };
-                            state.settle(reservation, entry).await.unwrap().unwrap();
-                            done.fetch_add(1, Ordering::Relaxed);
-                        }
-                    })
-                })
-                .collect();
-            for task in tasks {
-                task.await.unwrap();
+        for wait_for_commit in [true, false] {
+            if wait_for_commit {
+                println!("settled requests per second (admit, settle, wait for the durable commit):");
+            } else {
+                println!("settled requests per second as the proxy settles (no wait; all durable at the end):");
             }
-            let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
-            println!("  {requesters:>4} concurrent: {rate:>9.0} settled/s");
+            for requesters in [1usize, 16, 256] {
+                let done = Arc::new(AtomicU64::new(0));
+                let started = Instant::now();
+                let tasks: Vec<_> = (0..requesters)
+                    .map(|_| {
+                        let (state, slot, done) = (state.clone(), slot.clone(), done.clone());
+                        tokio::spawn(async move {
+                            while started.elapsed() < Duration::from_secs(3) {
+                                let (reservation, _) = state.admit_now(&slot, "gpt-5-mini", &demand()).unwrap();
+                                let committed = state.settle(reservation, entry(&state, slot.id));
+                                if wait_for_commit {
+                                    committed.await.unwrap().unwrap();
+                                } else {
+                                    tokio::task::yield_now().await;
+                                }
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                        })
+                    })
+                    .collect();
+                for task in tasks {
+                    task.await.unwrap();
+                }
+                state.store().write(WriteOp::Barrier).await.unwrap();
+                let rate = done.load(Ordering::Relaxed) as f64 / started.elapsed().as_secs_f64();
+                println!("  {requesters:>4} concurrent: {rate:>9.0} settled/s");
+            }
         }
     });
     state.store().close();

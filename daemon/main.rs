@@ -6,6 +6,13 @@ use std::process::ExitCode;
 use clap::Parser;
 
 fn main() -> ExitCode {
+    // glibc gives every thread that allocates its own arena; with 1,000 streams open that costs
+    // capitd a quarter of its memory in fragmentation. Two arenas serve its few threads.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only tunes the allocator, and runs before any other thread exists.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cli = capit::config::Cli::parse();
     let filter = tracing_subscriber::EnvFilter::try_from_env("CAPIT_LOG").unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // No colour codes where stderr is not a terminal (journald, launchd's log file, a pipe).

@@ -8,7 +8,9 @@
 //!   [`ledger`] (entries and totals), [`pricing`] (the cost formula and price table), [`usage`]
 //!   (response parsers: bytes in, token counts out), [`providers`] (the upstream table and the
 //!   route allowlist), [`request_path`] (paths decoded and normalised before the allowlist),
-//!   [`secret`] (keys).
+//!   [`secret`] (keys), [`request_fields`] (a billable body read once), [`admission`] (the hold
+//!   maths), [`lease`] (admission leases: the source trait and the in-memory book), [`codec`]
+//!   (binary ledger records).
 //! - [`keyring`]: master keys at rest, sealed under a data key in the OS keyring.
 //! - [`store`]: the only module that knows redb; one writer thread, batched commits.
 //! - [`state`]: live state over the store, shared by the proxy and the control service.

@@ -9,10 +9,10 @@
 //! - Control-plane changes are serialised by one async mutex, so checks such as "this name is
 //!   free" hold until the write lands.
 //!
-//! Layout, one file per concern: [`clock`] (the daemon's time and spend windows), [`slot`]
-//! (a grant's live slot: spend, windows, counts), [`admission`] (admitting, holding, settling
-//! and refusing requests), [`admin`] (keys, providers, prices and grants changed from the
-//! control plane), [`recovery`] (charging what a crash left in flight), [`provider_keys`].
+//! Layout, one file per concern: `clock` (the daemon's time and spend windows), `slot`
+//! (a grant's live slot: spend, windows, counts), `admission` (admitting, holding, settling
+//! and refusing requests), `admin` (keys, providers, prices and grants changed from the
+//! control plane), `recovery` (charging what a crash left in flight), `provider_keys`.
 
 mod admin;
 mod admission;

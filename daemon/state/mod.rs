@@ -12,7 +12,8 @@
 //! Layout, one file per concern: `clock` (the daemon's time and spend windows), `slot`
 //! (a grant's live slot: spend, windows, counts), `admission` (admitting, holding, settling
 //! and refusing requests), `admin` (keys, providers, prices and grants changed from the
-//! control plane), `recovery` (charging what a crash left in flight), `provider_keys`.
+//! control plane), `recovery` (charging what a crash left in flight), `leases` (a grant's lease on its own
+//! cap: what requests in flight may go upstream under), `provider_keys`.
 
 mod admin;
 mod admission;

@@ -145,6 +145,9 @@ pub struct Grant {
     /// Percentages of the cap at which an alert fires (once per period each), ascending.
     #[serde(default = "default_alerts")]
     pub alerts: Vec<u32>,
+    /// The team pool the grant also draws on (`grant --team`): a request must fit both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
 }
 
 /// A billable API, as a grant's scope names it (`--apis chat,embeddings`).
@@ -599,6 +602,7 @@ mod tests {
             provider_key: None,
             direct: false,
             alerts: DEFAULT_ALERTS.to_vec(),
+            team: None,
         }
     }
 

@@ -257,6 +257,7 @@ impl State {
                 Some(alerts) => crate::grants::validate_alerts(&alerts)?,
                 None => crate::grants::DEFAULT_ALERTS.to_vec(),
             },
+            team: spec.team,
         };
         let revoked = old.as_ref().map(|slot| Grant { revoked_at: Some(now), ..slot.grant() });
         match &revoked {
@@ -492,6 +493,8 @@ pub struct GrantSpec {
     pub direct: bool,
     /// Alert thresholds in percent of the cap; `None` for the default (80 and 100).
     pub alerts: Option<Vec<u32>>,
+    /// The team pool the grant also draws on; the caller has checked this daemon is a member.
+    pub team: Option<String>,
 }
 
 /// A provider key's text, checked: one token, and not a capit key.

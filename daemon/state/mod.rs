@@ -336,6 +336,7 @@ pub(crate) mod test_support {
             provider_key: None,
             direct: false,
             alerts: None,
+            team: None,
         }
     }
 

@@ -740,6 +740,7 @@ pub(crate) fn grant_json(g: &pb::Grant) -> Value {
         "refused": refused_json(&g.refused),
         "direct": g.direct, "spent_source": if g.direct { "provider" } else { "ledger" }, "apis": g.apis,
         "provider_key": g.provider_key.as_ref().map(crate::remote::provider_key_json),
+        "team": (!g.team.is_empty()).then_some(&g.team),
     })
 }
 

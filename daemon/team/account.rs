@@ -71,7 +71,7 @@ impl Books {
     }
 
     /// What this member could still raise its cover by, now.
-    pub fn available(&self) -> Decimal {
+    fn headroom(&self) -> Decimal {
         let used = self.spent_now().checked_add(self.others_leases).and_then(|u| u.checked_add(self.lease));
         used.and_then(|u| self.cap.checked_sub(u)).map_or(Decimal::ZERO, |left| left.max(Decimal::ZERO))
     }
@@ -124,9 +124,9 @@ impl Books {
         let cover = self.cover()?;
         if target > cover {
             let raise = sub(target, cover)?;
-            let available = self.available();
-            if raise > available {
-                return Err(LeaseError::NoRoom { available }.into());
+            let headroom = self.headroom();
+            if raise > headroom {
+                return Err(LeaseError::NoRoom { available: add(cover, headroom)? }.into());
             }
             self.lease = add(self.lease, raise)?;
             return Ok(());
@@ -175,11 +175,12 @@ mod tests {
     #[test]
     fn a_raise_fits_only_inside_what_spend_and_every_lease_leave() {
         let mut b = books("10", "4", "3", "1");
-        assert_eq!(b.available(), d("2"));
-        assert!(matches!(b.set_cover(d("3.01")), Err(TeamError::Lease(LeaseError::NoRoom { available })) if available == d("2")));
+        assert_eq!(b.headroom(), d("2"));
+        // The refusal says what the member could hold in all: its lease and the room left.
+        assert!(matches!(b.set_cover(d("3.01")), Err(TeamError::Lease(LeaseError::NoRoom { available })) if available == d("3")));
         assert_eq!(b.lease, d("1"), "a refused raise changes nothing");
         b.set_cover(d("3")).unwrap();
-        assert_eq!((b.lease, b.available()), (d("3"), d("0")), "exactly the cap fits");
+        assert_eq!((b.lease, b.headroom()), (d("3"), d("0")), "exactly the cap fits");
         b.set_cover(d("0.5")).unwrap();
         assert_eq!(b.lease, d("0.5"), "a lowering always succeeds");
     }

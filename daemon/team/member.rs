@@ -344,6 +344,8 @@ impl TeamError {
             TeamError::Lease(e) => TeamError::Lease(e.clone()),
             TeamError::UnknownPool(p) => TeamError::UnknownPool(p.clone()),
             TeamError::NotJoined(p) => TeamError::NotJoined(p.clone()),
+            TeamError::Database(m) => TeamError::Database(m.clone()),
+            TeamError::Invalid(m) => TeamError::Invalid(m.clone()),
             other => TeamError::Database(other.to_string()),
         }
     }

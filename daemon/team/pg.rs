@@ -34,7 +34,16 @@ fn db_error(e: tokio_postgres::Error) -> TeamError {
     match e.as_db_error() {
         Some(db) => TeamError::Database(format!("{}: {}", db.severity(), db.message())),
         None if e.is_closed() => TeamError::Unreachable("the connection was closed".into()),
-        None => TeamError::Unreachable(e.to_string()),
+        None => {
+            // The driver's own message is terse ("error performing TLS handshake"); its causes say why.
+            let mut message = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                message.push_str(&format!(": {cause}"));
+                source = cause.source();
+            }
+            TeamError::Unreachable(message)
+        }
     }
 }
 
@@ -202,7 +211,7 @@ impl UsageBy {
 
     fn key_sql(self) -> &'static str {
         match self {
-            UsageBy::Member => "coalesce(nullif(m.host, ''), l.member)",
+            UsageBy::Member => "coalesce(nullif(m.host, '') || '/', '') || l.member",
             UsageBy::Grant => "l.grant_name",
             UsageBy::Model => "l.model",
             UsageBy::Day => "to_char(l.at AT TIME ZONE p.time_zone, 'YYYY-MM-DD')",
@@ -428,8 +437,8 @@ impl Database {
         let last_seq = rows.iter().map(|r| r.seq).max().map_or(-1, |s| i64::try_from(s).unwrap_or(i64::MAX));
         let ttl = f64::from(spec.lease_seconds);
         txn.execute(
-            "UPDATE capit_members SET lease = $3,
-                 lease_expires_at = CASE WHEN $3 > 0 THEN now() + make_interval(secs => $4) END,
+            "UPDATE capit_members SET lease = $3::numeric,
+                 lease_expires_at = CASE WHEN $3::numeric > 0 THEN now() + make_interval(secs => $4::float8) END,
                  reported_seq = greatest(reported_seq, $5), last_seen = now()
              WHERE pool = $1 AND member = $2",
             &[&pool, &member, &books.lease, &ttl, &last_seq],

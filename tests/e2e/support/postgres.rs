@@ -60,11 +60,12 @@ impl Postgres {
     /// A fresh server with database [`DATABASE`] owned by [`USER`], or `None` (the test skips)
     /// where PostgreSQL is not installed.
     pub fn start() -> Option<Postgres> {
-        Postgres::start_with(&[])
+        Postgres::start_with(&[], &[])
     }
 
-    /// As [`start`](Self::start), with extra `postgresql.conf` lines (e.g. TLS settings).
-    pub fn start_with(conf: &[&str]) -> Option<Postgres> {
+    /// As [`start`](Self::start), with extra `postgresql.conf` lines and files in the data
+    /// directory (e.g. a TLS certificate and key), written 0600 for the server before it starts.
+    pub fn start_with(conf: &[&str], files: &[(&str, &str)]) -> Option<Postgres> {
         let Some(bin) = bin_dir() else {
             assert!(std::env::var_os("CAPIT_REQUIRE_POSTGRES").is_none(), "CAPIT_REQUIRE_POSTGRES is set but initdb was not found");
             eprintln!("skipped: PostgreSQL is not installed (apt-get install postgresql)");
@@ -108,6 +109,9 @@ impl Postgres {
         text.push_str(&lines.join("\n"));
         text.push('\n');
         std::fs::write(&config, text).unwrap();
+        for (name, contents) in files {
+            pg.file(name, contents);
+        }
         // A free port can be taken between the look and the bind: try a few.
         for _ in 0..5 {
             pg.port = free_port();

@@ -133,14 +133,22 @@ pub struct StoredReservation {
     pub at_ms: i64,
 }
 
-/// A team membership as stored; `password` is a secret, like a master key.
+/// A team membership as stored. The database password is kept like a master key: sealed
+/// under the keyring's data key where there is one (named [`StoredTeam::seal_name`]).
 #[derive(Clone, Serialize, Deserialize)]
 pub struct StoredTeam {
     pub pool: String,
     /// The database URL, without a password.
     pub url: String,
-    pub password: Option<String>,
+    pub password: Option<StoredKey>,
     pub joined_at: i64,
+}
+
+impl StoredTeam {
+    /// The name the password is sealed under, apart from every provider's key.
+    pub fn seal_name(pool: &str) -> String {
+        format!("team pool {pool} (database password)")
+    }
 }
 
 /// Everything the daemon holds in memory, read once at start.

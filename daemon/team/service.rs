@@ -108,7 +108,14 @@ impl Teams {
                     continue;
                 }
             };
-            let password = team.password.map(|p| Arc::new(Secret::new(p)));
+            let password = match team.password.as_ref().map(|p| teams.state.open_stored(&StoredTeam::seal_name(&team.pool), p)) {
+                Some(Ok(secret)) => Some(Arc::new(secret)),
+                Some(Err(e)) => {
+                    tracing::error!(pool = %team.pool, error = %e, "the team database password cannot be opened; the pool is not used");
+                    continue;
+                }
+                None => None,
+            };
             teams.run_member(&team.pool, url, password, team.joined_at);
         }
         teams
@@ -197,12 +204,13 @@ impl Teams {
         db.join(pool, self.state.installation_id(), &host_name()).await?;
         drop(db);
         let joined_at = self.state.clock().now_seconds();
-        let stored = StoredTeam {
-            pool: pool.to_string(),
-            url: url.given.clone(),
-            password: password.as_ref().map(|p| p.expose().to_string()),
-            joined_at,
+        let sealed = match &password {
+            Some(p) => {
+                Some(self.state.stored_key(&StoredTeam::seal_name(pool), p, joined_at).map_err(|e| TeamError::Invalid(e.to_string()))?)
+            }
+            None => None,
         };
+        let stored = StoredTeam { pool: pool.to_string(), url: url.given.clone(), password: sealed, joined_at };
         self.state.store().write(WriteOp::PutTeam(stored)).await.map_err(|e| TeamError::Database(format!("local store: {e}")))?;
         self.run_member(pool, url, password, joined_at);
         Ok(self.view(pool).await)

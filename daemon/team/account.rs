@@ -76,6 +76,11 @@ impl Books {
         used.and_then(|u| self.cap.checked_sub(u)).map_or(Decimal::ZERO, |left| left.max(Decimal::ZERO))
     }
 
+    /// The most this member's cover could be now: what it has and the room left.
+    pub fn room(&self) -> Result<Decimal, TeamError> {
+        add(self.cover()?, self.headroom())
+    }
+
     /// Credits charged in an earlier window become lease again: the earlier window gets its
     /// charge back, and the room is held in every window from now on, as a lease is (a credit
     /// counts only in the window it was charged in, and the requests it covers may settle

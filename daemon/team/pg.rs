@@ -137,6 +137,8 @@ pub struct Synced {
     pub spent: Decimal,
     pub leases: Decimal,
     pub cap: Decimal,
+    /// The most this member's cover could be now (its cover and the room the pool has left).
+    pub room: Decimal,
     /// The raise asked for did not fit (the report part was committed all the same).
     pub refused: Option<LeaseError>,
     /// Rows new to the pool, and what they cost.
@@ -447,6 +449,7 @@ impl Database {
         .map_err(db_error)?;
         txn.commit().await.map_err(db_error)?;
         let cover = books.cover()?;
+        let room = books.room()?;
         let credit = cover - books.lease;
         let leases = books.others_leases.checked_add(books.lease).ok_or(TeamError::Overflow)?;
         Ok(Synced {
@@ -456,6 +459,7 @@ impl Database {
             spent: books.spent_now(),
             leases,
             cap: spec.cap,
+            room,
             refused,
             new_rows: new_rows.len(),
             new_cost,

@@ -466,6 +466,16 @@ impl Store {
         Ok(out)
     }
 
+    /// The sequence number the next ledger entry will get: every entry committed so far has a
+    /// smaller one.
+    pub fn next_ledger_seq(&self) -> Result<u64, StoreError> {
+        let txn = self.db.get()?.begin_read()?;
+        match txn.open_table(META)?.get(NEXT_SEQ)? {
+            Some(v) => decode("ledger sequence", v.value()),
+            None => Ok(0),
+        }
+    }
+
     pub fn ledger_len(&self) -> Result<u64, StoreError> {
         let txn = self.db.get()?.begin_read()?;
         Ok(txn.open_table(LEDGER)?.len()?)

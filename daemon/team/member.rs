@@ -40,6 +40,12 @@ pub trait Feed: Send + Sync + 'static {
     fn after(&self, after: Option<u64>, limit: usize) -> Result<Vec<LedgerCopy>, String>;
 }
 
+/// Told of every committed transaction, in the order they committed, before anyone waiting on
+/// it hears back: what it reported (each row's sequence number and cost) and what it left.
+pub trait SyncListener: Send + Sync + 'static {
+    fn synced(&self, reported: &[(u64, Decimal)], synced: &Synced);
+}
+
 /// How to reach the pool and who this member is.
 #[derive(Clone)]
 pub struct MemberConfig {
@@ -83,6 +89,7 @@ pub struct Member {
     pool: String,
     ops: mpsc::UnboundedSender<Op>,
     standing: Arc<Mutex<Standing>>,
+    listener: Arc<Mutex<Option<Arc<dyn SyncListener>>>>,
 }
 
 impl Member {
@@ -90,8 +97,9 @@ impl Member {
     pub fn start(config: MemberConfig, feed: Arc<dyn Feed>) -> Arc<Member> {
         let (ops, rx) = mpsc::unbounded_channel();
         let standing = Arc::new(Mutex::new(Standing::default()));
-        let member = Arc::new(Member { pool: config.pool.clone(), ops, standing: standing.clone() });
-        let actor = Actor { config, feed, standing, db: None, rx, failures: 0, last_ok: None };
+        let listener = Arc::new(Mutex::new(None));
+        let member = Arc::new(Member { pool: config.pool.clone(), ops, standing: standing.clone(), listener: listener.clone() });
+        let actor = Actor { config, feed, standing, listener, db: None, rx, failures: 0, last_ok: None };
         tokio::spawn(actor.run());
         member
     }
@@ -100,8 +108,18 @@ impl Member {
         &self.pool
     }
 
+    /// Sets who is told of each committed transaction (the pool's lease book).
+    pub fn set_listener(&self, listener: Arc<dyn SyncListener>) {
+        *self.listener.lock().unwrap_or_else(|p| p.into_inner()) = Some(listener);
+    }
+
     pub fn standing(&self) -> Standing {
         self.standing.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// The committed cover may be used now: the last transaction is younger than the lease time.
+    pub fn usable(&self, now: Instant) -> bool {
+        self.standing.lock().unwrap_or_else(|p| p.into_inner()).usable_until.is_some_and(|until| now < until)
     }
 
     /// The cover new requests may use now: the committed cover while it has not expired.
@@ -147,6 +165,7 @@ struct Actor {
     config: MemberConfig,
     feed: Arc<dyn Feed>,
     standing: Arc<Mutex<Standing>>,
+    listener: Arc<Mutex<Option<Arc<dyn SyncListener>>>>,
     db: Option<(Database, PoolSpec)>,
     rx: mpsc::UnboundedReceiver<Op>,
     failures: u32,
@@ -250,9 +269,14 @@ impl Actor {
             Err(_) => Err(TeamError::Unreachable(format!("no answer within {TRANSACTION_TIMEOUT:?}"))),
         };
         match result {
-            Ok(Some((synced, more, spec, reported))) => {
+            Ok(Some((synced, more, spec, rows))) => {
                 self.failures = 0;
                 self.last_ok = Some(started);
+                let reported = rows.iter().map(|(seq, _)| *seq).max();
+                let listener = self.listener.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(listener) = listener {
+                    listener.synced(&rows, &synced);
+                }
                 let mut standing = self.standing();
                 standing.cover = synced.cover;
                 standing.usable_until = Some(started + Duration::from_secs(u64::from(spec.lease_seconds)));
@@ -304,7 +328,7 @@ impl Actor {
         &mut self,
         target: Option<Decimal>,
         forced: bool,
-    ) -> Result<Option<(Synced, bool, PoolSpec, Option<u64>)>, TeamError> {
+    ) -> Result<Option<(Synced, bool, PoolSpec, Vec<(u64, Decimal)>)>, TeamError> {
         self.connect().await?;
         let reconciled = self.standing().reconciled;
         let after = self.standing().reported_seq;
@@ -331,7 +355,7 @@ impl Actor {
         let window = spec.window(self.config.clock.now_seconds()).start;
         let sync = pg::Sync { pool: &self.config.pool, member: &self.config.member, window, rows: &rows, target };
         let synced = db.sync(sync).await?;
-        let reported = rows.iter().map(|r| r.seq).max();
+        let reported = rows.iter().map(|r| (r.seq, r.cost)).collect();
         Ok(Some((synced, more, spec.clone(), reported)))
     }
 }

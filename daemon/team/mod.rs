@@ -14,11 +14,13 @@
 //! Layout: [`account`] is the money (pure, unit-tested); [`url`] the connection string, checked;
 //! [`pg`] the only module that knows tokio-postgres (migrations and the transactions);
 //! [`member`] a member's runtime (its [`crate::lease::LeaseSource`], reports, renewals);
+//! [`pool_lease`] the pool's lease book on this daemon, which admission takes holds under;
 //! [`service`] the memberships of this daemon, for the control API.
 
 pub mod account;
 pub mod member;
 pub mod pg;
+pub mod pool_lease;
 pub mod service;
 pub mod url;
 

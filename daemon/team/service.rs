@@ -28,6 +28,7 @@ type PoolGrants = Arc<RwLock<BTreeMap<GrantId, String>>>;
 
 struct Membership {
     member: Arc<Member>,
+    lease: Arc<super::pool_lease::PoolLease>,
     url: DbUrl,
     password: Option<Arc<Secret>>,
     joined_at: i64,
@@ -140,9 +141,12 @@ impl Teams {
             report_interval: self.report_interval,
         };
         let feed = Arc::new(StoreFeed { store: self.state.store().clone(), grants: grants.clone() });
+        // Entries numbered from here on settle in this run, under the pool's book.
+        let first_seq = self.state.store().next_ledger_seq().unwrap_or(u64::MAX);
         let member = Member::start(config, feed);
+        let lease = super::pool_lease::PoolLease::new(member.clone(), crate::lease::LeasePolicy::default(), first_seq);
         tracing::info!(pool, database = %url.display(), "team pool member started");
-        self.write().insert(pool.to_string(), Membership { member, url, password, joined_at, grants });
+        self.write().insert(pool.to_string(), Membership { member, lease, url, password, joined_at, grants });
     }
 
     fn read(&self) -> std::sync::RwLockReadGuard<'_, BTreeMap<String, Membership>> {
@@ -153,9 +157,9 @@ impl Teams {
         self.members.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The member of `pool`, for admission.
-    pub fn member(&self, pool: &str) -> Option<Arc<Member>> {
-        self.read().get(pool).map(|m| m.member.clone())
+    /// The pool's lease book on this daemon, for admission.
+    pub fn lease(&self, pool: &str) -> Option<Arc<super::pool_lease::PoolLease>> {
+        self.read().get(pool).map(|m| m.lease.clone())
     }
 
     /// Refuses a pool this daemon has not joined (a grant cannot draw on it).

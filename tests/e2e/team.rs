@@ -408,3 +408,70 @@ fn ctl_env(daemon: &Daemon, args: &[&str], passfile: &std::path::Path) -> serde_
     assert!(out.status.success(), "capitctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     serde_json::from_slice(&out.stdout).unwrap()
 }
+
+/// The pool's lease books of four members, each with ten requests at a time, against one pool:
+/// every request takes its hold under its member's book and goes "upstream" only once the
+/// committed lease covers it; what is billed is the hold or less. The bill never passes the cap,
+/// and once everything is reported the pool's ledger and spend equal the bill.
+#[test]
+fn four_members_with_ten_requests_each_never_bill_past_the_pool() {
+    use capit::team::pool_lease::PoolLease;
+    let Some(pg) = Postgres::start() else { return };
+    let rt = runtime();
+    let cap = dec("1.00");
+    let (bill, refused, served) = rt.block_on(async {
+        let mut db = open(&pg).await;
+        db.create_pool(&spec("eng", "1.00", Period::Total, 30), "test").await.unwrap();
+        let clock = Clock::default();
+        let bill = Arc::new(Mutex::new(Decimal::ZERO));
+        let (refused, served) = (Arc::new(std::sync::atomic::AtomicU64::new(0)), Arc::new(std::sync::atomic::AtomicU64::new(0)));
+        let mut members = Vec::new();
+        let mut tasks = tokio::task::JoinSet::new();
+        for m in 0..4 {
+            let feed = Arc::new(MemoryFeed::default());
+            let member = Member::start(member_config(&pg, "eng", &format!("m{m}"), &clock), feed.clone());
+            let lease = PoolLease::new(member.clone(), capit::lease::LeasePolicy::default(), 0);
+            members.push(member);
+            let seq = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            for stream in 0..10u64 {
+                let (lease, feed, bill, seq, clock) = (lease.clone(), feed.clone(), bill.clone(), seq.clone(), clock.clone());
+                let (refused, served) = (refused.clone(), served.clone());
+                tasks.spawn(async move {
+                    for i in 0..15u64 {
+                        // Holds of 1 to 4 cents; the request costs 40 % to 100 % of its hold.
+                        let hold = Decimal::new(1 + ((stream * 7 + i * 3) % 4) as i64, 2);
+                        let Ok(taken) = lease.take(hold) else {
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            continue;
+                        };
+                        if lease.wait(&taken).await.is_err() {
+                            refused.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            continue;
+                        }
+                        tokio::time::sleep(Duration::from_millis(5 + (i % 3) * 10)).await;
+                        let cost = hold * Decimal::new(40 + ((stream + i) % 7) as i64 * 10, 2);
+                        *bill.lock().unwrap() += cost;
+                        served.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let n = seq.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        feed.0.lock().unwrap().push(copy(n, &cost.to_string(), clock.now_millis()));
+                        lease.settle(taken, cost);
+                    }
+                });
+            }
+        }
+        while let Some(done) = tasks.join_next().await {
+            done.unwrap();
+        }
+        for member in &members {
+            member.flush().await.unwrap();
+            member.stop().await;
+        }
+        let bill = *bill.lock().unwrap();
+        (bill, refused.load(std::sync::atomic::Ordering::Relaxed), served.load(std::sync::atomic::Ordering::Relaxed))
+    });
+    eprintln!("pool of $1.00: billed {bill} over {served} requests, {refused} refused");
+    assert!(bill <= cap, "the members together billed {bill}, past the pool's cap of {cap}");
+    assert!(served > 20 && refused > 0, "the load reached the cap: {served} served, {refused} refused");
+    assert_eq!(dec(&pg.query("SELECT coalesce(sum(cost), 0) FROM capit_ledger")), bill, "the pool's ledger is the bill");
+    assert_eq!(dec(&pg.query("SELECT spent FROM capit_pool_windows")), bill, "the pool's spend is the bill");
+}

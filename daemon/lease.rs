@@ -167,6 +167,15 @@ impl LeaseBook {
         }
     }
 
+    /// Spend the budget has recorded where it is kept (a pool's report, which lowered the lease
+    /// there by as much): it leaves what the lease must cover and the committed lease alike. A
+    /// raise under way still lands at its own amount.
+    pub fn reported(&mut self, amount: Decimal, now: Instant) {
+        self.covered = (self.covered - amount).max(Decimal::ZERO);
+        self.committed = (self.committed - amount).max(Decimal::ZERO);
+        self.note_peak(now);
+    }
+
     /// Lowers the lease to exactly `amount` now (at a clean stop: what is still held); the
     /// returned commit is to be written, and counts as landed already.
     pub fn lower_to(&mut self, amount: Decimal) -> Commit {

@@ -458,7 +458,7 @@ impl Store {
         for grant in grants {
             for item in table.range((grant.0, first)..=(grant.0, u64::MAX))?.take(limit) {
                 let (key, value) = item?;
-                out.push((key.value().1, decode("ledger entry", value.value())?));
+                out.push((key.value().1, decode_entry(value.value())?));
             }
         }
         out.sort_by_key(|(seq, _)| *seq);

@@ -43,7 +43,9 @@ pub trait Feed: Send + Sync + 'static {
 /// Told of every committed transaction, in the order they committed, before anyone waiting on
 /// it hears back: what it reported (each row's sequence number and cost) and what it left.
 pub trait SyncListener: Send + Sync + 'static {
-    fn synced(&self, reported: &[(u64, Decimal)], synced: &Synced);
+    /// `commits` are the numbers of the covers asked for ([`Member::commit_numbered`]) that this
+    /// transaction applied (the last one asked is the cover it set, unless `synced.refused`).
+    fn synced(&self, reported: &[(u64, Decimal)], commits: &[u64], synced: &Synced);
 }
 
 /// How to reach the pool and who this member is.
@@ -80,7 +82,7 @@ pub struct Standing {
 }
 
 enum Op {
-    Cover { target: Decimal, reply: oneshot::Sender<Result<(), LeaseError>> },
+    Cover { target: Decimal, seq: Option<u64>, reply: oneshot::Sender<Result<(), LeaseError>> },
     Flush { reply: oneshot::Sender<Result<(), TeamError>> },
     Stop { reply: oneshot::Sender<()> },
 }
@@ -148,16 +150,24 @@ impl Member {
     }
 }
 
-impl LeaseSource for Member {
-    /// Queued now, so that covers are committed in the order they were asked for.
-    fn commit_lease(&self, amount: Decimal) -> LeaseFuture<'static, Result<(), LeaseError>> {
+impl Member {
+    /// As [`LeaseSource::commit_lease`], with the number the listener is told back when the
+    /// transaction that applied it commits.
+    pub fn commit_numbered(&self, amount: Decimal, seq: Option<u64>) -> LeaseFuture<'static, Result<(), LeaseError>> {
         let (reply, rx) = oneshot::channel();
         let gone = || LeaseError::Unreachable("the team member has stopped".into());
-        let sent = self.ops.send(Op::Cover { target: amount, reply }).map_err(|_| gone());
+        let sent = self.ops.send(Op::Cover { target: amount, seq, reply }).map_err(|_| gone());
         Box::pin(async move {
             sent?;
             rx.await.unwrap_or_else(|_| Err(gone()))
         })
+    }
+}
+
+impl LeaseSource for Member {
+    /// Queued now, so that covers are committed in the order they were asked for.
+    fn commit_lease(&self, amount: Decimal) -> LeaseFuture<'static, Result<(), LeaseError>> {
+        self.commit_numbered(amount, None)
     }
 }
 
@@ -201,11 +211,11 @@ impl Actor {
 
     async fn run(mut self) {
         loop {
-            let mut covers: Vec<(Decimal, oneshot::Sender<Result<(), LeaseError>>)> = Vec::new();
+            let mut covers: Vec<(Decimal, Option<u64>, oneshot::Sender<Result<(), LeaseError>>)> = Vec::new();
             let mut flushes = Vec::new();
             let mut stop = None;
             let mut take = |op: Op| match op {
-                Op::Cover { target, reply } => covers.push((target, reply)),
+                Op::Cover { target, seq, reply } => covers.push((target, seq, reply)),
                 Op::Flush { reply } => flushes.push(reply),
                 Op::Stop { reply } => stop = Some(reply),
             };
@@ -220,8 +230,10 @@ impl Actor {
             while let Ok(op) = self.rx.try_recv() {
                 take(op);
             }
-            let outcome = self.round(covers.last().map(|(t, _)| *t), !flushes.is_empty() || stop.is_some()).await;
-            for (_, reply) in covers {
+            let commits: Vec<u64> = covers.iter().filter_map(|(_, seq, _)| *seq).collect();
+            let target = covers.last().map(|(t, _, _)| *t);
+            let outcome = self.round(target, &commits, !flushes.is_empty() || stop.is_some()).await;
+            for (_, _, reply) in covers {
                 let result = match &outcome {
                     Ok(Some(synced)) => synced.refused.clone().map_or(Ok(()), Err),
                     Ok(None) => Ok(()),
@@ -242,10 +254,10 @@ impl Actor {
 
     /// Reports everything pending (in batches), with `target` applied in the last transaction.
     /// `None` when there was nothing to do.
-    async fn round(&mut self, target: Option<Decimal>, forced: bool) -> Result<Option<Synced>, TeamError> {
+    async fn round(&mut self, target: Option<Decimal>, commits: &[u64], forced: bool) -> Result<Option<Synced>, TeamError> {
         let mut last = None;
         loop {
-            let result = self.batch(target, forced || last.is_some()).await;
+            let result = self.batch(target, commits, forced || last.is_some()).await;
             match result {
                 Ok(Some((synced, more))) => {
                     last = Some(synced);
@@ -261,7 +273,7 @@ impl Actor {
 
     /// One transaction, if there is anything to do. Returns what it left and whether more rows
     /// wait.
-    async fn batch(&mut self, target: Option<Decimal>, forced: bool) -> Result<Option<(Synced, bool)>, TeamError> {
+    async fn batch(&mut self, target: Option<Decimal>, commits: &[u64], forced: bool) -> Result<Option<(Synced, bool)>, TeamError> {
         let started = Instant::now();
         let result = tokio::time::timeout(TRANSACTION_TIMEOUT, self.transact(target, forced)).await;
         let result = match result {
@@ -273,10 +285,6 @@ impl Actor {
                 self.failures = 0;
                 self.last_ok = Some(started);
                 let reported = rows.iter().map(|(seq, _)| *seq).max();
-                let listener = self.listener.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                if let Some(listener) = listener {
-                    listener.synced(&rows, &synced);
-                }
                 let mut standing = self.standing();
                 standing.cover = synced.cover;
                 standing.usable_until = Some(started + Duration::from_secs(u64::from(spec.lease_seconds)));
@@ -287,6 +295,13 @@ impl Actor {
                 standing.failing_since_ms = None;
                 standing.transactions += 1;
                 standing.reconciled = true;
+                drop(standing);
+                // The target goes with the last batch of a round: only that one applied it.
+                let applied: &[u64] = if more { &[] } else { commits };
+                let listener = self.listener.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                if let Some(listener) = listener {
+                    listener.synced(&rows, applied, &synced);
+                }
                 Ok(Some((synced, more)))
             }
             Ok(None) => Ok(None),

@@ -14,6 +14,7 @@
 //! the lease time, nothing new is admitted from the committed lease: a request then needs a
 //! transaction to succeed first, and is refused ("the team budget cannot be reached") if none does.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -22,7 +23,7 @@ use rust_decimal::Decimal;
 use super::member::{Member, SyncListener};
 use super::pg::Synced;
 use crate::grants::money;
-use crate::lease::{Cover, LeaseBook, LeaseError, LeasePolicy, LeaseSource};
+use crate::lease::{Commit, Cover, LeaseBook, LeaseError, LeasePolicy};
 
 /// How long a request may wait for the pool to raise this daemon's lease.
 pub const RAISE_WAIT: Duration = Duration::from_secs(10);
@@ -72,9 +73,11 @@ fn period_word(period: &str) -> &str {
 
 struct Inner {
     book: LeaseBook,
-    /// The commit under way, if any (the book does not show its own).
-    committing: Option<Decimal>,
-    /// Failed raises so far: a waiter that saw fewer had the raise it waited on fail.
+    /// Raises sent to the member and not yet applied or failed, by their number.
+    raising: BTreeMap<u64, Commit>,
+    /// A transaction asked for only to renew a lease that ran out locally.
+    renewing: bool,
+    /// Failed raises (and renewals) so far: a waiter that saw fewer had the one it waited on fail.
     failures: u64,
     last_failure: Option<LeaseError>,
     /// From the last transaction: the most the cover could be (and when), the pool's cap and period.
@@ -113,6 +116,11 @@ impl PoolHold {
     pub fn amount(&self) -> Decimal {
         self.amount
     }
+
+    /// The pool this hold is under.
+    pub fn pool(&self) -> &Arc<PoolLease> {
+        &self.lease
+    }
 }
 
 impl Drop for PoolHold {
@@ -132,7 +140,8 @@ impl PoolLease {
     pub fn new(member: Arc<Member>, policy: LeasePolicy, first_seq: u64) -> Arc<PoolLease> {
         let inner = Inner {
             book: LeaseBook::new(policy, Decimal::ZERO, Instant::now()),
-            committing: None,
+            raising: BTreeMap::new(),
+            renewing: false,
             failures: 0,
             last_failure: None,
             room: None,
@@ -167,25 +176,26 @@ impl PoolLease {
     }
 
     fn refusal(&self, inner: &Inner, least: Decimal, error: Option<&LeaseError>) -> PoolRefusal {
-        match error {
-            Some(LeaseError::Unreachable(detail)) => PoolRefusal::Unreachable { pool: self.pool.clone(), detail: detail.clone() },
-            Some(LeaseError::NoRoom { available }) => {
-                let left = (*available - inner.book.covered() + least).max(Decimal::ZERO).min(*available);
-                PoolRefusal::NoRoom { pool: self.pool.clone(), left, cap: inner.cap, period: inner.period.clone(), least }
+        let room = match error {
+            Some(LeaseError::Unreachable(detail)) => {
+                return PoolRefusal::Unreachable { pool: self.pool.clone(), detail: detail.clone() };
             }
-            None => {
-                let left = inner.room.map_or(Decimal::ZERO, |room| (room - inner.book.covered()).max(Decimal::ZERO));
-                PoolRefusal::NoRoom { pool: self.pool.clone(), left, cap: inner.cap, period: inner.period.clone(), least }
-            }
-        }
+            Some(LeaseError::NoRoom { available }) => Some(*available),
+            None => inner.room,
+        };
+        // What is left for this request: the room, less what the others here hold.
+        let others = (inner.book.covered() - least).max(Decimal::ZERO);
+        let left = room.map_or(Decimal::ZERO, |room| (room - others).max(Decimal::ZERO));
+        PoolRefusal::NoRoom { pool: self.pool.clone(), left, cap: inner.cap, period: inner.period.clone(), least }
     }
 
     /// Takes `amount` under the pool for a request. Refused at once when the pool is known to
-    /// have no room for it, or cannot be reached with nothing usable leased; otherwise the hold
-    /// is taken and [`wait`](Self::wait) says when its body may go.
+    /// have no room for it, or cannot be reached while what this daemon leased has run out;
+    /// otherwise the hold is taken and [`wait`](Self::wait) says when its body may go.
     pub fn take(self: &Arc<Self>, amount: Decimal) -> Result<PoolHold, PoolRefusal> {
         let now = Instant::now();
         let usable = self.member.usable(now);
+        let standing_error = if usable { None } else { self.member.standing().error };
         let mut inner = self.lock();
         let fresh = inner.room_at.is_some_and(|at| now.duration_since(at) < ROOM_FRESH);
         let room = match inner.room {
@@ -199,28 +209,28 @@ impl PoolLease {
             Some(room) => room,
             None => Decimal::MAX,
         };
-        if !usable && !inner.book.committed().is_zero() && self.member.standing().failing_since_ms.is_some() {
-            let error = LeaseError::Unreachable(self.member.standing().error.unwrap_or_default());
-            return Err(self.refusal(&inner, amount, Some(&error)));
+        if let Some(error) = standing_error.filter(|_| !inner.book.committed().is_zero()) {
+            // The lease ran out unrenewed and the database does not answer: never on credit.
+            return Err(self.refusal(&inner, amount, Some(&LeaseError::Unreachable(error))));
         }
         let failures_seen = inner.failures;
         let needed = match inner.book.take(amount, room, now) {
             Cover::Now => {
-                if !usable && inner.committing.is_none() {
+                let renew = !usable && !inner.renewing;
+                inner.renewing |= renew;
+                let needed = inner.book.covered();
+                drop(inner);
+                if renew {
                     // Covered by a lease that has run out locally: renew it before the body goes.
-                    let to = inner.book.committed();
-                    inner.committing = Some(to);
-                    drop(inner);
-                    self.commit(to);
-                    inner = self.lock();
+                    self.renew();
                 }
-                inner.book.covered()
+                needed
             }
-            Cover::After { raise_to, needed } => {
-                if let Some(to) = raise_to {
-                    inner.committing = Some(to);
+            Cover::After { raise, needed } => {
+                if let Some(raise) = raise {
+                    inner.raising.insert(raise.seq, raise);
                     drop(inner);
-                    self.commit(to);
+                    self.send(raise, true);
                 }
                 needed
             }
@@ -228,32 +238,69 @@ impl PoolLease {
         Ok(PoolHold { lease: self.clone(), amount, needed, failures_seen, settled: false })
     }
 
-    /// Asks the member for a cover of `to`, in the background. The transaction's own report
-    /// sets the book's committed lease (`synced`), in the order transactions commit; here only the
-    /// raise is marked done. A raise past the room the pool has is tried once more at that room.
-    fn commit(&self, to: Decimal) {
+    /// Sends a commit to the member. A raise lands in the book when the transaction that applied
+    /// it commits ([`SyncListener::synced`], in commit order); here only its failure is noted. A
+    /// lowering is in the book already. A raise past the room the pool has is tried once more at
+    /// that room.
+    fn send(&self, commit: Commit, raise: bool) {
         let Some(lease) = self.this.upgrade() else { return };
-        let raise = to > self.lock().book.committed();
+        let sent = self.member.commit_numbered(commit.amount, Some(commit.seq));
         tokio::spawn(async move {
-            let mut result = lease.member.commit_lease(to).await;
-            if let Err(LeaseError::NoRoom { available }) = result {
-                let worth_it = available > lease.lock().book.committed() && available < to;
-                if worth_it {
-                    result = lease.member.commit_lease(available).await;
+            let mut result = sent.await;
+            if let Err(LeaseError::NoRoom { available }) = &result
+                && raise
+            {
+                let retry = {
+                    let mut inner = lease.lock();
+                    let worth_it = *available > inner.book.committed() && *available < commit.amount;
+                    inner.book.landed(commit, false);
+                    inner.raising.remove(&commit.seq);
+                    // Waiters the room cannot cover are refused now; the others ride on the retry.
+                    inner.failures += 1;
+                    inner.last_failure = result.clone().err();
+                    match inner.book.take(Decimal::ZERO, *available, Instant::now()) {
+                        Cover::After { raise: Some(again), .. } if worth_it => {
+                            inner.raising.insert(again.seq, again);
+                            Some(again)
+                        }
+                        _ => None,
+                    }
+                };
+                if let Some(again) = retry {
+                    result = lease.member.commit_numbered(again.amount, Some(again.seq)).await;
+                    if result.is_err() {
+                        let mut inner = lease.lock();
+                        inner.book.landed(again, false);
+                        inner.raising.remove(&again.seq);
+                    }
                 }
             }
-            let mut inner = lease.lock();
-            if inner.committing == Some(to) {
-                inner.committing = None;
-            }
-            inner.book.committed_to(to, false);
-            match result {
-                Err(e) if raise => {
+            if let Err(e) = result {
+                let mut inner = lease.lock();
+                if inner.raising.remove(&commit.seq).is_some() {
+                    inner.book.landed(commit, false);
+                }
+                if raise {
                     inner.failures += 1;
                     inner.last_failure = Some(e);
+                } else {
+                    tracing::debug!(pool = %lease.pool, error = %e, "lowering the team lease failed; the next one lowers it");
                 }
-                Err(e) => tracing::debug!(pool = %lease.pool, error = %e, "lowering the team lease failed; the next one lowers it"),
-                Ok(()) => {}
+            }
+            lease.changed.notify_waiters();
+        });
+    }
+
+    /// Asks for a transaction only to renew the lease (it ran out locally while covering holds).
+    fn renew(&self) {
+        let Some(lease) = self.this.upgrade() else { return };
+        tokio::spawn(async move {
+            let result = lease.member.flush().await;
+            let mut inner = lease.lock();
+            inner.renewing = false;
+            if let Err(e) = result {
+                inner.failures += 1;
+                inner.last_failure = Some(LeaseError::Unreachable(e.to_string()));
             }
             drop(inner);
             lease.changed.notify_waiters();
@@ -271,7 +318,8 @@ impl PoolLease {
                 if inner.book.committed() >= hold.needed && self.member.usable(Instant::now()) {
                     return Ok(());
                 }
-                if inner.failures > hold.failures_seen && inner.committing.is_none() {
+                let pending = !inner.raising.is_empty() || inner.renewing;
+                if inner.failures > hold.failures_seen && !pending {
                     return Err(self.refusal(&inner, hold.amount, inner.last_failure.as_ref()));
                 }
             }
@@ -291,39 +339,51 @@ impl PoolLease {
         let mut inner = self.lock();
         inner.book.give_back(hold.amount, now);
         let room = inner.room.unwrap_or(Decimal::MAX);
-        if let Cover::After { raise_to: Some(to), .. } = inner.book.take(cost, room, now) {
+        let raise = match inner.book.take(cost, room, now) {
             // Only when a request cost more than its hold (already billed): cover it as well.
-            inner.committing = Some(to);
-            drop(inner);
-            self.commit(to);
+            Cover::After { raise: Some(raise), .. } => {
+                inner.raising.insert(raise.seq, raise);
+                Some(raise)
+            }
+            _ => None,
+        };
+        drop(inner);
+        if let Some(raise) = raise {
+            self.send(raise, true);
         }
         self.changed.notify_waiters();
     }
 }
 
 impl SyncListener for PoolLease {
-    fn synced(&self, reported: &[(u64, Decimal)], synced: &Synced) {
+    fn synced(&self, reported: &[(u64, Decimal)], commits: &[u64], synced: &Synced) {
         let now = Instant::now();
         let in_book: Decimal = reported.iter().filter(|(seq, _)| *seq >= self.first_seq).map(|(_, cost)| *cost).sum();
+        let spec = self.member.standing().spec;
         let mut inner = self.lock();
-        inner.book.give_back(in_book, now);
-        inner.book.committed_to(synced.cover, true);
+        // In the transaction's own order: its report lowered the lease, then it set the cover.
+        inner.book.reported(in_book, now);
+        for seq in commits {
+            if let Some(raise) = inner.raising.remove(seq) {
+                inner.book.landed(raise, synced.refused.is_none());
+                if let Some(refusal) = &synced.refused {
+                    inner.failures += 1;
+                    inner.last_failure = Some(refusal.clone());
+                }
+            }
+        }
         inner.room = Some(synced.room);
         inner.room_at = Some(now);
         inner.cap = synced.cap;
-        if let Some(spec) = self.member.standing().spec {
+        if let Some(spec) = spec {
             inner.period = spec.period.as_str().to_string();
         }
-        // A lease larger than the recent peak for a whole window is lowered: in the book first.
-        let lower = if inner.committing.is_none() { inner.book.shrink_to(now) } else { None };
-        if let Some(to) = lower {
-            inner.book.committed_to(to, true);
-            inner.committing = Some(to);
-        }
+        // A lease larger than the recent peak for a whole window is lowered (in the book at once).
+        let lower = inner.book.shrink_to(now);
         drop(inner);
         self.changed.notify_waiters();
-        if let Some(to) = lower {
-            self.commit(to);
+        if let Some(lower) = lower {
+            self.send(lower, false);
         }
     }
 }

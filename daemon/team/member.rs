@@ -81,8 +81,10 @@ pub struct Standing {
     pub reconciled: bool,
 }
 
+type CoverReply = oneshot::Sender<Result<(), LeaseError>>;
+
 enum Op {
-    Cover { target: Decimal, seq: Option<u64>, reply: oneshot::Sender<Result<(), LeaseError>> },
+    Cover { target: Decimal, seq: Option<u64>, reply: CoverReply },
     Flush { reply: oneshot::Sender<Result<(), TeamError>> },
     Stop { reply: oneshot::Sender<()> },
 }
@@ -211,7 +213,7 @@ impl Actor {
 
     async fn run(mut self) {
         loop {
-            let mut covers: Vec<(Decimal, Option<u64>, oneshot::Sender<Result<(), LeaseError>>)> = Vec::new();
+            let mut covers: Vec<(Decimal, Option<u64>, CoverReply)> = Vec::new();
             let mut flushes = Vec::new();
             let mut stop = None;
             let mut take = |op: Op| match op {

@@ -171,7 +171,7 @@ fn team_json(t: &pb::Team) -> Value {
         "database": t.database, "spent": or_zero(&t.spent), "leased": or_zero(&t.leased), "credits": or_zero(&t.credits),
         "cover": or_zero(&t.cover), "resets_at": time_json(t.resets_at), "reachable": t.reachable,
         "error": (!t.error.is_empty()).then_some(&t.error), "grants": t.grants, "unreported": t.unreported,
-        "joined_at": time_json(t.joined_at), "members": members,
+        "joined_at": time_json(t.joined_at), "transactions": t.transactions, "members": members,
     })
 }
 

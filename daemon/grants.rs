@@ -335,6 +335,8 @@ impl Refusal {
             Refusal::RateLimited { .. } => "rpm",
             Refusal::TooManyInFlight { .. } => "concurrency",
             Refusal::ApiNotAllowed { .. } => "api_not_allowed",
+            Refusal::Team { unreachable: true, .. } => "team_unreachable",
+            Refusal::Team { .. } => "team_cap",
         }
     }
 
@@ -354,6 +356,7 @@ impl Refusal {
             Refusal::RateLimited { retry_after, .. } => Some(*retry_after),
             Refusal::TooManyInFlight { .. } => Some(1),
             Refusal::Busy { .. } => Some(BUSY_RETRY_SECONDS),
+            Refusal::Team { unreachable: true, .. } => Some(5),
             _ => None,
         }
     }
@@ -417,6 +420,10 @@ pub enum Refusal {
     Busy { grant: String, left: Decimal, held: Decimal, least: Decimal, waited_seconds: u64, queue_full: Option<usize> },
     #[error("capit: grant \"{grant}\" may use only the {} API{}, not {}", api_list(allowed), if allowed.len() == 1 { "" } else { "s" }, api.as_str())]
     ApiNotAllowed { grant: String, api: Api, allowed: Vec<Api> },
+    /// The team pool the grant draws on refused: no room, or its database cannot be reached
+    /// (`unreachable`) and what this daemon holds does not cover the request.
+    #[error("{message}")]
+    Team { message: String, unreachable: bool },
 }
 
 impl Grant {

@@ -48,6 +48,7 @@ pub fn team(view: &TeamView) -> pb::Team {
         grants: view.grants.clone(),
         unreported: view.unreported,
         joined_at: view.joined_at,
+        transactions: view.standing.transactions,
         ..Default::default()
     };
     if let Some(last) = &view.standing.last {

@@ -175,6 +175,57 @@ impl PoolLease {
         (inner.book.committed(), inner.book.covered())
     }
 
+    /// What the pool has left for this daemon beyond what it holds here, when a transaction
+    /// told it within the last second (`None` otherwise: then only the database can say).
+    pub fn free_if_fresh(&self) -> Option<Decimal> {
+        let inner = self.lock();
+        let fresh = inner.room_at.is_some_and(|at| at.elapsed() < ROOM_FRESH);
+        inner.room.filter(|_| fresh).map(|room| (room - inner.book.covered()).max(Decimal::ZERO))
+    }
+
+    /// The refusal for a request that could cost up to `least` and does not fit what is left.
+    pub fn refusal_for(&self, least: Decimal) -> PoolRefusal {
+        let inner = self.lock();
+        let mut refusal = self.refusal(&inner, Decimal::ZERO, None);
+        if let PoolRefusal::NoRoom { least: l, .. } = &mut refusal {
+            *l = least;
+        }
+        refusal
+    }
+
+    /// Changes an admitted request's hold to `amount` (its reply said more about its cost).
+    /// Shrinking always succeeds; growing only within the room the pool was last known to have,
+    /// and raises the lease in the background (the body has gone already).
+    pub fn resize(&self, hold: &mut PoolHold, amount: Decimal) -> bool {
+        let now = Instant::now();
+        let mut inner = self.lock();
+        if amount <= hold.amount {
+            inner.book.give_back(hold.amount - amount, now);
+            hold.amount = amount;
+            drop(inner);
+            self.changed.notify_waiters();
+            return true;
+        }
+        let more = amount - hold.amount;
+        let room = inner.room.unwrap_or(Decimal::ZERO);
+        if inner.book.covered().saturating_add(more) > room {
+            return false;
+        }
+        hold.amount = amount;
+        let raise = match inner.book.take(more, room, now) {
+            Cover::After { raise: Some(raise), .. } => {
+                inner.raising.insert(raise.seq, raise);
+                Some(raise)
+            }
+            _ => None,
+        };
+        drop(inner);
+        if let Some(raise) = raise {
+            self.send(raise, true);
+        }
+        true
+    }
+
     fn refusal(&self, inner: &Inner, least: Decimal, error: Option<&LeaseError>) -> PoolRefusal {
         let room = match error {
             Some(LeaseError::Unreachable(detail)) => {

@@ -145,6 +145,7 @@ impl Teams {
         let first_seq = self.state.store().next_ledger_seq().unwrap_or(u64::MAX);
         let member = Member::start(config, feed);
         let lease = super::pool_lease::PoolLease::new(member.clone(), crate::lease::LeasePolicy::default(), first_seq);
+        self.state.set_pool_lease(pool, Some(lease.clone()));
         tracing::info!(pool, database = %url.display(), "team pool member started");
         self.write().insert(pool.to_string(), Membership { member, lease, url, password, joined_at, grants });
     }
@@ -331,6 +332,7 @@ impl Teams {
         let mut db = pg::connect(&url, password.as_deref()).await?;
         db.leave(pool, self.state.installation_id()).await?;
         member.stop().await;
+        self.state.set_pool_lease(pool, None);
         self.state
             .store()
             .write(WriteOp::DeleteTeam { pool: pool.to_string() })
@@ -345,8 +347,17 @@ impl Teams {
     pub async fn shutdown(&self) {
         let members: Vec<Arc<Member>> = self.read().values().map(|m| m.member.clone()).collect();
         for member in members {
-            if let Err(e) = member.flush().await {
-                tracing::warn!(pool = member.pool(), error = %e, "the last report to the team database failed; it is sent at the next start");
+            // Nothing is in flight any more: once everything is reported, the room goes back to
+            // the pool. Unreported spend keeps the lease that covers it until the next start.
+            match member.flush().await {
+                Ok(()) => {
+                    if let Err(e) = member.commit_lease(Decimal::ZERO).await {
+                        tracing::warn!(pool = member.pool(), error = %e, "giving the team lease back failed; it expires by itself");
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(pool = member.pool(), error = %e, "the last report to the team database failed; it is sent at the next start")
+                }
             }
             member.stop().await;
         }

@@ -475,3 +475,201 @@ fn four_members_with_ten_requests_each_never_bill_past_the_pool() {
     assert_eq!(dec(&pg.query("SELECT coalesce(sum(cost), 0) FROM capit_ledger")), bill, "the pool's ledger is the bill");
     assert_eq!(dec(&pg.query("SELECT spent FROM capit_pool_windows")), bill, "the pool's spend is the bill");
 }
+
+/// One member machine for the load tests: its own capitd and its own fake upstream, with a grant
+/// of its own ($100, far from binding) that draws on the pool.
+struct Machine {
+    daemon: Daemon,
+    fake: crate::support::upstream::Fake,
+    key: String,
+}
+
+/// `n` machines on one pool of `cap` (leases of `lease_ttl` s), made by the first and joined by
+/// the others, the password from stdin.
+fn machines(pg: &Postgres, n: usize, cap: &str, lease_ttl: &str) -> Vec<Machine> {
+    let url = format!("{}?sslmode=disable", pg.url());
+    let password = format!("{}\n", pg.password);
+    (0..n)
+        .map(|i| {
+            let (daemon, fake) = setup();
+            let verb = if i == 0 {
+                vec!["team", "create", "eng", cap, "--db", &url, "--period", "total", "--lease-ttl", lease_ttl]
+            } else {
+                vec!["team", "join", "eng", "--db", &url]
+            };
+            let out = daemon.ctl_stdin(&verb, &password);
+            assert!(out.status.success(), "{verb:?}: {}", String::from_utf8_lossy(&out.stderr));
+            let key = daemon.grant(&format!("agent{i}"), "100", &["--provider", "openai", "--team", "eng"]);
+            fake.script(|s| {
+                s.prompt_tokens = 1000;
+                s.completion_tokens = 500;
+                s.chunk_delay = Duration::from_millis(2);
+            });
+            Machine { daemon, fake, key }
+        })
+        .collect()
+}
+
+const LOAD_BODY: &str = r#"{"model":"test-model","stream":true,"max_tokens":500,"messages":[{"role":"user","content":"hi"}]}"#;
+
+/// What one stream of requests saw.
+#[derive(Default, Clone, Copy)]
+struct Seen {
+    ok: u64,
+    team_refused: u64,
+    other: u64,
+}
+
+/// `streams` concurrent clients per machine, each sending until `stop` is set or `each`
+/// requests were sent; returns what each machine's clients saw.
+fn load(
+    rt: &tokio::runtime::Runtime,
+    machines: &[&Machine],
+    streams: usize,
+    each: usize,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<Seen>> {
+    let mut tasks = Vec::new();
+    for m in machines {
+        for _ in 0..streams {
+            let (url, key, stop) = (chat_url(&m.daemon), m.key.clone(), stop.clone());
+            tasks.push(rt.spawn(async move {
+                let mut seen = Seen::default();
+                let client = crate::support::http::client();
+                let auth = format!("Bearer {key}");
+                for _ in 0..each {
+                    if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                        break;
+                    }
+                    let request = crate::support::http::request(::http::Method::POST, &url, &[("authorization", &auth)], LOAD_BODY);
+                    let Ok(response) = client.request(request).await else {
+                        seen.other += 1;
+                        continue;
+                    };
+                    let status = response.status().as_u16();
+                    let body = http_body_util::BodyExt::collect(response.into_body()).await.map(|b| b.to_bytes()).unwrap_or_default();
+                    match status {
+                        200 => seen.ok += 1,
+                        429 | 503 if String::from_utf8_lossy(&body).contains("team") => {
+                            seen.team_refused += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        _ => seen.other += 1,
+                    }
+                }
+                seen
+            }));
+        }
+    }
+    tasks
+}
+
+fn pool_ledger(pg: &Postgres) -> Decimal {
+    dec(&pg.query("SELECT coalesce(sum(cost), 0) FROM capit_ledger"))
+}
+
+fn pool_spent(pg: &Postgres) -> Decimal {
+    dec(&pg.query("SELECT coalesce(sum(spent), 0) FROM capit_pool_windows"))
+}
+
+/// Everything each machine settled is in the pool (a usage query reports its own first).
+fn report_all(machines: &[Machine]) {
+    for m in machines {
+        m.daemon.ctl_json(&["team", "usage", "eng"]);
+    }
+}
+
+/// The issue's test: 4 capitd instances, each with 10 concurrent streams, against one pool that
+/// pays for 10 requests in all. The upstreams' combined bill never passes the pool's cap, and
+/// the pool's ledger equals it. Also measured here, with a pool far from its cap: the added
+/// latency of a pool grant over a plain one, and the pool's transactions per 1,000 requests.
+#[test]
+fn four_daemons_with_ten_streams_each_against_a_pool_that_fits_ten() {
+    let Some(pg) = Postgres::start() else { return };
+    let cost = dec("0.0033"); // 1,000 in and 500 out at $1.10 and $4.40 per million
+    let cap = cost * dec("10");
+    let machines = machines(&pg, 4, &cap.to_string(), "30");
+    let rt = runtime();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let all: Vec<&Machine> = machines.iter().collect();
+    let seen: Vec<Seen> = load(&rt, &all, 10, 6, stop).into_iter().map(|t| rt.block_on(t).unwrap()).collect();
+    report_all(&machines);
+    let bill: Decimal = machines.iter().map(|m| m.fake.bill()).sum();
+    let ok: u64 = seen.iter().map(|s| s.ok).sum();
+    let refused: u64 = seen.iter().map(|s| s.team_refused).sum();
+    let other: u64 = seen.iter().map(|s| s.other).sum();
+    let overshoot = (bill - cap).max(Decimal::ZERO);
+    eprintln!(
+        "pool cap ${cap}: 4 daemons x 10 streams: {ok} served, {refused} refused by the pool, {other} other; bill ${bill}; overshoot ${overshoot}"
+    );
+    assert_eq!(other, 0, "every request was served or refused by the pool");
+    assert!(bill <= cap, "the upstreams billed {bill}, past the pool's cap of {cap}");
+    assert!(ok >= 8, "the pool's room was used: {ok} served");
+    assert_eq!(pool_ledger(&pg), bill, "the pool's ledger equals the combined bill");
+    assert_eq!(pool_spent(&pg), bill, "and so does its spend");
+    for m in &machines {
+        assert_eq!(m.daemon.spent(&format!("agent{}", machines.iter().position(|x| std::ptr::eq(x, m)).unwrap())), m.fake.bill());
+    }
+}
+
+/// Steady state with a pool far from its cap: no round trip per request (p50 beside a plain
+/// grant on the same daemon, in the same run), and the pool's transactions per 1,000 requests.
+#[test]
+fn a_pool_far_from_its_cap_costs_no_round_trip_per_request() {
+    let Some(pg) = Postgres::start() else { return };
+    let machines = machines(&pg, 2, "1000", "30");
+    let plain = machines[0].daemon.grant("plain", "100", &["--provider", "openai"]);
+    let rt = runtime();
+    let body = r#"{"model":"test-model","max_tokens":500,"messages":[{"role":"user","content":"hi"}]}"#;
+    for m in &machines {
+        m.fake.script(|s| s.chunk_delay = Duration::ZERO);
+    }
+    let url = chat_url(&machines[0].daemon);
+    let time = |key: &str| {
+        let started = Instant::now();
+        let reply = rt.block_on(post_json(&url, key, body));
+        assert_eq!(reply.status, 200, "{}", reply.text());
+        started.elapsed()
+    };
+    // Warm both (the pool's first raise is its one round trip), then alternate request by request.
+    for _ in 0..50 {
+        time(&machines[0].key);
+        time(&plain);
+    }
+    let (mut with_pool, mut without) = (Vec::new(), Vec::new());
+    for _ in 0..400 {
+        with_pool.push(time(&machines[0].key));
+        without.push(time(&plain));
+    }
+    let pct = |times: &mut Vec<Duration>, p: usize| {
+        times.sort();
+        times[times.len() * p / 100]
+    };
+    let (pool50, plain50, pool99, plain99) =
+        (pct(&mut with_pool, 50), pct(&mut without, 50), pct(&mut with_pool, 99), pct(&mut without, 99));
+    eprintln!(
+        "per request, alternating: grant on a pool p50 {pool50:?} p99 {pool99:?}; plain grant p50 {plain50:?} p99 {plain99:?}; added at p50 {:?}",
+        pool50.saturating_sub(plain50)
+    );
+
+    // Transactions per 1,000 requests: 2 daemons x 10 streams of streamed requests.
+    let transactions =
+        |ms: &[Machine]| -> u64 { ms.iter().map(|m| m.daemon.ctl_json(&["team", "ls"])[0]["transactions"].as_u64().unwrap()).sum() };
+    let before = transactions(&machines);
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let all: Vec<&Machine> = machines.iter().collect();
+    let started = Instant::now();
+    let seen: Vec<Seen> = load(&rt, &all, 10, 60, stop).into_iter().map(|t| rt.block_on(t).unwrap()).collect();
+    let elapsed = started.elapsed();
+    let after = transactions(&machines);
+    let served: u64 = seen.iter().map(|s| s.ok).sum();
+    assert_eq!(served, 1200, "a pool far from its cap refuses nothing");
+    eprintln!(
+        "{served} requests in {elapsed:?}: {} pool transactions ({:.1} per 1,000 requests)",
+        after - before,
+        (after - before) as f64 * 1000.0 / served as f64
+    );
+    report_all(&machines);
+    let bill: Decimal = machines.iter().map(|m| m.fake.bill()).sum::<Decimal>() - machines[0].daemon.spent("plain");
+    assert_eq!(pool_ledger(&pg), bill);
+}

@@ -673,3 +673,111 @@ fn a_pool_far_from_its_cap_costs_no_round_trip_per_request() {
     let bill: Decimal = machines.iter().map(|m| m.fake.bill()).sum::<Decimal>() - machines[0].daemon.spent("plain");
     assert_eq!(pool_ledger(&pg), bill);
 }
+
+/// This machine's member id in the pool, from `team ls`.
+fn member_id(m: &Machine) -> String {
+    let listed = m.daemon.ctl_json(&["team", "ls"]);
+    let me = listed[0]["members"].as_array().unwrap().iter().find(|x| x["me"] == true).cloned().unwrap();
+    me["member"].as_str().unwrap().to_string()
+}
+
+/// kill -9 one member mid-load: once its lease expires the pool's spend covers everything billed
+/// through it; restarted, it reconciles, and nothing is counted twice.
+#[test]
+fn a_member_killed_mid_load_is_charged_when_its_lease_expires_and_reconciles_on_restart() {
+    let Some(pg) = Postgres::start() else { return };
+    let mut machines = machines(&pg, 2, "1000", "3");
+    let victim = member_id(&machines[0]);
+    let rt = runtime();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let all: Vec<&Machine> = machines.iter().collect();
+    let tasks = load(&rt, &all, 10, 100_000, stop.clone());
+    std::thread::sleep(Duration::from_millis(700));
+    machines[0].daemon.signal(libc::SIGKILL);
+    let status = machines[0].daemon.wait_exit(Duration::from_secs(10));
+    assert!(!status.success());
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for task in tasks {
+        rt.block_on(task).unwrap();
+    }
+    // Requests the fake was still answering finish there (and are billed) meanwhile.
+    std::thread::sleep(Duration::from_millis(300));
+    let billed = machines[0].fake.bill();
+    assert!(billed > Decimal::ZERO, "the victim served requests before it died");
+    // The survivor's next transactions (it renews its own lease) charge the victim's.
+    let held_for_victim = || {
+        dec(&pg.query(&format!(
+            "SELECT (SELECT coalesce(sum(cost), 0) FROM capit_ledger WHERE member = '{victim}')
+                  + (SELECT coalesce(sum(amount), 0) FROM capit_credits WHERE member = '{victim}')"
+        )))
+    };
+    wait_for("the victim's lease to be charged", Duration::from_secs(20), || {
+        (pg.query(&format!("SELECT lease FROM capit_members WHERE member = '{victim}'")) == "0").then_some(())
+    });
+    let charged = held_for_victim();
+    eprintln!("killed member: billed ${billed} through it; the pool holds ${charged} for it once its lease expired");
+    assert!(charged >= billed, "the pool holds {charged} for the dead member, less than the {billed} billed through it");
+
+    // Restarted, it reports its ledger (requests cut by the crash charged at their holds): drawn
+    // from what was charged, and the rest given back.
+    machines[0].daemon.relaunch();
+    report_all(&machines);
+    wait_for("the victim to reconcile", Duration::from_secs(20), || {
+        (pg.query(&format!("SELECT count(*) FROM capit_credits WHERE member = '{victim}'")) == "0").then_some(())
+    });
+    let local = machines[0].daemon.spent("agent0");
+    let copies = dec(&pg.query(&format!("SELECT coalesce(sum(cost), 0) FROM capit_ledger WHERE member = '{victim}'")));
+    eprintln!("after its restart: local ledger ${local}, the pool's copies ${copies}, billed ${billed}");
+    assert_eq!(copies, local, "the pool has the victim's ledger, each entry once");
+    assert!(local >= billed, "nothing billed is missing from the ledger");
+    assert_eq!(pool_spent(&pg), pool_ledger(&pg), "the pool's spend is its ledger: nothing counted twice");
+    let survivor = machines[1].fake.bill();
+    assert_eq!(pool_ledger(&pg), local + survivor);
+}
+
+/// Postgres stopped mid-load: nothing is served beyond the leases the members held, requests
+/// past them are refused as "the team budget cannot be reached"; restarted, the pool resumes and
+/// its totals are exact.
+#[test]
+fn with_postgres_stopped_mid_load_nothing_is_served_beyond_the_leases_and_the_totals_come_out_exact() {
+    let Some(mut pg) = Postgres::start() else { return };
+    let machines = machines(&pg, 2, "1000", "3");
+    let rt = runtime();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let all: Vec<&Machine> = machines.iter().collect();
+    let tasks = load(&rt, &all, 10, 100_000, stop.clone());
+    std::thread::sleep(Duration::from_millis(800));
+    pg.stop();
+    let bills_at_stop: Vec<Decimal> = machines.iter().map(|m| m.fake.bill()).collect();
+    let down = Instant::now();
+    // The outage lasts past the leases' time: they serve what they cover, then nothing new.
+    std::thread::sleep(Duration::from_secs(5));
+    let covers: Vec<Decimal> = machines.iter().map(|m| dec(m.daemon.ctl_json(&["team", "ls"])[0]["cover"].as_str().unwrap())).collect();
+    let during: Vec<Decimal> = machines.iter().zip(&bills_at_stop).map(|(m, at)| m.fake.bill() - at).collect();
+    let refusals = machines[0].daemon.ctl_json(&["ls"])[0]["refused"].clone();
+    eprintln!("Postgres down {:?}: billed meanwhile {during:?}, against the covers held {covers:?}; refusals {refusals}", down.elapsed());
+    for (i, (spent, cover)) in during.iter().zip(&covers).enumerate() {
+        assert!(spent <= cover, "member {i} had {spent} billed while the database was down, past its cover of {cover}");
+    }
+    assert!(refusals["team_unreachable"].as_u64().unwrap_or(0) > 0, "requests past the leases are refused: {refusals}");
+    let before_restart: Vec<Decimal> = machines.iter().map(|m| m.fake.bill()).collect();
+    pg.restart();
+    // The pool resumes: requests are served again.
+    wait_for("requests to be served again", Duration::from_secs(30), || {
+        machines.iter().zip(&before_restart).all(|(m, before)| m.fake.bill() > *before).then_some(())
+    });
+    stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    for task in tasks {
+        rt.block_on(task).unwrap();
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    report_all(&machines);
+    let bill: Decimal = machines.iter().map(|m| m.fake.bill()).sum();
+    wait_for("the charged leases to be reconciled", Duration::from_secs(20), || {
+        report_all(&machines);
+        (pool_spent(&pg) == pool_ledger(&pg)).then_some(())
+    });
+    assert_eq!(pool_ledger(&pg), bill, "the pool's ledger is the upstreams' bill, exactly");
+    assert_eq!(pool_spent(&pg), bill, "and so is its spend");
+}

@@ -234,6 +234,21 @@ mod tests {
     }
 
     #[test]
+    fn a_report_lowers_the_lease_and_what_it_covers_and_a_raise_under_way_still_lands_whole() {
+        let t0 = Instant::now();
+        let mut book = LeaseBook::new(LeasePolicy::default(), d("1"), t0);
+        assert_eq!(book.take(d("0.8"), d("10"), t0), Cover::Now);
+        let up = raise(book.take(d("0.5"), d("10"), t0));
+        // The pool recorded 0.3 of settled spend: its lease there went down by as much.
+        book.reported(d("0.3"), t0);
+        assert_eq!((book.committed(), book.covered()), (d("0.7"), d("1.0")));
+        book.landed(up, true);
+        assert_eq!(book.committed(), up.amount, "the raise sets the lease it asked for");
+        book.reported(d("5"), t0);
+        assert_eq!((book.committed(), book.covered()), (d("0"), d("0")), "never below nothing");
+    }
+
+    #[test]
     fn holds_inside_the_committed_lease_go_at_once() {
         let t0 = Instant::now();
         let mut book = LeaseBook::new(LeasePolicy::default(), d("1"), t0);

@@ -262,7 +262,15 @@ impl PoolLease {
         };
         if let Some(error) = standing_error.filter(|_| !inner.book.committed().is_zero()) {
             // The lease ran out unrenewed and the database does not answer: never on credit.
-            return Err(self.refusal(&inner, amount, Some(&LeaseError::Unreachable(error))));
+            // The member is asked to try again, so that the pool comes back by itself.
+            let refusal = self.refusal(&inner, amount, Some(&LeaseError::Unreachable(error)));
+            let renew = !inner.renewing;
+            inner.renewing = true;
+            drop(inner);
+            if renew {
+                self.renew();
+            }
+            return Err(refusal);
         }
         let failures_seen = inner.failures;
         let needed = match inner.book.take(amount, room, now) {

@@ -57,6 +57,7 @@ fn main() {
             provider_key: None,
             direct: false,
             alerts: None,
+            team: None,
         };
         state.create_grant(spec).await.unwrap();
         let slot = state.find_grant("bench").unwrap();

@@ -30,6 +30,9 @@ pub enum Command {
     Price(PriceCommand),
     /// Give an agent a capped key: `capitctl grant claude 5.00`.
     Grant(GrantArgs),
+    /// Team budgets shared by many machines through Postgres: create, join, ls, usage, leave.
+    #[command(subcommand)]
+    Team(TeamCommand),
     /// List grants with their spend.
     Ls {
         /// Include revoked grants.
@@ -253,6 +256,9 @@ pub struct GrantArgs {
     /// The billable APIs the grant may call: chat, responses, embeddings, messages, generate.
     #[arg(long, value_delimiter = ',')]
     pub apis: Vec<String>,
+    /// A team pool this daemon has joined that the grant also draws on: a request must fit both.
+    #[arg(long)]
+    pub team: Option<String>,
     #[command(flatten)]
     pub limits: LimitArgs,
     /// Alert when spend reaches these percentages of the cap, once per period each (default
@@ -323,4 +329,64 @@ pub struct UsageArgs {
     /// Write an SVG chart of spend per day (per grant, or per model for one grant) to FILE.
     #[arg(long, value_name = "FILE.svg")]
     pub chart: Option<PathBuf>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TeamCommand {
+    /// Make a pool in the team database and join it: capitctl team create eng 200 --db postgres://capit@db/capit
+    Create(TeamCreateArgs),
+    /// Join a pool another machine made (the password from a no-echo prompt, stdin or PGPASSFILE).
+    Join(TeamJoinArgs),
+    /// The pools this daemon is a member of: cap, spend this period, leases, members.
+    Ls,
+    /// The pool's spend from its ledger copies, by member, grant, model or day.
+    Usage(TeamUsageArgs),
+    /// Leave a pool (report everything, give the lease back); its grants must be revoked first.
+    Leave { name: String },
+}
+
+#[derive(Debug, Args)]
+pub struct TeamDbArgs {
+    /// The team database: postgres://USER@HOST[:PORT]/DATABASE[?sslmode=require&sslrootcert=FILE].
+    /// Never with a password: it is read from PGPASSFILE (or ~/.pgpass), else a no-echo prompt,
+    /// else stdin.
+    #[arg(long, value_name = "URL")]
+    pub db: String,
+}
+
+#[derive(Debug, Args)]
+pub struct TeamCreateArgs {
+    pub name: String,
+    /// The pool's cap per period in US dollars, e.g. 200.
+    #[arg(allow_hyphen_values = true)]
+    pub amount: String,
+    #[command(flatten)]
+    pub db: TeamDbArgs,
+    #[arg(long, default_value = "month", value_parser = ["day", "week", "month", "total"])]
+    pub period: String,
+    /// The time zone the pool's periods follow (IANA name, e.g. Europe/Berlin); default: this machine's.
+    #[arg(long, value_name = "ZONE")]
+    pub tz: Option<String>,
+    /// Seconds a member's lease lasts unrenewed: a machine that dies has its lease charged as
+    /// spend after this long, and its room comes back.
+    #[arg(long, value_name = "SECONDS", default_value_t = 60)]
+    pub lease_ttl: u32,
+}
+
+#[derive(Debug, Args)]
+pub struct TeamJoinArgs {
+    pub name: String,
+    #[command(flatten)]
+    pub db: TeamDbArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct TeamUsageArgs {
+    pub name: String,
+    /// Group by member (machine), grant, model or day (in the pool's time zone).
+    #[arg(long, default_value = "member", value_parser = ["member", "grant", "model", "day"])]
+    pub by: String,
+    /// Since: 7d (ago), 2026-11-01, or an RFC 3339 time; default: the pool's current period.
+    #[arg(long)]
+    pub since: Option<String>,
 }

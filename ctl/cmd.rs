@@ -34,6 +34,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Provider(cmd) => provider(&mut client, cmd, json).await,
         Command::Price(cmd) => price(&mut client, cmd, json).await,
         Command::Grant(args) => grant(&mut client, args, json).await,
+        Command::Team(cmd) => crate::team::team(&mut client, cmd, json).await,
         Command::Ls { all } => list(&mut client, all, json).await,
         Command::Usage(args) => usage(&mut client, args, json).await,
         Command::Revoke { grant } => revoke(&mut client, &grant, json).await,
@@ -106,7 +107,7 @@ pub(crate) fn rpc(status: tonic::Status) -> anyhow::Error {
 }
 
 /// Reads a secret: from a no-echo prompt on a terminal, else all of stdin. Never from argv.
-fn read_secret(prompt: &str) -> anyhow::Result<String> {
+pub(crate) fn read_secret(prompt: &str) -> anyhow::Result<String> {
     let text = if std::io::stdin().is_terminal() {
         rpassword::prompt_password(prompt).context("reading the key")?
     } else {
@@ -484,6 +485,7 @@ async fn grant(client: &mut Client, args: GrantArgs, json: bool) -> anyhow::Resu
         apis: args.apis.clone(),
         replace,
         alerts: alerts_pb(args.alert.as_ref())?,
+        team: args.team.clone().unwrap_or_default(),
     };
     let created = client.create_grant(request).await.map_err(rpc)?.into_inner();
     let g = created.grant.clone().unwrap_or_default();
@@ -738,6 +740,7 @@ pub(crate) fn grant_json(g: &pb::Grant) -> Value {
         "refused": refused_json(&g.refused),
         "direct": g.direct, "spent_source": if g.direct { "provider" } else { "ledger" }, "apis": g.apis,
         "provider_key": g.provider_key.as_ref().map(crate::remote::provider_key_json),
+        "team": (!g.team.is_empty()).then_some(&g.team),
     })
 }
 

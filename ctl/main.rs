@@ -13,6 +13,7 @@ mod output;
 mod remote;
 mod requests;
 mod service;
+mod team;
 mod watch;
 mod when;
 

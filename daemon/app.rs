@@ -66,6 +66,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     };
     (snapshot.keys, snapshot.management_keys) = (keys, management);
     tracing::info!(at_rest = protection.at_rest(), "{}", protection.detail);
+    let memberships = std::mem::take(&mut snapshot.teams);
     let state = Arc::new(State::new(store.clone(), snapshot, config.home.clone())?.with_access(config.access.clone()));
     state.events().set_alert_actions(config.alerts.clone());
     state.set_key_protection(protection);
@@ -75,6 +76,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // The daemon's own calls (OpenRouter's key management) go over the same TLS client.
     let outbound = crate::proxy::outbound::Outbound::new(client.clone(), std::time::Duration::from_secs(30));
     let backstop = Arc::new(crate::backstop::service::Backstop::new(state.clone(), outbound));
+    let teams = crate::team::service::Teams::start(state.clone(), memberships, crate::team::service::REPORT_INTERVAL);
     let proxy_listener = TcpListener::bind(config.listen).await.map_err(|source| AppError::Listen { addr: config.listen, source })?;
     let proxy_addr = proxy_listener.local_addr().map_err(io(&config.home))?;
     state.set_listen_addr(proxy_addr);
@@ -83,7 +85,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
 
     let stop = CancellationToken::new();
     let proxy = tokio::spawn(crate::proxy::serve(proxy_listener, state.clone(), client, config.proxy.clone(), stop.clone()));
-    let control = tokio::spawn(serve_control(control_listener, backstop.clone(), stop.clone()));
+    let control = tokio::spawn(serve_control(control_listener, backstop.clone(), teams.clone(), stop.clone()));
     let key_checks = tokio::spawn(backstop.clone().run(config.key_check_interval, stop.clone()));
     let notify_socket = config.notify_socket.as_deref().map(Path::as_os_str);
     let status = format!("STATUS=proxy on http://{proxy_addr}, control socket {}", config.socket.display());
@@ -101,6 +103,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     state.events().close();
     let control_result = control.await;
     let _ = key_checks.await;
+    // Once the proxy has drained, every member reports what settled, one last time.
+    teams.shutdown().await;
+    drop(teams);
     drop(backstop);
     // What is no longer in flight needs no lease: a clean stop leaves nothing to charge.
     state.lower_leases_to_holds();
@@ -149,6 +154,7 @@ async fn bind_socket(path: &Path) -> Result<UnixListener, AppError> {
 async fn serve_control(
     listener: UnixListener,
     backstop: Arc<crate::backstop::service::Backstop>,
+    teams: Arc<crate::team::service::Teams>,
     stop: CancellationToken,
 ) -> Result<(), AppError> {
     // SAFETY: getuid has no preconditions and cannot fail.
@@ -169,7 +175,7 @@ async fn serve_control(
     });
     tonic::transport::Server::builder()
         // LiteLLM's full price file is a few MiB; tonic's default limit is 4 MiB.
-        .add_service(ControlServer::new(ControlService::new(backstop)).max_decoding_message_size(64 * 1024 * 1024))
+        .add_service(ControlServer::new(ControlService::new(backstop, teams)).max_decoding_message_size(64 * 1024 * 1024))
         .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
         .await?;
     Ok(())

@@ -538,6 +538,7 @@ mod tests {
             provider_key: None,
             direct: false,
             alerts: Some(vec![50]),
+            team: None,
         };
         runtime.block_on(state.create_grant(spec)).unwrap();
         let slot = state.find_grant("g").unwrap();

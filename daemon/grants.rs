@@ -145,6 +145,9 @@ pub struct Grant {
     /// Percentages of the cap at which an alert fires (once per period each), ascending.
     #[serde(default = "default_alerts")]
     pub alerts: Vec<u32>,
+    /// The team pool the grant also draws on (`grant --team`): a request must fit both.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
 }
 
 /// A billable API, as a grant's scope names it (`--apis chat,embeddings`).
@@ -332,6 +335,8 @@ impl Refusal {
             Refusal::RateLimited { .. } => "rpm",
             Refusal::TooManyInFlight { .. } => "concurrency",
             Refusal::ApiNotAllowed { .. } => "api_not_allowed",
+            Refusal::Team { unreachable: true, .. } => "team_unreachable",
+            Refusal::Team { .. } => "team_cap",
         }
     }
 
@@ -351,6 +356,7 @@ impl Refusal {
             Refusal::RateLimited { retry_after, .. } => Some(*retry_after),
             Refusal::TooManyInFlight { .. } => Some(1),
             Refusal::Busy { .. } => Some(BUSY_RETRY_SECONDS),
+            Refusal::Team { unreachable: true, .. } => Some(5),
             _ => None,
         }
     }
@@ -414,6 +420,10 @@ pub enum Refusal {
     Busy { grant: String, left: Decimal, held: Decimal, least: Decimal, waited_seconds: u64, queue_full: Option<usize> },
     #[error("capit: grant \"{grant}\" may use only the {} API{}, not {}", api_list(allowed), if allowed.len() == 1 { "" } else { "s" }, api.as_str())]
     ApiNotAllowed { grant: String, api: Api, allowed: Vec<Api> },
+    /// The team pool the grant draws on refused: no room, or its database cannot be reached
+    /// (`unreachable`) and what this daemon holds does not cover the request.
+    #[error("{message}")]
+    Team { message: String, unreachable: bool },
 }
 
 impl Grant {
@@ -599,6 +609,7 @@ mod tests {
             provider_key: None,
             direct: false,
             alerts: DEFAULT_ALERTS.to_vec(),
+            team: None,
         }
     }
 

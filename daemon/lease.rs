@@ -167,6 +167,15 @@ impl LeaseBook {
         }
     }
 
+    /// Spend the budget has recorded where it is kept (a pool's report, which lowered the lease
+    /// there by as much): it leaves what the lease must cover and the committed lease alike. A
+    /// raise under way still lands at its own amount.
+    pub fn reported(&mut self, amount: Decimal, now: Instant) {
+        self.covered = (self.covered - amount).max(Decimal::ZERO);
+        self.committed = (self.committed - amount).max(Decimal::ZERO);
+        self.note_peak(now);
+    }
+
     /// Lowers the lease to exactly `amount` now (at a clean stop: what is still held); the
     /// returned commit is to be written, and counts as landed already.
     pub fn lower_to(&mut self, amount: Decimal) -> Commit {
@@ -222,6 +231,21 @@ mod tests {
             Cover::After { raise: Some(raise), .. } => raise,
             other => panic!("expected a raise: {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_report_lowers_the_lease_and_what_it_covers_and_a_raise_under_way_still_lands_whole() {
+        let t0 = Instant::now();
+        let mut book = LeaseBook::new(LeasePolicy::default(), d("1"), t0);
+        assert_eq!(book.take(d("0.8"), d("10"), t0), Cover::Now);
+        let up = raise(book.take(d("0.5"), d("10"), t0));
+        // The pool recorded 0.3 of settled spend: its lease there went down by as much.
+        book.reported(d("0.3"), t0);
+        assert_eq!((book.committed(), book.covered()), (d("0.7"), d("1.0")));
+        book.landed(up, true);
+        assert_eq!(book.committed(), up.amount, "the raise sets the lease it asked for");
+        book.reported(d("5"), t0);
+        assert_eq!((book.committed(), book.covered()), (d("0"), d("0")), "never below nothing");
     }
 
     #[test]

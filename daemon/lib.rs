@@ -19,6 +19,8 @@
 //!   [`when`]: times as people write them; [`notify`]: desktop notifications.
 //! - [`events`]: the per-request log line, live events for watchers, spend alerts. [`audit`]:
 //!   the durable record of control-plane changes. [`readiness`]: systemd's `READY=1`.
+//! - [`team`]: team budgets shared by many daemons through Postgres ([`team::pg`] is the only
+//!   module that knows tokio-postgres).
 //! - [`proxy`]: the only module that knows hyper. [`control`]: the only one that knows protobuf.
 
 pub mod access;
@@ -47,6 +49,7 @@ pub mod secret;
 pub mod shutdown;
 pub mod state;
 pub mod store;
+pub mod team;
 pub mod usage;
 pub mod when;
 

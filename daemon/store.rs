@@ -59,6 +59,9 @@ const RESERVATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("reservat
 /// decimal's 16 bytes). What is left here after a crash is charged as `interrupted` on the next
 /// start. Older versions kept one hold per request in RESERVATIONS instead; those are read too.
 const LEASES: TableDefinition<u64, &[u8]> = TableDefinition::new("leases");
+/// Pool name → this daemon's membership of a team pool: the database's URL and password (a
+/// secret, like a master key).
+const TEAMS: TableDefinition<&str, &[u8]> = TableDefinition::new("teams");
 
 const SCHEMA_VERSION: &[u8] = b"1";
 const NEXT_SEQ: &str = "next_ledger_seq";
@@ -130,6 +133,24 @@ pub struct StoredReservation {
     pub at_ms: i64,
 }
 
+/// A team membership as stored. The database password is kept like a master key: sealed
+/// under the keyring's data key where there is one (named [`StoredTeam::seal_name`]).
+#[derive(Clone, Serialize, Deserialize)]
+pub struct StoredTeam {
+    pub pool: String,
+    /// The database URL, without a password.
+    pub url: String,
+    pub password: Option<StoredKey>,
+    pub joined_at: i64,
+}
+
+impl StoredTeam {
+    /// The name the password is sealed under, apart from every provider's key.
+    pub fn seal_name(pool: &str) -> String {
+        format!("team pool {pool} (database password)")
+    }
+}
+
 /// Everything the daemon holds in memory, read once at start.
 pub struct Snapshot {
     pub keys: Vec<(String, StoredKey)>,
@@ -145,6 +166,8 @@ pub struct Snapshot {
     pub reservations: Vec<(u64, StoredReservation)>,
     /// Each grant's admission lease, as last committed (non-zero after an unclean stop).
     pub leases: Vec<(GrantId, rust_decimal::Decimal)>,
+    /// The team pools this daemon is a member of.
+    pub teams: Vec<StoredTeam>,
 }
 
 /// One write. The writer applies a batch of these in a single transaction.
@@ -206,6 +229,10 @@ pub enum WriteOp {
     },
     DeleteReservation {
         id: u64,
+    },
+    PutTeam(StoredTeam),
+    DeleteTeam {
+        pool: String,
     },
     /// Writes nothing: it commits after every write queued before it, so awaiting it means
     /// those are durable (a reader's barrier).
@@ -419,6 +446,36 @@ impl Store {
         Ok(out)
     }
 
+    /// Ledger entries of `grants` with a sequence number after `after` (all with `None`), in
+    /// sequence order, at most `limit`: what a team member has yet to report. Committed entries
+    /// always form a prefix of the sequence, so a reader that resumes after the last number it
+    /// saw misses nothing.
+    pub fn entries_after(&self, grants: &[GrantId], after: Option<u64>, limit: usize) -> Result<Vec<(u64, LedgerEntry)>, StoreError> {
+        let txn = self.db.get()?.begin_read()?;
+        let table = txn.open_table(LEDGER)?;
+        let first = after.map_or(0, |seq| seq.saturating_add(1));
+        let mut out = Vec::new();
+        for grant in grants {
+            for item in table.range((grant.0, first)..=(grant.0, u64::MAX))?.take(limit) {
+                let (key, value) = item?;
+                out.push((key.value().1, decode_entry(value.value())?));
+            }
+        }
+        out.sort_by_key(|(seq, _)| *seq);
+        out.truncate(limit);
+        Ok(out)
+    }
+
+    /// The sequence number the next ledger entry will get: every entry committed so far has a
+    /// smaller one.
+    pub fn next_ledger_seq(&self) -> Result<u64, StoreError> {
+        let txn = self.db.get()?.begin_read()?;
+        match txn.open_table(META)?.get(NEXT_SEQ)? {
+            Some(v) => decode("ledger sequence", v.value()),
+            None => Ok(0),
+        }
+    }
+
     pub fn ledger_len(&self) -> Result<u64, StoreError> {
         let txn = self.db.get()?.begin_read()?;
         Ok(txn.open_table(LEDGER)?.len()?)
@@ -453,6 +510,7 @@ fn init_schema(db: &Database) -> Result<(), StoreError> {
         txn.open_table(TOTALS)?;
         txn.open_table(RESERVATIONS)?;
         txn.open_table(LEASES)?;
+        txn.open_table(TEAMS)?;
     }
     txn.commit()?;
     Ok(())
@@ -515,7 +573,12 @@ fn read_snapshot(db: &Database) -> Result<Snapshot, StoreError> {
             .map_err(|_| StoreError::Corrupt { what: "lease".into(), detail: "not a decimal's 16 bytes".into() })?;
         leases.push((GrantId(grant.value()), rust_decimal::Decimal::deserialize(bytes)));
     }
+    let mut teams = Vec::new();
+    for item in txn.open_table(TEAMS)?.iter()? {
+        teams.push(decode("team membership", item?.1.value())?);
+    }
     Ok(Snapshot {
+        teams,
         keys,
         management_keys,
         installation_id,
@@ -750,6 +813,7 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>, seen_bat
         let mut totals = txn.open_table(TOTALS)?;
         let mut reservations = txn.open_table(RESERVATIONS)?;
         let mut leases = txn.open_table(LEASES)?;
+        let mut teams = txn.open_table(TEAMS)?;
         for op in ops {
             match op {
                 WriteOp::PutKey { provider, key } => {
@@ -806,6 +870,12 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>, seen_bat
                     leases.insert(grant.0, amount.serialize().as_slice())?;
                 }
                 WriteOp::Barrier => {}
+                WriteOp::PutTeam(team) => {
+                    teams.insert(team.pool.as_str(), encode(team).as_slice())?;
+                }
+                WriteOp::DeleteTeam { pool } => {
+                    teams.remove(pool.as_str())?;
+                }
                 WriteOp::AppendEntry { entry, window_start, reservation } => {
                     let mut keys = vec![(entry.grant.0, *window_start)];
                     if *window_start != LIFETIME {

@@ -113,6 +113,7 @@ pub async fn approve(
                     provider_key: None,
                     direct: false,
                     alerts: None,
+                    team: None,
                 };
                 let (grant, key) = service.backstop.create_grant(spec).await.map_err(backstop_status)?;
                 let answer = Answer {

@@ -63,6 +63,7 @@ pub fn provider(p: &Provider, has_key: bool) -> pb::Provider {
 pub fn grant(view: &GrantView) -> pb::Grant {
     let g = &view.grant;
     pb::Grant {
+        team: g.team.clone().unwrap_or_default(),
         name: g.name.clone(),
         provider: g.provider.clone(),
         cap: money(g.cap),

@@ -3,6 +3,7 @@
 
 mod access;
 mod convert;
+mod team;
 mod watch;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ pub use crate::proto::v1::control_server::ControlServer;
 pub struct ControlService {
     state: Arc<State>,
     backstop: Arc<Backstop>,
+    teams: Arc<crate::team::service::Teams>,
 }
 
 /// A failure of a change that involves the provider's keys, as a status.
@@ -37,8 +39,8 @@ fn backstop_status(error: BackstopError) -> Status {
 }
 
 impl ControlService {
-    pub fn new(backstop: Arc<Backstop>) -> ControlService {
-        ControlService { state: backstop.state().clone(), backstop }
+    pub fn new(backstop: Arc<Backstop>, teams: Arc<crate::team::service::Teams>) -> ControlService {
+        ControlService { state: backstop.state().clone(), backstop, teams }
     }
 
     /// The base URL a grant's key is used with: the proxy's, or for a direct grant the
@@ -285,12 +287,19 @@ impl Control for ControlService {
             provider_key: None,
             direct: req.direct,
             alerts: req.alerts.map(|a| a.percent),
+            team: (!req.team.is_empty()).then(|| req.team.clone()),
         };
+        if let Some(pool) = &spec.team {
+            self.teams.check_joined(pool).map_err(team::team_status)?;
+        }
         let (view, key, replaced) = if req.replace {
             self.backstop.replace_grant(spec).await.map_err(backstop_status)?
         } else {
             self.backstop.create_grant(spec).await.map(|(view, key)| (view, key, None)).map_err(backstop_status)?
         };
+        if let Some(pool) = &view.grant.team {
+            self.teams.attach(pool, view.grant.id, &view.grant.name);
+        }
         let mut detail = format!("{}; key {}", convert::grant_summary(&view.grant), crate::audit::key_hint(key.expose()));
         if replaced.is_some() {
             detail.push_str("; replaced the grant of the same name (its key was revoked)");
@@ -430,6 +439,29 @@ impl Control for ControlService {
         let grant = (!req.grant.is_empty()).then_some(req.grant);
         let entries = self.state.audit_entries(req.since.saturating_mul(1000), grant).await.map_err(status_from)?;
         Ok(Response::new(pb::ListAuditResponse { entries: entries.iter().map(convert::audit_entry).collect() }))
+    }
+
+    async fn create_team(&self, request: Request<pb::CreateTeamRequest>) -> Result<Response<pb::CreateTeamResponse>, Status> {
+        let actor = actor(&request);
+        team::create(self, &actor, request.into_inner()).await
+    }
+
+    async fn join_team(&self, request: Request<pb::JoinTeamRequest>) -> Result<Response<pb::JoinTeamResponse>, Status> {
+        let actor = actor(&request);
+        team::join(self, &actor, request.into_inner()).await
+    }
+
+    async fn list_teams(&self, _: Request<pb::ListTeamsRequest>) -> Result<Response<pb::ListTeamsResponse>, Status> {
+        team::list(self).await
+    }
+
+    async fn get_team_usage(&self, request: Request<pb::GetTeamUsageRequest>) -> Result<Response<pb::GetTeamUsageResponse>, Status> {
+        team::usage(self, request.into_inner()).await
+    }
+
+    async fn leave_team(&self, request: Request<pb::LeaveTeamRequest>) -> Result<Response<pb::LeaveTeamResponse>, Status> {
+        let actor = actor(&request);
+        team::leave(self, &actor, request.into_inner()).await
     }
 
     async fn record_change(&self, request: Request<pb::RecordChangeRequest>) -> Result<Response<pb::RecordChangeResponse>, Status> {

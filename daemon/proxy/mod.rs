@@ -855,6 +855,8 @@ fn refusal_error(refusal: crate::grants::Refusal) -> ProxyError {
         Refusal::RateLimited { .. } | Refusal::TooManyInFlight { .. } | Refusal::Busy { .. } => {
             (StatusCode::TOO_MANY_REQUESTS, "rate_limit_exceeded")
         }
+        Refusal::Team { unreachable: true, .. } => (StatusCode::SERVICE_UNAVAILABLE, "capit_team_unreachable"),
+        Refusal::Team { .. } => (StatusCode::TOO_MANY_REQUESTS, "insufficient_quota"),
     };
     let mut error = ProxyError::new(status, code, refusal.to_string());
     error.retry_after = refusal.retry_after();

@@ -29,8 +29,9 @@ impl State {
         }
     }
 
-    /// A provider key as it is stored: sealed under the keyring's data key when there is one.
-    pub(super) fn stored_key(&self, name: &str, secret: &Secret, added_at: i64) -> Result<StoredKey, StateError> {
+    /// A provider key (or another secret kept like one) as it is stored: sealed under the
+    /// keyring's data key when there is one.
+    pub(crate) fn stored_key(&self, name: &str, secret: &Secret, added_at: i64) -> Result<StoredKey, StateError> {
         match self.key_protection.get().and_then(|p| p.sealer.as_ref()) {
             Some(sealer) => Ok(StoredKey {
                 secret: None,
@@ -39,6 +40,18 @@ impl State {
             }),
             None => Ok(StoredKey { secret: Some(zeroize::Zeroizing::new(secret.expose().to_string())), sealed: None, added_at }),
         }
+    }
+
+    /// Opens a secret stored by [`stored_key`](Self::stored_key) under `name`.
+    pub(crate) fn open_stored(&self, name: &str, stored: &StoredKey) -> Result<Secret, StateError> {
+        if let Some(text) = &stored.secret {
+            return Ok(Secret::new(text.to_string()));
+        }
+        let (Some(sealed), Some(sealer)) = (&stored.sealed, self.key_protection.get().and_then(|p| p.sealer.as_ref())) else {
+            return Err(StateError::Invalid(format!("{name} is sealed under the keyring, which this run cannot use")));
+        };
+        let text = sealer.open(name, sealed).map_err(|e| StateError::Invalid(e.to_string()))?;
+        Ok(Secret::new(text.to_string()))
     }
 
     pub async fn add_key(&self, provider: &str, secret: Secret) -> Result<(String, i64), StateError> {
@@ -257,6 +270,7 @@ impl State {
                 Some(alerts) => crate::grants::validate_alerts(&alerts)?,
                 None => crate::grants::DEFAULT_ALERTS.to_vec(),
             },
+            team: spec.team,
         };
         let revoked = old.as_ref().map(|slot| Grant { revoked_at: Some(now), ..slot.grant() });
         match &revoked {
@@ -492,6 +506,8 @@ pub struct GrantSpec {
     pub direct: bool,
     /// Alert thresholds in percent of the cap; `None` for the default (80 and 100).
     pub alerts: Option<Vec<u32>>,
+    /// The team pool the grant also draws on; the caller has checked this daemon is a member.
+    pub team: Option<String>,
 }
 
 /// A provider key's text, checked: one token, and not a capit key.

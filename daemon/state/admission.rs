@@ -26,6 +26,8 @@ pub struct Reservation {
     pub(super) gate: Option<super::leases::LeaseGate>,
     /// When the request was admitted, for the latency its settlement reports.
     pub(super) admitted_at: Instant,
+    /// The hold under the team pool the grant draws on, if it does (`state/pools.rs`).
+    pub(super) pool: Option<crate::team::pool_lease::PoolHold>,
 }
 
 impl std::fmt::Debug for Reservation {
@@ -175,7 +177,10 @@ impl State {
         loop {
             let busy = match self.try_admit(slot, model, demand, ticket.as_ref().map(|t| t.id)) {
                 Attempt::Wait(busy) => busy,
-                decided => return decided.into_result(),
+                decided => {
+                    drop(ticket);
+                    return self.with_pool(decided.into_result()).await;
+                }
             };
             if ticket.is_none() {
                 let mut live = slot.lock();
@@ -195,7 +200,10 @@ impl State {
             changed.as_mut().enable();
             let busy = match self.try_admit(slot, model, demand, ticket.as_ref().map(|t| t.id)) {
                 Attempt::Wait(busy) => busy,
-                decided => return decided.into_result(),
+                decided => {
+                    drop(ticket);
+                    return self.with_pool(decided.into_result()).await;
+                }
             };
             tokio::select! {
                 _ = &mut changed => {}
@@ -237,12 +245,17 @@ impl State {
         if let Err(refusal) = live.grant.check_alive(now).and_then(|()| live.grant.check_model(model)) {
             return Attempt::Refused(refusal);
         }
-        let room = Room {
+        let mut room = Room {
             cap: live.grant.cap,
             spent: live.spent,
             reserved: live.reserved,
             in_flight: live.counts.in_flight,
             competing: live.arriving.max(1),
+        };
+        // A grant that draws on a team pool is fitted to the tighter of the two.
+        let pool = match self.pool_room(&live.grant, &mut room) {
+            Ok(pool) => pool,
+            Err(refusal) => return Attempt::Refused(refusal),
         };
         let busy = |least: Decimal, live: &GrantLive| Refusal::Busy {
             grant: live.grant.name.clone(),
@@ -257,7 +270,13 @@ impl State {
             (None, head) => head.is_none(),
             (Some(_), None) => true,
         };
-        let hold = match crate::admission::decide(&room, demand) {
+        let decision = crate::admission::decide(&room, demand);
+        if let Some((lease, true)) = &pool
+            && !matches!(decision, Decision::Admit(_))
+        {
+            return Attempt::Refused(lease.refusal_for(demand.cost_least()).into());
+        }
+        let hold = match decision {
             Decision::Spent => {
                 return Attempt::Refused(Refusal::Exhausted {
                     grant: live.grant.name.clone(),
@@ -286,6 +305,10 @@ impl State {
         if let Err(refusal) = live.grant.check_limits(now_ms, &used, hold.tokens) {
             return Attempt::Refused(refusal);
         }
+        let pool = match pool.map(|(lease, _)| lease.take(hold.amount)).transpose() {
+            Ok(pool) => pool,
+            Err(refusal) => return Attempt::Refused(refusal.into()),
+        };
         live.reserved += hold.amount;
         let (gate, raise) = slot.lease_take(&mut live, hold.amount);
         let counts = &mut live.counts;
@@ -298,8 +321,15 @@ impl State {
         if let Some(raise) = raise {
             slot.commit_lease(raise, true);
         }
-        let reservation =
-            Reservation { slot: slot.clone(), amount: hold.amount, tokens: hold.tokens, settled: false, gate, admitted_at: Instant::now() };
+        let reservation = Reservation {
+            slot: slot.clone(),
+            amount: hold.amount,
+            tokens: hold.tokens,
+            settled: false,
+            gate,
+            admitted_at: Instant::now(),
+            pool,
+        };
         Attempt::Admitted(reservation, hold)
     }
 
@@ -313,11 +343,24 @@ impl State {
             return amount == reservation.amount;
         }
         let slot = reservation.slot.clone();
+        // The pool's hold changes first: growing it can fail, shrinking it cannot.
+        let before = reservation.amount;
+        if let Some(hold) = reservation.pool.as_mut() {
+            let lease = hold.pool().clone();
+            if !lease.resize(hold, amount) {
+                return false;
+            }
+        }
         let mut live = slot.lock();
         let (raise, lower) = if amount > reservation.amount {
             let more = amount - reservation.amount;
             let free = live.grant.cap.checked_sub(live.spent).and_then(|f| f.checked_sub(live.reserved)).unwrap_or(Decimal::ZERO);
             if more > free {
+                drop(live);
+                if let Some(hold) = reservation.pool.as_mut() {
+                    let lease = hold.pool().clone();
+                    lease.resize(hold, before);
+                }
                 return false;
             }
             live.reserved += more;
@@ -399,6 +442,11 @@ impl State {
         };
         let (window_start, lower, waiting) = window_start;
         reservation.settled = true;
+        // The cost stays under the pool's lease until the pool has the entry's copy.
+        if let Some(hold) = reservation.pool.take() {
+            let lease = hold.pool().clone();
+            lease.settle(hold, entry.cost);
+        }
         self.events.settled(slot.standing(), &entry, reservation.admitted_at.elapsed());
         // Waiters listen before they look, so one that joins after this check sees this spend.
         if waiting {

@@ -19,6 +19,7 @@ mod admin;
 mod admission;
 mod clock;
 mod leases;
+mod pools;
 mod provider_keys;
 mod recovery;
 mod slot;
@@ -118,6 +119,8 @@ pub struct State {
     key_protection: OnceLock<crate::keyring::KeyProtection>,
     /// Refusal log lines, at most one a second per grant and reason.
     refusal_log: crate::log_throttle::KeyedLogThrottle<(u64, &'static str)>,
+    /// The lease books of the team pools this daemon is a member of, by pool (`state/pools.rs`).
+    pools: RwLock<HashMap<String, Arc<crate::team::pool_lease::PoolLease>>>,
 }
 
 /// What the proxy needs to forward a request for one provider.
@@ -204,6 +207,7 @@ impl State {
             audit,
             key_protection: OnceLock::new(),
             refusal_log: crate::log_throttle::KeyedLogThrottle::new(std::time::Duration::from_secs(1)),
+            pools: RwLock::new(HashMap::new()),
         };
         // Thresholds the spend has already passed this period do not fire again after a restart.
         for slot in state.read().grants.values() {
@@ -337,6 +341,7 @@ pub(crate) mod test_support {
             provider_key: None,
             direct: false,
             alerts: None,
+            team: None,
         }
     }
 

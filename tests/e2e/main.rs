@@ -24,4 +24,5 @@ mod refusals;
 mod sdk;
 mod service;
 mod soak;
+mod team;
 mod watch;

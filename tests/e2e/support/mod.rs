@@ -9,6 +9,7 @@ pub mod daemon;
 pub mod files;
 pub mod http;
 pub mod openrouter;
+pub mod postgres;
 pub mod upstream;
 
 use std::path::{Path, PathBuf};

@@ -241,7 +241,23 @@ pub enum WriteOp {
 
 struct Job {
     op: WriteOp,
-    done: oneshot::Sender<Result<(), StoreError>>,
+    done: Done,
+}
+
+/// Who is told how a write ended: a waiting receiver, or a callback the writer thread runs
+/// (short, and never waiting on the store itself).
+enum Done {
+    Channel(oneshot::Sender<Result<(), StoreError>>),
+    Callback(Box<dyn FnOnce(Result<(), StoreError>) + Send>),
+}
+
+impl Done {
+    fn finish(self, result: Result<(), StoreError>) {
+        match self {
+            Done::Channel(done) => drop(done.send(result)),
+            Done::Callback(callback) => callback(result),
+        }
+    }
 }
 
 /// A cheap handle to the database and its writer thread.
@@ -386,7 +402,17 @@ impl Store {
     /// code (a response body's last poll) without blocking.
     pub fn submit(&self, op: WriteOp) -> oneshot::Receiver<Result<(), StoreError>> {
         let (done, rx) = oneshot::channel();
-        let job = Job { op, done };
+        self.enqueue(Job { op, done: Done::Channel(done) });
+        rx
+    }
+
+    /// Queues a write and has the writer thread run `then` with how it ended, once it is
+    /// committed (or has failed for good). `then` must be short and must not wait on the store.
+    pub fn submit_then(&self, op: WriteOp, then: impl FnOnce(Result<(), StoreError>) + Send + 'static) {
+        self.enqueue(Job { op, done: Done::Callback(Box::new(then)) });
+    }
+
+    fn enqueue(&self, job: Job) {
         let unsent = match self.writer.jobs.lock() {
             Ok(guard) => match guard.as_ref() {
                 Some(jobs) => jobs.send(job).err().map(|mpsc::SendError(job)| job),
@@ -395,9 +421,8 @@ impl Store {
             Err(_) => Some(job),
         };
         if let Some(job) = unsent {
-            let _ = job.done.send(Err(StoreError::Closed));
+            job.done.finish(Err(StoreError::Closed));
         }
-        rx
     }
 
     /// Finishes every queued write and stops the writer. Later writes fail with `Closed`.
@@ -640,7 +665,7 @@ fn is_io_failure(error: &StoreError) -> bool {
 
 fn reply(jobs: Vec<Job>, result: impl Fn() -> Result<(), StoreError>) {
     for job in jobs {
-        let _ = job.done.send(result());
+        job.done.finish(result());
     }
 }
 
@@ -710,7 +735,7 @@ fn ride_out_outage(slot: &DbSlot, health: &Health, jobs: &mpsc::Receiver<Job>, m
                 Ok(job) if job.op.must_land() => kept.push(job),
                 Ok(job) => {
                     let text = health.snapshot().error;
-                    let _ = job.done.send(Err(StoreError::Unavailable(text)));
+                    job.done.finish(Err(StoreError::Unavailable(text)));
                 }
                 Err(mpsc::RecvTimeoutError::Timeout) => break,
                 Err(mpsc::RecvTimeoutError::Disconnected) => closing = true,

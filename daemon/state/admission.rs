@@ -424,6 +424,7 @@ impl State {
     /// stored hold, which is never less than the cost.
     pub fn settle(&self, mut reservation: Reservation, entry: LedgerEntry) -> tokio::sync::oneshot::Receiver<Result<(), StoreError>> {
         let slot = reservation.slot.clone();
+        let (hold, cost) = (reservation.amount, entry.cost);
         let window_start = {
             let mut live = slot.lock();
             live.roll(entry.at_seconds(), slot.id, &self.store);
@@ -437,10 +438,14 @@ impl State {
             counts.tokens = counts.tokens.saturating_sub(reservation.tokens).saturating_add(used);
             let inner = &mut *live;
             inner.counts.note_tokens(entry.at_ms, used, &inner.grant.limits);
-            let lower = slot.lease_give_back(&mut live, reservation.amount);
-            (live.window.start, lower, !live.queue.is_empty())
+            // The cost stays under the lease until its entry is durable (else a crash in between
+            // would find it in neither); only what the hold had beyond it goes back now.
+            let change =
+                if hold >= cost { slot.lease_give_back(&mut live, hold - cost) } else { slot.lease_take(&mut live, cost - hold).1 };
+            live.unrecorded = live.unrecorded.saturating_add(cost);
+            (live.window.start, change, !live.queue.is_empty())
         };
-        let (window_start, lower, waiting) = window_start;
+        let (window_start, change, waiting) = window_start;
         reservation.settled = true;
         // The cost stays under the pool's lease until the pool has the entry's copy.
         if let Some(hold) = reservation.pool.take() {
@@ -452,12 +457,25 @@ impl State {
         if waiting {
             slot.changed.notify_waiters();
         }
-        // The entry is queued before any lowering of the lease that its settling allowed, so
-        // a crash never finds the spend gone from both.
-        let committed = self.store.submit(WriteOp::AppendEntry { entry, window_start, reservation: None });
-        if let Some(lower) = lower {
-            slot.commit_lease(lower, false);
+        if let Some(change) = change {
+            slot.commit_lease(change, cost > hold);
         }
+        // Once the entry is durable its cost leaves the lease (which may then be lowered: any
+        // lowering is queued after the entry, so a crash never finds the cost gone from both).
+        let (told, committed) = tokio::sync::oneshot::channel();
+        let covered = slot.clone();
+        self.store.submit_then(WriteOp::AppendEntry { entry, window_start, reservation: None }, move |result| {
+            if result.is_ok() {
+                let mut live = covered.lock();
+                live.unrecorded = (live.unrecorded - cost).max(Decimal::ZERO);
+                let lower = covered.lease_give_back(&mut live, cost);
+                drop(live);
+                if let Some(lower) = lower {
+                    covered.commit_lease(lower, false);
+                }
+            }
+            let _ = told.send(result);
+        });
         committed
     }
 }
@@ -631,12 +649,13 @@ mod tests {
                 }
                 let view = live_state.grant_view(&slot);
                 assert_eq!((view.spent, view.reserved), (model_spent, model_held), "crash {crash}, step {step}");
-                assert!(
-                    view.lease >= view.reserved,
-                    "crash {crash}, step {step}: the lease {} covers what is held {}",
-                    view.lease,
-                    view.reserved
-                );
+                // Settled costs whose entries are not durable yet stay covered too.
+                let (covered, unrecorded) = {
+                    let live = slot.lock();
+                    (live.lease.covered(), live.unrecorded)
+                };
+                assert!(covered >= view.reserved + unrecorded, "crash {crash}, step {step}: {covered} covers holds and unrecorded spend");
+                assert!(view.lease >= covered, "crash {crash}, step {step}: the lease {} covers {covered}", view.lease);
             }
             // The crash: whatever was queued is on disk, nothing in flight settles or releases.
             let lease = live_state.grant_view(&slot).lease;

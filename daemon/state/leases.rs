@@ -80,13 +80,13 @@ impl LeaseGate {
 
 impl State {
     /// Lowers every grant's lease to what requests still in flight hold (nothing, when none
-    /// are), at a clean stop: queued before the store closes, so a clean stop leaves nothing
-    /// to charge as interrupted.
+    /// are), at a clean stop: queued before the store closes and after every settlement's
+    /// entry, so a clean stop leaves nothing to charge as interrupted.
     pub fn lower_leases_to_holds(&self) {
         let slots: Vec<Arc<GrantSlot>> = self.read().grants.values().cloned().collect();
         for slot in slots {
             let mut live = slot.lock();
-            let held = live.lease.covered();
+            let held = (live.lease.covered() - live.unrecorded).max(Decimal::ZERO);
             if live.lease.committed() > held {
                 live.lease.lower_to(held);
                 drop(live);
@@ -134,22 +134,26 @@ impl GrantSlot {
     /// durable; a lowering is already in memory. Runs on the runtime when there is one, else
     /// (tests, benches) at once.
     pub(super) fn commit_lease(self: &Arc<Self>, commit: Commit, raise: bool) {
+        if !raise {
+            // Already in memory; the write is under way once asked for, and nothing waits on it
+            // (so this may run anywhere, the store's writer thread included).
+            drop(self.lease_source.commit_lease(commit.amount));
+            return;
+        }
         let slot = self.clone();
         let committed = self.lease_source.commit_lease(commit.amount);
         let commit = async move {
             let ok = committed.await.is_ok();
-            if raise {
-                let mut live = slot.lock();
-                live.lease.landed(commit, ok);
-                let committed = live.lease.committed();
-                drop(live);
-                slot.lease_state.send_modify(|s| {
-                    s.committed = committed;
-                    if !ok {
-                        s.failures += 1;
-                    }
-                });
-            }
+            let mut live = slot.lock();
+            live.lease.landed(commit, ok);
+            let committed = live.lease.committed();
+            drop(live);
+            slot.lease_state.send_modify(|s| {
+                s.committed = committed;
+                if !ok {
+                    s.failures += 1;
+                }
+            });
         };
         match tokio::runtime::Handle::try_current() {
             Ok(runtime) => drop(runtime.spawn(commit)),

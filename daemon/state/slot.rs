@@ -34,6 +34,8 @@ pub(super) struct GrantLive {
     pub(super) next_ticket: u64,
     /// The admission lease: what is committed for holds in flight, and what they hold.
     pub(super) lease: crate::lease::LeaseBook,
+    /// Settled costs whose ledger entries are not durable yet: the lease still covers them.
+    pub(super) unrecorded: Decimal,
 }
 
 /// What count and rate limits are checked against, kept beside the money.
@@ -136,6 +138,7 @@ impl GrantSlot {
             queue: VecDeque::new(),
             next_ticket: 0,
             lease: crate::lease::LeaseBook::new(crate::lease::LeasePolicy::default(), Decimal::ZERO, Instant::now()),
+            unrecorded: Decimal::ZERO,
         };
         GrantSlot {
             id,

@@ -1077,6 +1077,47 @@ mod tests {
         }
     }
 
+    /// A ledger entry and running totals exactly as a capitd before the binary codec wrote them.
+    const OLD_ENTRY_JSON: &str = r#"{"grant":1,"at_ms":1764600000123,"model":"gpt-4o-mini","api":"chat.completions","usage":{"input_tokens":1200,"cached_input_tokens":1024,"output_tokens":42},"cost":"0.0001234","status":"metered","http_status":200}"#;
+    const OLD_TOTALS_JSON: &str = r#"{"spent":"0.0001234","requests":1,"input_tokens":1200,"cached_input_tokens":1024,"cache_write_tokens":0,"output_tokens":42,"reasoning_tokens":0,"estimated":0,"errors":0,"refused":{"would_exceed_cap":1}}"#;
+
+    #[tokio::test]
+    async fn json_records_of_an_older_capitd_are_read_and_new_binary_ones_add_to_them() {
+        let dir = std::env::temp_dir().join(format!("capit-store-json-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("capit.redb");
+        {
+            let db = Database::create(&path).unwrap();
+            let tx = db.begin_write().unwrap();
+            tx.open_table(LEDGER).unwrap().insert((1, 0), OLD_ENTRY_JSON.as_bytes()).unwrap();
+            tx.open_table(TOTALS).unwrap().insert((1, LIFETIME), OLD_TOTALS_JSON.as_bytes()).unwrap();
+            tx.open_table(META).unwrap().insert(NEXT_SEQ, encode(&1u64).as_slice()).unwrap();
+            tx.commit().unwrap();
+        }
+        let (store, _) = Store::open(&path).unwrap();
+        let old = store.entries(Some(GrantId(1)), 0).unwrap();
+        assert_eq!(old.len(), 1);
+        assert_eq!(
+            (old[0].model.as_str(), old[0].usage.cached_input_tokens, old[0].cost),
+            ("gpt-4o-mini", 1024, "0.0001234".parse().unwrap())
+        );
+        assert_eq!(store.totals(GrantId(1), LIFETIME).unwrap().refused.get("would_exceed_cap"), Some(&1));
+
+        store.write(entry("0.10")).await.unwrap();
+        let all = store.entries(Some(GrantId(1)), 0).unwrap();
+        assert_eq!(all.iter().map(|e| e.cost).sum::<rust_decimal::Decimal>(), "0.1001234".parse().unwrap());
+        let totals = store.totals(GrantId(1), LIFETIME).unwrap();
+        assert_eq!((totals.spent, totals.requests, totals.input_tokens), ("0.1001234".parse().unwrap(), 2, 1200));
+        assert_eq!(totals.refused.get("would_exceed_cap"), Some(&1), "the old record's refusals are kept");
+        store.close();
+        drop(store);
+        let (store, _) = Store::open(&path).unwrap();
+        assert_eq!(store.totals(GrantId(1), LIFETIME).unwrap(), totals, "and the rewritten totals read back in binary");
+        store.close();
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     #[tokio::test]
     async fn a_full_disk_keeps_settlements_refuses_the_rest_and_heals_by_itself() {
         let (store, disk, dir) = faulty_store();

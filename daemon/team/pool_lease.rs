@@ -15,7 +15,7 @@
 //! transaction to succeed first, and is refused ("the team budget cannot be reached") if none does.
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use rust_decimal::Decimal;
@@ -161,7 +161,7 @@ impl PoolLease {
         lease
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -212,7 +212,14 @@ impl PoolLease {
             return false;
         }
         hold.amount = amount;
-        let raise = match inner.book.take(more, room, now) {
+        self.cover_without_waiting(inner, more, room, now);
+        true
+    }
+
+    /// Covers `amount` more of what has gone upstream already: nobody waits for the raise this
+    /// may need, which is sent in the background.
+    fn cover_without_waiting(&self, mut inner: MutexGuard<'_, Inner>, amount: Decimal, room: Decimal, now: Instant) {
+        let raise = match inner.book.take(amount, room, now) {
             Cover::After { raise: Some(raise), .. } => {
                 inner.raising.insert(raise.seq, raise);
                 Some(raise)
@@ -223,7 +230,6 @@ impl PoolLease {
         if let Some(raise) = raise {
             self.send(raise, true);
         }
-        true
     }
 
     fn refusal(&self, inner: &Inner, least: Decimal, error: Option<&LeaseError>) -> PoolRefusal {
@@ -398,18 +404,8 @@ impl PoolLease {
         let mut inner = self.lock();
         inner.book.give_back(hold.amount, now);
         let room = inner.room.unwrap_or(Decimal::MAX);
-        let raise = match inner.book.take(cost, room, now) {
-            // Only when a request cost more than its hold (already billed): cover it as well.
-            Cover::After { raise: Some(raise), .. } => {
-                inner.raising.insert(raise.seq, raise);
-                Some(raise)
-            }
-            _ => None,
-        };
-        drop(inner);
-        if let Some(raise) = raise {
-            self.send(raise, true);
-        }
+        // A raise only when the request cost more than its hold (already billed): cover it too.
+        self.cover_without_waiting(inner, cost, room, now);
         self.changed.notify_waiters();
     }
 }

@@ -710,7 +710,8 @@ async fn set(client: &mut Client, args: SetArgs, json: bool) -> anyhow::Result<(
 async fn rotate(client: &mut Client, name: &str, json: bool) -> anyhow::Result<()> {
     let r = client.rotate_grant(pb::RotateGrantRequest { name: name.to_string() }).await.map_err(rpc)?.into_inner();
     let g = r.grant.unwrap_or_default();
-    let reinstalled = if g.direct { reinstall(client, &g, &r.key, &r.base_url).await? } else { None };
+    // The old key stops at once: every file it was installed into gets the new one.
+    let reinstalled = reinstall(client, &g, &r.key, &r.base_url).await?;
     if json {
         let mut doc = grant_json(&g);
         doc["key"] = json!(r.key);

@@ -85,6 +85,21 @@ fn claude_code_settings_get_the_key_and_come_back_byte_for_byte() {
     assert_eq!(reply.status, 200, "{}", reply.text());
     assert_eq!(daemon.spent("claude"), fake.bill());
 
+    // Rotating installs the new key where the old one was: the agent keeps working.
+    let rotated = ok(daemon.ctl_home(home.path(), &["rotate", "claude"]));
+    assert!(rotated.contains("the new key is installed into ~/.claude/settings.json"), "{rotated}");
+    let settings: Value = serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let new_token = settings["env"]["ANTHROPIC_AUTH_TOKEN"].as_str().unwrap().to_string();
+    assert!(new_token.starts_with("sk-capit-") && new_token != token && rotated.contains(&new_token), "{rotated}");
+    assert_eq!(settings["env"]["ANTHROPIC_BASE_URL"].as_str(), Some(base.as_str()));
+    let send = |token: &str| {
+        let auth = format!("Bearer {token}");
+        let headers = [("authorization", auth.as_str()), ("anthropic-version", "2023-06-01")];
+        runtime().block_on(http::send(Method::POST, &format!("{base}/v1/messages"), &headers, body)).status
+    };
+    assert_eq!((send(&token), send(&new_token)), (401, 200), "the old key is dead, the installed one works");
+    assert_eq!(Daemon::mode(&file), 0o600);
+
     let out = ok(daemon.ctl_home(home.path(), &["revoke", "claude"]));
     assert!(out.contains("restored ~/.claude/settings.json (mode 0640 again)"), "{out}");
     assert_eq!(std::fs::read_to_string(&file).unwrap(), CLAUDE_SETTINGS, "byte-identical after revoke");

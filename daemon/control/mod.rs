@@ -290,6 +290,11 @@ impl Control for ControlService {
             team: (!req.team.is_empty()).then(|| req.team.clone()),
         };
         if let Some(pool) = &spec.team {
+            if spec.direct {
+                return Err(Status::invalid_argument(format!(
+                    "a direct grant cannot share team {pool:?}: its requests go straight to OpenRouter, so the pool would never see what it spends"
+                )));
+            }
             self.teams.check_joined(pool).map_err(team::team_status)?;
         }
         let (view, key, replaced) = if req.replace {

@@ -299,6 +299,8 @@ fn direct_keys_for_cursor_and_for_a_plain_name() {
     assert!(err.contains("windsurf takes only vendors' own keys"), "{err}");
     let err = daemon.ctl_err(&["grant", "bot3", "3", "--direct", "--provider", "openai"]);
     assert!(err.contains("--direct needs an OpenRouter grant"), "{err}");
+    let err = daemon.ctl_err(&["grant", "bot4", "3", "--direct", "--team", "eng"]);
+    assert!(err.contains("a direct grant cannot share team \"eng\""), "{err}");
 
     // An agent with a file capit edits gets the key installed; rotation installs the new one.
     let conf = home.path().join(".aider.conf.yml");

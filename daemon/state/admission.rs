@@ -68,7 +68,7 @@ impl Drop for Reservation {
                 self.slot.changed.notify_waiters();
             }
             if let Some(lower) = lower {
-                self.slot.commit_lease(lower, false);
+                self.slot.commit_lease(lower);
             }
         }
     }
@@ -319,7 +319,7 @@ impl State {
         inner.counts.note_request(now_ms, &inner.grant.limits);
         drop(live);
         if let Some(raise) = raise {
-            slot.commit_lease(raise, true);
+            slot.commit_lease(raise);
         }
         let reservation = Reservation {
             slot: slot.clone(),
@@ -374,7 +374,7 @@ impl State {
         drop(live);
         reservation.amount = amount;
         if let Some(change) = raise.or(lower) {
-            slot.commit_lease(change, raise.is_some());
+            slot.commit_lease(change);
         }
         if waiting {
             slot.changed.notify_waiters();
@@ -458,7 +458,7 @@ impl State {
             slot.changed.notify_waiters();
         }
         if let Some(change) = change {
-            slot.commit_lease(change, cost > hold);
+            slot.commit_lease(change);
         }
         // Once the entry is durable its cost leaves the lease (which may then be lowered: any
         // lowering is queued after the entry, so a crash never finds the cost gone from both).
@@ -471,7 +471,7 @@ impl State {
                 let lower = covered.lease_give_back(&mut live, cost);
                 drop(live);
                 if let Some(lower) = lower {
-                    covered.commit_lease(lower, false);
+                    covered.commit_lease(lower);
                 }
             }
             let _ = told.send(result);

@@ -89,19 +89,35 @@ impl State {
             let held = (live.lease.covered() - live.unrecorded).max(Decimal::ZERO);
             if live.lease.committed() > held {
                 live.lease.lower_to(held);
+                // Queued under the lock, after any commit numbered before it.
+                drop(slot.lease_source.commit_lease(held));
                 drop(live);
                 slot.lease_state.send_modify(|s| s.committed = held);
-                drop(slot.lease_source.commit_lease(held));
             }
         }
     }
 }
 
+/// A lease commit whose write was queued under the grant's lock: commits are numbered under that
+/// lock, so queueing there too is what makes them reach the store in the order of their numbers
+/// (queued after the lock is released, a lowering could land after a later raise, leaving memory
+/// trusting a larger lease than the disk holds). [`GrantSlot::commit_lease`] sees it through.
+#[must_use = "a raise lands in memory only through GrantSlot::commit_lease"]
+pub(super) struct LeaseCommit {
+    commit: Commit,
+    raise: bool,
+    write: LeaseFuture<'static, Result<(), LeaseError>>,
+}
+
 impl GrantSlot {
+    fn start_commit(&self, commit: Commit, raise: bool) -> LeaseCommit {
+        LeaseCommit { commit, raise, write: self.lease_source.commit_lease(commit.amount) }
+    }
+
     /// Takes `amount` under the grant's lease (the caller holds the lock and has checked the
     /// cap). Returns the gate the request must pass before its body goes upstream, if any, and
-    /// the raise to start once the lock is released.
-    pub(super) fn lease_take(&self, live: &mut GrantLive, amount: Decimal) -> (Option<LeaseGate>, Option<Commit>) {
+    /// the raise, queued already, to see through once the lock is released.
+    pub(super) fn lease_take(&self, live: &mut GrantLive, amount: Decimal) -> (Option<LeaseGate>, Option<LeaseCommit>) {
         if amount.is_zero() {
             return (None, None);
         }
@@ -111,14 +127,14 @@ impl GrantSlot {
             Cover::After { raise, needed } => {
                 let watch = self.lease_state.subscribe();
                 let failures_before = watch.borrow().failures;
-                (Some(LeaseGate { watch, needed, failures_before }), raise)
+                (Some(LeaseGate { watch, needed, failures_before }), raise.map(|raise| self.start_commit(raise, true)))
             }
         }
     }
 
     /// Gives `amount` back to the lease, and lowers the lease lazily when it has stayed larger
-    /// than recent demand; returns the lowering to commit once the lock is released.
-    pub(super) fn lease_give_back(&self, live: &mut GrantLive, amount: Decimal) -> Option<Commit> {
+    /// than recent demand; returns the lowering, queued already.
+    pub(super) fn lease_give_back(&self, live: &mut GrantLive, amount: Decimal) -> Option<LeaseCommit> {
         if amount.is_zero() {
             return None;
         }
@@ -127,21 +143,21 @@ impl GrantSlot {
         // A smaller lease in memory than on disk is the safe way round: it applies at once.
         let lower = live.lease.shrink_to(now)?;
         self.lease_state.send_modify(|s| s.committed = lower.amount);
-        Some(lower)
+        Some(self.start_commit(lower, false))
     }
 
-    /// Commits the lease at `amount`: a raise lands in memory (and wakes its waiters) only once
-    /// durable; a lowering is already in memory. Runs on the runtime when there is one, else
-    /// (tests, benches) at once.
-    pub(super) fn commit_lease(self: &Arc<Self>, commit: Commit, raise: bool) {
+    /// Sees a queued lease commit through: a raise lands in memory (and wakes its waiters) only
+    /// once durable; a lowering is already in memory. Runs on the runtime when there is one, else
+    /// (tests, benches) at once. Call it once the grant's lock is released.
+    pub(super) fn commit_lease(self: &Arc<Self>, started: LeaseCommit) {
+        let LeaseCommit { commit, raise, write: committed } = started;
         if !raise {
-            // Already in memory; the write is under way once asked for, and nothing waits on it
-            // (so this may run anywhere, the store's writer thread included).
-            drop(self.lease_source.commit_lease(commit.amount));
+            // The write is under way, and nothing waits on it (so this may run anywhere, the
+            // store's writer thread included).
+            drop(committed);
             return;
         }
         let slot = self.clone();
-        let committed = self.lease_source.commit_lease(commit.amount);
         let commit = async move {
             let ok = committed.await.is_ok();
             let mut live = slot.lock();
@@ -162,5 +178,69 @@ impl GrantSlot {
                 Err(e) => tracing::error!(error = %e, "no runtime to commit a lease on"),
             },
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+    use std::sync::atomic::AtomicBool;
+
+    use super::super::test_support::*;
+    use super::*;
+
+    /// A lease source that records writes in the order they are queued; the first is slow to
+    /// queue, as a thread preempted just after taking its commit's number would be.
+    #[derive(Default)]
+    struct Recorder {
+        queued: Mutex<Vec<Decimal>>,
+        first_asked: AtomicBool,
+    }
+
+    impl LeaseSource for Recorder {
+        fn commit_lease(&self, amount: Decimal) -> LeaseFuture<'static, Result<(), LeaseError>> {
+            if !self.first_asked.swap(true, Ordering::SeqCst) {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+            }
+            self.queued.lock().unwrap().push(amount);
+            Box::pin(async { Ok(()) })
+        }
+    }
+
+    #[test]
+    fn lease_writes_are_queued_in_the_order_of_their_numbers() {
+        let (state, dir) = temp_state(Clock::default());
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        runtime.block_on(state.create_grant(GrantSpec { cap: dollars("100"), ..grant_spec(Period::Total, None) })).unwrap();
+        drop(runtime);
+        let registered = state.find_grant("g").unwrap();
+        let (grant, window) = {
+            let live = registered.lock();
+            (live.grant.clone(), live.window)
+        };
+        let recorder = Arc::new(Recorder::default());
+        let mut slot = GrantSlot::new(grant, window, Decimal::ZERO, Counts::default(), BTreeMap::new(), state.store());
+        slot.lease_source = recorder.clone();
+        let (state, slot) = (Arc::new(state), Arc::new(slot));
+
+        // The first request's raise (to twice its hold) is slow to queue; meanwhile a larger
+        // request outgrows it and raises again.
+        let first = {
+            let (state, slot) = (state.clone(), slot.clone());
+            std::thread::spawn(move || state.admit_now(&slot, "m", &hold_of(dollars("1"))).unwrap().0)
+        };
+        while !recorder.first_asked.load(Ordering::SeqCst) {
+            std::thread::yield_now();
+        }
+        let second = state.admit_now(&slot, "m", &hold_of(dollars("10"))).unwrap().0;
+        let first = first.join().unwrap();
+
+        let committed = slot.lock().lease.committed();
+        let queued = recorder.queued.lock().unwrap().clone();
+        assert_eq!(queued.last(), Some(&committed), "the disk ends at the lease memory trusts (writes queued: {queued:?})");
+        assert!(committed >= dollars("11"), "{committed} covers both holds");
+        drop((first, second));
+        state.store().close();
+        let _ = std::fs::remove_dir_all(dir);
     }
 }

@@ -112,7 +112,9 @@ pub fn demand_for(price: Option<&Price>, fields: &RequestFields, counted: Option
         None if fields.external_input => input_by_reference(fields.input, context),
         None => input_from_bytes(fields.input, context),
     };
-    let output = fields.max_output_tokens.or(price.and_then(|p| p.max_output_tokens)).unwrap_or(DEFAULT_MAX_OUTPUT);
+    let output = fields
+        .max_output_tokens
+        .unwrap_or_else(|| price.and_then(|p| p.max_output_tokens).unwrap_or(DEFAULT_MAX_OUTPUT).saturating_mul(fields.choices.max(1)));
     let least = if fields.thinking_budget { MIN_FIT_WITH_THINKING } else { crate::grants::MIN_FIT_OUTPUT_TOKENS };
     match price {
         Some(price) => Demand::priced(price, &input, output, fit.then_some(least)),
@@ -342,6 +344,18 @@ mod tests {
         assert!(matches!(decide(&room("1000000", "0", "0", 0, 1), &huge), Decision::TooBig { .. }));
         let free = Demand::free(100, 100);
         assert!(matches!(decide(&room("1", "0", "0", 0, 1), &free), Decision::Admit(Hold { amount, .. }) if amount.is_zero()));
+    }
+
+    #[test]
+    fn a_request_without_a_limit_holds_the_models_largest_output_for_each_choice() {
+        let price: Price = serde_json::from_str(r#"{"input":"2.5","output":"10","max_output_tokens":16384}"#).unwrap();
+        let fields = |body: &str| crate::request_fields::read(crate::providers::MeteredApi::OpenAiChat, body.as_bytes(), None).unwrap();
+        let output = |body: &str| demand_for(Some(&price), &fields(body), None, false).output_tokens;
+        assert_eq!(output(r#"{"model":"gpt-4o","messages":[]}"#), 16384);
+        assert_eq!(output(r#"{"model":"gpt-4o","messages":[],"n":64}"#), 64 * 16384, "64 replies may each be as long as the model allows");
+        assert_eq!(output(r#"{"model":"gpt-4o","messages":[],"n":64,"max_tokens":10}"#), 640, "its own limit, times its choices");
+        let unpriced = demand_for(None, &fields(r#"{"model":"x","messages":[],"n":2}"#), None, false);
+        assert_eq!(unpriced.output_tokens, 2 * DEFAULT_MAX_OUTPUT);
     }
 
     #[test]

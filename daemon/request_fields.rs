@@ -60,6 +60,9 @@ pub struct RequestFields {
     /// The most output the request allows (`max_completion_tokens`, `max_tokens`,
     /// `max_output_tokens`, `maxOutputTokens` plus a thinking budget), times its choices.
     pub max_output_tokens: Option<u64>,
+    /// How many replies it asks for (`n`, `candidateCount`): without a limit of its own, the
+    /// model's largest output counts once for each.
+    pub choices: u64,
     /// Input bytes by rate class.
     pub input: InputBytes,
     /// Some input is given by reference (an image or file by URL or id, a previous response, a
@@ -180,7 +183,7 @@ pub fn read(api: MeteredApi, body: &[u8], path_model: Option<&str>) -> Result<Re
             "capit: background responses are fetched later, outside the stream capit meters, so they cannot be capped yet; send the request without \"background\": true".into(),
         ));
     }
-    let max_output_tokens = output_limit(api, &members)?;
+    let (max_output_tokens, choices) = output_limit(api, &members)?;
     let total = body.len() as u64;
     let input = match api {
         MeteredApi::AnthropicMessages => anthropic_input(&members, total)?,
@@ -214,6 +217,7 @@ pub fn read(api: MeteredApi, body: &[u8], path_model: Option<&str>) -> Result<Re
         model,
         stream,
         max_output_tokens,
+        choices,
         input,
         external_input: by_reference || references_external_input(body),
         thinking_budget,
@@ -222,7 +226,8 @@ pub fn read(api: MeteredApi, body: &[u8], path_model: Option<&str>) -> Result<Re
     })
 }
 
-fn output_limit(api: MeteredApi, m: &Members<'_>) -> Result<Option<u64>, BodyError> {
+/// The request's own output limit in all (times its choices), and how many choices it asks for.
+fn output_limit(api: MeteredApi, m: &Members<'_>) -> Result<(Option<u64>, u64), BodyError> {
     Ok(match api {
         MeteredApi::OpenAiChat => {
             let n = limit(m.n, "n")?.unwrap_or(1).max(1);
@@ -230,11 +235,11 @@ fn output_limit(api: MeteredApi, m: &Members<'_>) -> Result<Option<u64>, BodyErr
                 Some(max) => Some(max),
                 None => limit(m.max_tokens, "max_tokens")?,
             };
-            max.map(|max| max.saturating_mul(n))
+            (max.map(|max| max.saturating_mul(n)), n)
         }
-        MeteredApi::OpenAiResponses => limit(m.max_output_tokens, "max_output_tokens")?,
-        MeteredApi::OpenAiEmbeddings => Some(0),
-        MeteredApi::AnthropicMessages => limit(m.max_tokens, "max_tokens")?,
+        MeteredApi::OpenAiResponses => (limit(m.max_output_tokens, "max_output_tokens")?, 1),
+        MeteredApi::OpenAiEmbeddings => (Some(0), 1),
+        MeteredApi::AnthropicMessages => (limit(m.max_tokens, "max_tokens")?, 1),
         MeteredApi::GeminiGenerate => {
             let config = value(m.generation_config)?;
             let number = |v: Option<&Value>, name: &str| match v {
@@ -247,7 +252,8 @@ fn output_limit(api: MeteredApi, m: &Members<'_>) -> Result<Option<u64>, BodyErr
                 Some(v) if v.as_i64() == Some(-1) => 0,
                 v => number(v, "thinkingBudget")?.unwrap_or(0),
             };
-            number(config.get("maxOutputTokens"), "maxOutputTokens")?.map(|m| m.saturating_add(thinking).saturating_mul(candidates))
+            let max = number(config.get("maxOutputTokens"), "maxOutputTokens")?;
+            (max.map(|m| m.saturating_add(thinking).saturating_mul(candidates)), candidates)
         }
     })
 }
@@ -487,6 +493,9 @@ mod tests {
         assert_eq!((chat.model.as_str(), chat.stream, chat.max_output_tokens), ("gpt-5", true, Some(150)));
         assert_eq!(read_ok(MeteredApi::OpenAiChat, r#"{"model":"m","max_tokens":100}"#).max_output_tokens, Some(100));
         assert_eq!(read_ok(MeteredApi::OpenAiChat, r#"{"model":"m"}"#).max_output_tokens, None);
+        let many = read_ok(MeteredApi::OpenAiChat, r#"{"model":"m","n":64}"#);
+        assert_eq!((many.max_output_tokens, many.choices), (None, 64), "no limit of its own, 64 choices");
+        assert_eq!((chat.choices, read_ok(MeteredApi::AnthropicMessages, r#"{"model":"m","max_tokens":5}"#).choices), (3, 1));
         assert_eq!(read_ok(MeteredApi::OpenAiResponses, r#"{"model":"m","max_output_tokens":7}"#).max_output_tokens, Some(7));
         assert_eq!(read_ok(MeteredApi::OpenAiEmbeddings, r#"{"model":"m","input":"x"}"#).max_output_tokens, Some(0));
         let g = read(
@@ -496,6 +505,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!((g.model.as_str(), g.max_output_tokens), ("g", Some(300)));
+        let unlimited = read(MeteredApi::GeminiGenerate, br#"{"generationConfig":{"candidateCount":4}}"#, Some("g")).unwrap();
+        assert_eq!((unlimited.max_output_tokens, unlimited.choices), (None, 4));
         let dynamic = read(
             MeteredApi::GeminiGenerate,
             br#"{"generationConfig":{"maxOutputTokens":100,"thinkingConfig":{"thinkingBudget":-1}}}"#,

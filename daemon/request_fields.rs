@@ -303,7 +303,7 @@ enum Ttl {
 /// The longest TTL of any `cache_control` object inside one prompt segment, if it has one.
 /// Only segments whose text mentions the key are parsed.
 fn segment_breakpoint(segment: &str) -> Option<Ttl> {
-    if !segment.contains("\"cache_control\"") {
+    if !may_name(segment.as_bytes(), "\"cache_control\"") {
         return None;
     }
     let value: Value = serde_json::from_str(segment).ok()?;
@@ -354,11 +354,19 @@ fn mentions(haystack: &[u8], needle: &str) -> bool {
     memchr::memmem::find(haystack, needle.as_bytes()).is_some()
 }
 
+/// Whether the JSON text may name `key` (a member name written plainly, e.g. `cache_control`):
+/// it does if it says so, and may if it escapes anything (`"cache\u005fcontrol"` is the same
+/// key to the upstream), so only a text with neither skips the parse.
+fn may_name(text: &[u8], key: &str) -> bool {
+    mentions(text, key) || mentions(text, "\\u")
+}
+
 /// True when some part of the request is an image or file given by URL or id. Only bodies that
 /// mention such a member are parsed for it.
 fn references_external_input(body: &[u8]) -> bool {
     const MARKERS: [&str; 6] = ["image_url", "file_id", "file_url", "fileUri", "file_uri", "\"url\""];
-    if !MARKERS.iter().any(|m| mentions(body, m)) {
+    // As in `may_name`: a body that escapes anything may spell a marker with escapes.
+    if !mentions(body, "\\u") && !MARKERS.iter().any(|m| mentions(body, m)) {
         return false;
     }
     serde_json::from_slice::<Value>(body).is_ok_and(|v| has_reference(&v))
@@ -369,7 +377,9 @@ fn has_reference(value: &Value) -> bool {
         Value::Object(map) => map.iter().any(|(key, v)| {
             let by_url = |v: &Value| {
                 let url = v.as_str().or_else(|| v.get("url").and_then(Value::as_str)).unwrap_or("");
-                url.starts_with("http://") || url.starts_with("https://") || url.starts_with("gs://")
+                // Schemes are case-insensitive (RFC 3986): "HTTPS://" fetches just the same.
+                let scheme = url.split_once("://").map(|(s, _)| s.to_ascii_lowercase());
+                matches!(scheme.as_deref(), Some("http" | "https" | "gs"))
             };
             match key.as_str() {
                 "file_id" | "file_url" | "fileUri" | "file_uri" => !v.is_null(),
@@ -576,6 +586,11 @@ mod tests {
             r#"{"model":"c","max_tokens":10,"cache_control":{"type":"ephemeral","ttl":"1h"},"messages":[{"role":"user","content":"hi"}]}"#;
         let f = read_ok(MeteredApi::AnthropicMessages, body);
         assert_eq!(f.input.write_1h, r#"{"role":"user","content":"hi"}"#.len() as u64);
+
+        // A key spelt with escapes is the same key to the upstream.
+        let escaped = r#"{"role":"user","content":[{"type":"text","text":"two","cache\u005fcontrol":{"type":"ephemeral","ttl":"1h"}}]}"#;
+        let body = format!(r#"{{"model":"c","max_tokens":10,"messages":[{escaped}]}}"#);
+        assert_eq!(read_ok(MeteredApi::AnthropicMessages, &body).input.write_1h, escaped.len() as u64);
     }
 
     #[test]
@@ -614,6 +629,18 @@ mod tests {
         let g =
             read(MeteredApi::GeminiGenerate, br#"{"contents":[{"parts":[{"fileData":{"fileUri":"gs://b/f.pdf"}}]}]}"#, Some("g")).unwrap();
         assert!(g.external_input);
+        // Escaped member names and upper-case schemes name the same input.
+        assert!(responses(r#"{"model":"m","input":[{"type":"input_file","file\u005fid":"file-1"}]}"#).external_input);
+        assert!(
+            chat(
+                r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"u\u0072l":"https://x/a.png"}}]}]}"#
+            )
+            .external_input
+        );
+        assert!(
+            chat(r#"{"model":"m","messages":[{"role":"user","content":[{"type":"image_url","image_url":{"url":"HTTPS://x/a.png"}}]}]}"#)
+                .external_input
+        );
     }
 
     #[test]

@@ -531,6 +531,30 @@ mod tests {
         let _ = std::fs::remove_dir_all(dir);
     }
 
+    /// An entry stamped just before midnight and settled after the day turned over counts in the
+    /// new day, and the window never steps back (which would re-read totals lacking it).
+    #[test]
+    fn a_settlement_stamped_before_the_turn_never_rolls_the_window_back() {
+        let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+        let clock = Clock::default();
+        let (state, dir) = temp_state(clock.clone());
+        runtime.block_on(state.create_grant(grant_spec(Period::Day, None))).unwrap();
+        let slot = state.find_grant("g").unwrap();
+        let late = state.admit_now(&slot, "m", &hold_of(dollars("0.10"))).unwrap().0;
+        let stamped = entry(&state, slot.id, dollars("0.05"));
+        let midnight = state.grant_view(&slot).window.end.unwrap();
+        clock.advance(std::time::Duration::from_secs((midnight - clock.now_seconds()) as u64));
+        let other = state.admit_now(&slot, "m", &hold_of(dollars("0.20"))).unwrap().0;
+        drop(state.settle(late, stamped));
+        let view = state.grant_view(&slot);
+        assert_eq!((view.window.start, view.spent), (midnight, dollars("0.05")), "counted in the day it settled");
+        drop(state.settle(other, entry(&state, slot.id, dollars("0.20"))));
+        assert_eq!(state.grant_view(&slot).spent, dollars("0.25"), "nothing settled in the new day is lost");
+        state.store().close();
+        drop((state, slot));
+        let _ = std::fs::remove_dir_all(dir);
+    }
+
     /// Random admissions, settlements (at most the bound) and releases, checked step by step
     /// against a reference model written as plainly as possible.
     #[test]

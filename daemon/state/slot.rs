@@ -199,9 +199,12 @@ impl GrantSlot {
 
 impl GrantLive {
     /// Moves to the window containing `at` when the period has turned over, taking that
-    /// window's spend from the store's running totals (zero for a window not yet used).
+    /// window's spend from the store's running totals (zero for a window not yet used). Never
+    /// backwards: a time read just before the turn (or a clock stepped back) stays in the
+    /// current window, since rolling back and forth again would re-read totals that lack the
+    /// settlements still queued.
     pub(super) fn roll(&mut self, at: i64, id: GrantId, store: &Store) {
-        if self.window.contains(at) {
+        if self.window.contains(at) || at < self.window.start {
             return;
         }
         self.window = local_window(self.grant.period, at);

@@ -918,8 +918,9 @@ fn apply_ops<'a>(db: &Database, ops: impl Iterator<Item = &'a WriteOp>, seen_bat
                         sums.push(sum);
                     }
                     if sums.len() != keys.len() {
-                        // Unreachable with validated costs; a total that would overflow is never
-                        // stored. The hold stays, and is charged at the next start.
+                        // Unreachable with validated costs (each at most $10,000): a total that
+                        // would overflow is never stored. The entry is dropped, loudly; in memory
+                        // the grant's spend has saturated, so it admits nothing more.
                         tracing::error!(grant = entry.grant.0, cost = %entry.cost, "refused a ledger entry whose total would overflow");
                         continue;
                     }

@@ -419,9 +419,9 @@ impl State {
     }
 
     /// Records a finished request: its hold is swapped for its cost at once, and the entry (with
-    /// its running total, removing the stored hold) is written with the next batch; the returned
-    /// receiver resolves then. Nobody needs to wait for it: until it commits, a crash charges the
-    /// stored hold, which is never less than the cost.
+    /// its running totals) is written with the next batch; the returned receiver resolves then.
+    /// Nobody needs to wait for it: until it commits, the cost stays under the grant's lease, so
+    /// a crash charges it (as part of the lease) if the entry never landed.
     pub fn settle(&self, mut reservation: Reservation, entry: LedgerEntry) -> tokio::sync::oneshot::Receiver<Result<(), StoreError>> {
         let slot = reservation.slot.clone();
         let (hold, cost) = (reservation.amount, entry.cost);

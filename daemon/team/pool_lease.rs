@@ -175,6 +175,13 @@ impl PoolLease {
         (inner.book.committed(), inner.book.covered())
     }
 
+    /// Lowers the lease to nothing through the book (so a later raise is numbered after it),
+    /// when this daemon leaves the pool with nothing covered here any more.
+    pub async fn lower_to_nothing(&self) -> Result<(), LeaseError> {
+        let commit = self.lock().book.lower_to(Decimal::ZERO);
+        self.member.commit_numbered(commit.amount, Some(commit.seq)).await
+    }
+
     /// What the pool has left for this daemon beyond what it holds here, when a transaction
     /// told it within the last second (`None` otherwise: then only the database can say).
     pub fn free_if_fresh(&self) -> Option<Decimal> {

@@ -309,13 +309,15 @@ impl Teams {
     }
 
     /// Leaves a pool: everything settled here is reported and the cover lowered to nothing
-    /// first. Refused while a grant that is not revoked draws on it.
+    /// first. Refused while a grant that is not revoked draws on it, and while requests admitted
+    /// under it (a revoked grant's stream, say) are still in flight: their cost would otherwise
+    /// reach the pool's ledger never, while the pool gave their room to others.
     pub async fn leave(&self, pool: &str) -> Result<TeamView, TeamError> {
         let _admin = self.admin.lock().await;
-        let (member, url, password) = {
+        let (member, lease, url, password) = {
             let members = self.read();
             let m = members.get(pool).ok_or_else(|| TeamError::NotJoined(pool.to_string()))?;
-            (m.member.clone(), m.url.clone(), m.password.clone())
+            (m.member.clone(), m.lease.clone(), m.url.clone(), m.password.clone())
         };
         let live: Vec<String> =
             self.state.list_grants(false).into_iter().filter(|v| v.grant.team.as_deref() == Some(pool)).map(|v| v.grant.name).collect();
@@ -327,18 +329,32 @@ impl Teams {
         }
         self.state.store().write(WriteOp::Barrier).await.map_err(|e| TeamError::Database(format!("local store: {e}")))?;
         member.flush().await?;
-        member.commit_lease(Decimal::ZERO).await?;
+        let (_, covered) = lease.figures();
+        if !covered.is_zero() {
+            return Err(TeamError::Invalid(format!(
+                "requests admitted under pool {pool:?} are still in flight (${covered} covered here); try again once they have finished"
+            )));
+        }
+        lease.lower_to_nothing().await?;
         let view = self.view(pool).await;
         let mut db = pg::connect(&url, password.as_deref()).await?;
-        db.leave(pool, self.state.installation_id()).await?;
-        member.stop().await;
-        self.state.set_pool_lease(pool, None);
+        // Forgotten here first: were the local delete to fail after the database let go, the
+        // next start would join again without a word.
         self.state
             .store()
             .write(WriteOp::DeleteTeam { pool: pool.to_string() })
             .await
             .map_err(|e| TeamError::Database(format!("local store: {e}")))?;
+        member.stop().await;
+        self.state.set_pool_lease(pool, None);
         self.write().remove(pool);
+        if let Err(e) = db.leave(pool, self.state.installation_id()).await {
+            // This daemon's lease there is nothing already; only its membership row stays.
+            tracing::warn!(pool, error = %e, "left the pool here, but marking it left in the team database failed");
+            return Err(TeamError::Database(format!(
+                "left pool {pool:?} on this machine (its lease there is $0), but the database did not record it: {e}"
+            )));
+        }
         tracing::info!(pool, "left the team pool");
         Ok(view)
     }

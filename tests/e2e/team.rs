@@ -372,11 +372,30 @@ fn team_create_join_grant_usage_and_leave_through_capitctl() {
     let human = first.ctl_ok(&["team", "ls"]);
     assert!(human.contains("eng") && human.contains("$10.00/day"), "{human}");
 
-    // Leaving is refused while a grant draws on the pool; after its revoke, everything is
+    // Leaving is refused while a grant draws on the pool, and while a request admitted under
+    // it is still in flight after its grant's revoke; once that one has settled, everything is
     // reported and the membership goes.
     assert!(first.ctl_err(&["team", "leave", "eng"]).contains("claude"));
+    fake.script(|s| s.hold_after_first_event = true);
+    let seen = fake.received().len();
+    let streamed = r#"{"model":"test-model","max_tokens":300,"stream":true,"messages":[{"role":"user","content":"hi"}]}"#;
+    let in_flight = {
+        let (url, key) = (chat_url(&first), key_a.clone());
+        rt.spawn(async move { post_json(&url, &key, streamed).await })
+    };
+    wait_for("the stream to be in flight", Duration::from_secs(10), || (fake.received().len() > seen).then_some(()));
     first.ctl_ok(&["revoke", "claude"]);
+    let err = first.ctl_err(&["team", "leave", "eng"]);
+    assert!(err.contains("still in flight"), "{err}");
+    fake.release();
+    assert_eq!(rt.block_on(in_flight).unwrap().status, 200);
     first.ctl_ok(&["team", "leave", "eng"]);
+    let by_member = second.ctl_json(&["team", "usage", "eng"]);
+    assert_eq!(
+        dec(by_member["total"]["spent"].as_str().unwrap()),
+        fake.bill(),
+        "the stream that outlived its grant is in the pool's ledger"
+    );
     assert_eq!(first.ctl_json(&["team", "ls"]), serde_json::json!([]));
     assert_eq!(pg.query("SELECT count(*) FROM capit_members WHERE left_at IS NOT NULL"), "1");
 

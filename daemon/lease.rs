@@ -125,6 +125,13 @@ impl LeaseBook {
         self.covered
     }
 
+    /// Whether a hold that needed the lease at `needed` when it was taken is covered now. A
+    /// report since lowers the committed lease and what it covers alike, so once the lease
+    /// covers everything it has to, it covers that hold too, even below `needed`.
+    pub fn covers(&self, needed: Decimal) -> bool {
+        self.committed >= needed.min(self.covered)
+    }
+
     fn ask(&mut self, amount: Decimal) -> Commit {
         self.asked += 1;
         Commit { amount, seq: self.asked }
@@ -246,6 +253,27 @@ mod tests {
         assert_eq!(book.committed(), up.amount, "the raise sets the lease it asked for");
         book.reported(d("5"), t0);
         assert_eq!((book.committed(), book.covered()), (d("0"), d("0")), "never below nothing");
+    }
+
+    #[test]
+    fn a_hold_stays_covered_when_a_report_lowers_the_lease_after_its_raise_landed() {
+        let t0 = Instant::now();
+        let mut book = LeaseBook::new(LeasePolicy { window: Duration::from_secs(10), headroom_percent: 100 }, Decimal::ZERO, t0);
+        // Settled spend not yet reported, then a request that needs a raise to cover both.
+        assert!(matches!(book.take(d("0.5"), d("10"), t0), Cover::After { .. }));
+        book.landed(Commit { amount: d("0.5"), seq: 1 }, true);
+        let Cover::After { raise: Some(up), needed } = book.take(d("0.2"), d("10"), t0) else { panic!("expected a raise") };
+        assert_eq!((up.amount, needed), (d("0.7"), d("0.7")));
+        book.landed(up, true);
+        assert!(book.covers(needed));
+        // The next transaction reports the settled 0.5 before the waiter looks: the lease there
+        // is 0.2, exactly this hold, so it is covered though below what it needed at first.
+        book.reported(d("0.5"), t0);
+        assert_eq!((book.committed(), book.covered()), (d("0.2"), d("0.2")));
+        assert!(book.covers(needed), "a report after the raise must not leave the hold waiting");
+        // A hold taken later and not yet raised for is not covered by a smaller lease.
+        let Cover::After { needed, .. } = book.take(d("0.3"), d("10"), t0) else { panic!("expected to wait") };
+        assert!(!book.covers(needed));
     }
 
     #[test]

@@ -386,18 +386,32 @@ impl PoolLease {
         loop {
             let notified = self.changed.notified();
             {
-                let inner = self.lock();
-                if inner.book.committed() >= hold.needed && self.member.usable(Instant::now()) {
+                let mut inner = self.lock();
+                let usable = self.member.usable(Instant::now());
+                if inner.book.covers(hold.needed) && usable {
                     return Ok(());
                 }
                 let pending = !inner.raising.is_empty() || inner.renewing;
                 if inner.failures > hold.failures_seen && !pending {
                     return Err(self.refusal(&inner, hold.amount, inner.last_failure.as_ref()));
                 }
+                if !usable && !pending {
+                    // The lease ran out here after the hold was taken: nothing else would renew it.
+                    inner.renewing = true;
+                    drop(inner);
+                    self.renew();
+                }
             }
             if tokio::time::timeout_at(deadline, notified).await.is_err() {
                 let inner = self.lock();
-                let error = LeaseError::Unreachable(format!("no lease within {RAISE_WAIT:?}"));
+                let waiting_on = if !inner.raising.is_empty() {
+                    "a raise of this machine's lease is still waiting on the team database"
+                } else if inner.renewing {
+                    "a renewal of this machine's lease is still waiting on the team database"
+                } else {
+                    "the lease does not cover it yet"
+                };
+                let error = LeaseError::Unreachable(format!("no lease within {RAISE_WAIT:?}: {waiting_on}"));
                 return Err(self.refusal(&inner, hold.amount, Some(&error)));
             }
         }

@@ -195,9 +195,10 @@ fn decode(text: &str) -> Result<String, String> {
     String::from_utf8(out).map_err(|_| "the URL is not UTF-8 once decoded".to_string())
 }
 
-/// A URL cut before any password, for an error message about a URL that did not parse.
+/// A URL cut before any password, for an error message about a URL that did not parse (at the
+/// last `@`: a password may hold an `@` of its own).
 fn redact(text: &str) -> String {
-    match text.split_once('@') {
+    match text.rsplit_once('@') {
         Some((_, rest)) => format!("…@{rest}"),
         None => text.chars().take(80).collect(),
     }
@@ -227,6 +228,8 @@ mod tests {
             assert!(error.contains("password") && !error.contains("hunter2"), "{error}");
         }
         assert!(!DbUrl::parse("mysql://capit:hunter2@db").unwrap_err().contains("hunter2"));
+        let error = DbUrl::parse("mysql://capit:hun@ter2@db").unwrap_err();
+        assert!(!error.contains("hun") && !error.contains("ter2"), "{error}");
         assert!(DbUrl::parse("postgres://db/team?sslmode=sometimes").is_err());
     }
 

@@ -134,8 +134,13 @@ impl AuditLog {
         let mut line = serde_json::to_vec(&entry).expect("audit entries serialise: strings and numbers");
         line.push(b'\n');
         let io = |source| AuditError::Io { path: self.path.clone(), source };
-        inner.file.write_all(&line).map_err(io)?;
-        inner.file.sync_data().map_err(io)?;
+        let before = inner.file.metadata().map_err(io)?.len();
+        if let Err(e) = inner.file.write_all(&line).and_then(|()| inner.file.sync_data()) {
+            // A full disk may have taken part of the line: cut it off, or the next line would be
+            // glued to it and both lost to a reader.
+            let _ = inner.file.set_len(before);
+            return Err(io(e));
+        }
         inner.next_seq += 1;
         Ok(entry)
     }
@@ -209,6 +214,52 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir.join(FILE_NAME)
+    }
+
+    /// Run in a child process of the test binary: a file-size limit a few bytes past the log's
+    /// end makes the disk take only part of the next line; then the limit goes and one more
+    /// change is written.
+    fn append_past_a_full_disk(path: &Path) {
+        let actor = Actor { uid: 0, pid: Some(7) };
+        let log = AuditLog::open(path).unwrap();
+        let room = std::fs::metadata(path).unwrap().len() + 10;
+        let set_limit = |bytes: u64| {
+            let limit = libc::rlimit { rlim_cur: bytes, rlim_max: libc::RLIM_INFINITY };
+            // SAFETY: setrlimit on this process with a valid struct; SIGXFSZ ignored so that
+            // a write past the limit fails with EFBIG instead of ending the process.
+            unsafe {
+                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+                assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
+            }
+        };
+        set_limit(room);
+        assert!(log.append(&actor, Change::grant("grant.set", "claude", "cap $9.00"), 2_000).is_err());
+        set_limit(libc::RLIM_INFINITY);
+        log.append(&actor, Change::grant("grant.revoke", "claude", ""), 3_000).unwrap();
+    }
+
+    #[test]
+    fn a_line_a_full_disk_cut_short_is_taken_back_before_the_next_one() {
+        const CHILD: &str = "CAPIT_AUDIT_TEST_FULL_DISK";
+        if let Some(path) = std::env::var_os(CHILD) {
+            append_past_a_full_disk(Path::new(&path));
+            return;
+        }
+        let path = temp("full");
+        let log = AuditLog::open(&path).unwrap();
+        log.append(&Actor { uid: 0, pid: Some(7) }, Change::grant("grant.create", "claude", "$5.00/month"), 1_000).unwrap();
+        drop(log);
+        let status = std::process::Command::new(std::env::current_exe().unwrap())
+            .args(["--exact", "audit::tests::a_line_a_full_disk_cut_short_is_taken_back_before_the_next_one", "--test-threads", "1"])
+            .env(CHILD, &path)
+            .status()
+            .unwrap();
+        assert!(status.success(), "the child failed: {status}");
+        let text = std::fs::read_to_string(&path).unwrap();
+        assert!(text.lines().all(|line| serde_json::from_str::<AuditEntry>(line).is_ok()), "a torn line was kept:\n{text}");
+        let log = AuditLog::open(&path).unwrap();
+        let actions: Vec<_> = log.entries(0, None).unwrap().into_iter().map(|e| (e.seq, e.action)).collect();
+        assert_eq!(actions, [(1, "grant.create".to_string()), (2, "grant.revoke".to_string())]);
     }
 
     #[test]

@@ -209,11 +209,38 @@ pub fn diff(path: &str, old: &str, new: &str) -> String {
     let tail = a[head..].iter().rev().zip(b[head..].iter().rev()).take_while(|(x, y)| x == y).count();
     let mut out = format!("--- {path}\n+++ {path} (with capit)\n@@ line {} @@\n", head + 1);
     for line in &a[head..a.len() - tail] {
-        out.push_str(&format!("-{line}\n"));
+        out.push_str(&format!("-{}\n", mask_secrets(line)));
     }
     for line in &b[head..b.len() - tail] {
-        out.push_str(&format!("+{line}\n"));
+        out.push_str(&format!("+{}\n", mask_secrets(line)));
     }
+    out
+}
+
+/// A line of a user's file as `--dry-run` shows it: on a line that names a key, token, secret or
+/// password, every long run with a digit in it (a key, not a setting's name) is cut to its first
+/// and last four characters, so that a master key the file holds is not printed in full.
+fn mask_secrets(line: &str) -> String {
+    let lower = line.to_ascii_lowercase();
+    if !["key", "token", "secret", "password"].iter().any(|word| lower.contains(word)) {
+        return line.to_string();
+    }
+    let is_part = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/' | '+');
+    let mut out = String::with_capacity(line.len());
+    let mut rest = line;
+    while let Some(start) = rest.find(is_part) {
+        out.push_str(&rest[..start]);
+        let run = &rest[start..];
+        let end = run.find(|c: char| !is_part(c)).unwrap_or(run.len());
+        let (word, after) = run.split_at(end);
+        if word.len() >= 16 && word.chars().any(|c| c.is_ascii_digit()) {
+            out.push_str(&format!("{}…{}", &word[..4], &word[word.len() - 4..]));
+        } else {
+            out.push_str(word);
+        }
+        rest = after;
+    }
+    out.push_str(rest);
     out
 }
 
@@ -236,6 +263,19 @@ pub fn describe(written: &[Written]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_dry_run_shows_keys_in_the_file_only_by_their_ends() {
+        let old = "model: claude-sonnet-4-5-20250929\nOPENAI_API_KEY=sk-proj-abcdef0123456789WXYZ\n\"apiKey\": \"sk-ant-api03-zyx987654321QRST\",\n";
+        let new = "model: claude-sonnet-4-5-20250929\nOPENAI_API_KEY=sk-capit-<new key>\n";
+        let shown = diff("~/.env", old, new);
+        assert!(!shown.contains("abcdef0123456789") && !shown.contains("zyx987654321"), "{shown}");
+        assert!(shown.contains("-OPENAI_API_KEY=sk-p…WXYZ") && shown.contains("\"apiKey\": \"sk-a…QRST\","), "{shown}");
+        assert!(shown.contains("+OPENAI_API_KEY=sk-capit-<new key>"), "{shown}");
+        // Lines that name no secret are shown as they are, model names and all.
+        assert_eq!(mask_secrets("model = \"claude-sonnet-4-5-20250929\""), "model = \"claude-sonnet-4-5-20250929\"");
+        assert_eq!(mask_secrets("experimental_bearer_token = \"x\""), "experimental_bearer_token = \"x\"");
+    }
 
     #[test]
     fn the_grant_line_names_every_file_and_each_mode_change() {

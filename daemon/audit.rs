@@ -223,18 +223,18 @@ mod tests {
         let actor = Actor { uid: 0, pid: Some(7) };
         let log = AuditLog::open(path).unwrap();
         let room = std::fs::metadata(path).unwrap().len() + 10;
-        let set_limit = |bytes: u64| {
-            let limit = libc::rlimit { rlim_cur: bytes, rlim_max: libc::RLIM_INFINITY };
-            // SAFETY: setrlimit on this process with a valid struct; SIGXFSZ ignored so that
-            // a write past the limit fails with EFBIG instead of ending the process.
-            unsafe {
-                libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
-                assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &limit), 0);
-            }
+        let mut was = libc::rlimit { rlim_cur: 0, rlim_max: 0 };
+        // SAFETY: getrlimit and setrlimit on this process with valid structs, the hard limit
+        // left as it is; SIGXFSZ ignored so that a write past the limit fails with EFBIG
+        // instead of ending the process.
+        let set_limit = |bytes: u64, max: u64| unsafe {
+            libc::signal(libc::SIGXFSZ, libc::SIG_IGN);
+            assert_eq!(libc::setrlimit(libc::RLIMIT_FSIZE, &libc::rlimit { rlim_cur: bytes, rlim_max: max }), 0);
         };
-        set_limit(room);
+        assert_eq!(unsafe { libc::getrlimit(libc::RLIMIT_FSIZE, &mut was) }, 0);
+        set_limit(room.min(was.rlim_max), was.rlim_max);
         assert!(log.append(&actor, Change::grant("grant.set", "claude", "cap $9.00"), 2_000).is_err());
-        set_limit(libc::RLIM_INFINITY);
+        set_limit(was.rlim_cur, was.rlim_max);
         log.append(&actor, Change::grant("grant.revoke", "claude", ""), 3_000).unwrap();
     }
 

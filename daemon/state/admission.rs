@@ -173,32 +173,26 @@ impl State {
         wait: WaitPolicy,
     ) -> Result<(Reservation, Hold), Refusal> {
         let started = tokio::time::Instant::now();
-        let mut ticket: Option<QueueTicket> = None;
-        loop {
-            let busy = match self.try_admit(slot, model, demand, ticket.as_ref().map(|t| t.id)) {
-                Attempt::Wait(busy) => busy,
-                decided => {
-                    drop(ticket);
-                    return self.with_pool(decided.into_result()).await;
-                }
-            };
-            if ticket.is_none() {
-                let mut live = slot.lock();
-                if live.queue.len() >= wait.depth {
-                    return Err(busy.with_wait(0, Some(wait.depth)));
-                }
-                let id = live.next_ticket;
-                live.next_ticket += 1;
-                live.queue.push_back(id);
-                drop(live);
-                ticket = Some(QueueTicket { slot: slot.clone(), id });
-                continue;
+        let busy = match self.try_admit(slot, model, demand, None) {
+            Attempt::Wait(busy) => busy,
+            decided => return self.with_pool(decided.into_result()).await,
+        };
+        let ticket = {
+            let mut live = slot.lock();
+            if live.queue.len() >= wait.depth {
+                return Err(busy.with_wait(0, Some(wait.depth)));
             }
+            let id = live.next_ticket;
+            live.next_ticket += 1;
+            live.queue.push_back(id);
+            QueueTicket { slot: slot.clone(), id }
+        };
+        loop {
             // Listen first, then look again: a change between the two cannot be missed.
             let changed = slot.changed.notified();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let busy = match self.try_admit(slot, model, demand, ticket.as_ref().map(|t| t.id)) {
+            let busy = match self.try_admit(slot, model, demand, Some(ticket.id)) {
                 Attempt::Wait(busy) => busy,
                 decided => {
                     drop(ticket);

@@ -36,7 +36,7 @@ impl State {
     pub(super) fn pool_room(&self, grant: &Grant, room: &mut Room) -> Result<Option<(Arc<PoolLease>, bool)>, Refusal> {
         let Some(pool) = grant.team.as_deref() else { return Ok(None) };
         let lease = self.pool_lease(pool)?;
-        let grant_free = room.cap.checked_sub(room.spent).and_then(|f| f.checked_sub(room.reserved)).unwrap_or(Decimal::ZERO);
+        let grant_free = room.free_now();
         let binds = match lease.free_if_fresh() {
             Some(pool_free) if pool_free < grant_free => {
                 room.cap = room.spent.saturating_add(room.reserved).saturating_add(pool_free);
